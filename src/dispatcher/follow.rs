@@ -1,0 +1,169 @@
+//! Following the `fleet.results` stream into the [`SharedRegistry`] (service-contract §5), and
+//! delivering fal webhooks when a request finishes.
+//!
+//! At start the follower replays the stream from `first`, publishes a marker into it and flips
+//! `ready` once it reads its own marker back: from then on the view holds everything published before
+//! the dispatcher started. Webhooks are POSTed for requests that finish after that point, and for
+//! those whose terminal event is younger than `webhook_replay_window` when replayed (so a restart
+//! does not lose the webhooks of requests that finished while it was down, without re-sending old ones).
+//! Every dispatcher that has webhooks enabled sends them: like fal's, delivery is at least once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::Connection;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::Metrics;
+use super::state::{Applied, Outcome, RequestView, SharedRegistry};
+use crate::events::{now_unix, Event};
+use crate::job::EndpointKind;
+use crate::queue::{subscribe_raw, Publisher, QueueError, StreamItem, StreamOffset, Topology};
+
+/// Settings of webhook delivery.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub enabled: bool,
+    /// Seconds: replayed terminal events younger than this still get their webhook.
+    pub replay_window: f64,
+    pub timeout: Duration,
+    pub attempts: u32,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig { enabled: true, replay_window: 300.0, timeout: Duration::from_secs(10), attempts: 3 }
+    }
+}
+
+/// What the follower needs besides the broker.
+pub struct Follower {
+    pub registry: SharedRegistry,
+    pub metrics: Arc<Metrics>,
+    pub webhooks: WebhookConfig,
+    pub http: reqwest::Client,
+    /// Set to true once the replay reached the marker.
+    pub ready: watch::Sender<bool>,
+}
+
+impl Follower {
+    /// Reads the stream until `shutdown` or a broker error. Resumes after the registry's last offset, so
+    /// calling it again after an error continues where it stopped.
+    pub async fn run(
+        &self,
+        conn: &Connection,
+        topology: &Topology,
+        publisher: &Publisher,
+        shutdown: CancellationToken,
+    ) -> Result<(), QueueError> {
+        let from = self.registry.read(|r| r.last_offset()).map_or(StreamOffset::First, |o| StreamOffset::Offset(o + 1));
+        let mut stream = subscribe_raw(conn, topology, from).await?;
+        let marker = uuid::Uuid::new_v4().to_string();
+        let mut live = *self.ready.borrow();
+        if !live {
+            publisher.publish_marker(&marker).await?;
+        }
+        tracing::info!(?from, "following the results stream");
+        loop {
+            let item = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                item = stream.next() => item,
+            };
+            let Some(item) = item else {
+                return Err(QueueError::Closed("results stream ended".into()));
+            };
+            match item? {
+                (_, StreamItem::Marker(token)) => {
+                    if !live && token == marker {
+                        live = true;
+                        let n = self.registry.read(|r| r.len());
+                        tracing::info!(requests = n, "replay complete");
+                        self.ready.send_replace(true);
+                    }
+                }
+                (offset, StreamItem::Event(event)) => self.apply(offset, &event, live),
+            }
+        }
+    }
+
+    fn apply(&self, offset: u64, event: &Event, live: bool) {
+        let applied = self.registry.apply(offset, event);
+        self.metrics.observe_event(event);
+        for kind in EndpointKind::ALL {
+            let n = self.registry.read(|r| r.queued_count(kind));
+            self.metrics.in_queue.with_label_values(&[kind.as_str()]).set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        if applied != Applied::Finished || !self.webhooks.enabled {
+            return;
+        }
+        let recent = now_unix() - event.at <= self.webhooks.replay_window;
+        if !(live || recent) {
+            return;
+        }
+        let Some(view) = self.registry.read(|r| r.get(&event.request_id).cloned()) else { return };
+        let Some(url) = view.webhook_url.clone() else { return };
+        let client = self.http.clone();
+        let metrics = self.metrics.clone();
+        let cfg = self.webhooks.clone();
+        tokio::spawn(async move {
+            let outcome = deliver(&client, &url, &webhook_body(&view), &cfg).await;
+            metrics.webhooks.with_label_values(&[outcome]).inc();
+        });
+    }
+}
+
+/// fal's webhook payload: `{request_id, gateway_request_id, status: OK|ERROR, payload, error?}`.
+pub fn webhook_body(view: &RequestView) -> Value {
+    match &view.outcome {
+        Some(Outcome::Succeeded { result, .. }) => json!({
+            "request_id": view.request_id, "gateway_request_id": view.request_id,
+            "status": "OK", "payload": result,
+        }),
+        Some(Outcome::Failed { error, error_type, detail }) => json!({
+            "request_id": view.request_id, "gateway_request_id": view.request_id,
+            "status": "ERROR", "error": error,
+            "payload": {"detail": detail.clone().unwrap_or_else(|| json!(error)), "error_type": error_type.as_str()},
+        }),
+        None => json!({"request_id": view.request_id, "status": "ERROR", "error": "request has not finished"}),
+    }
+}
+
+/// POSTs `body` with bounded retries (exponential backoff between attempts); returns the metric label.
+async fn deliver(client: &reqwest::Client, url: &str, body: &Value, cfg: &WebhookConfig) -> &'static str {
+    let mut backoff = Duration::from_millis(500);
+    for attempt in 1..=cfg.attempts.max(1) {
+        match client.post(url).timeout(cfg.timeout).json(body).send().await {
+            Ok(resp) if resp.status().is_success() => return "delivered",
+            Ok(resp) => tracing::warn!(url, attempt, status = %resp.status(), "webhook rejected"),
+            Err(e) => tracing::warn!(url, attempt, error = %e, "webhook POST failed"),
+        }
+        if attempt < cfg.attempts {
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
+    }
+    "failed"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatcher::state::Registry;
+    use crate::events::{ErrorType, EventKind};
+
+    #[test]
+    fn webhook_bodies_follow_fal() {
+        let mut reg = Registry::new();
+        let k = EndpointKind::Sprint;
+        reg.apply(1, &Event { result: Some(json!({"seed": 1})), ..Event::new("ok", k, EventKind::Completed) });
+        reg.apply(2, &Event::failed("bad", k, ErrorType::RequestTimeout, "too late"));
+        let ok = webhook_body(reg.get("ok").expect("view"));
+        assert_eq!((ok["status"].as_str(), ok["payload"]["seed"].as_i64()), (Some("OK"), Some(1)));
+        let bad = webhook_body(reg.get("bad").expect("view"));
+        assert_eq!(bad["status"], "ERROR");
+        assert_eq!(bad["payload"]["error_type"], "request_timeout");
+    }
+}

@@ -1,0 +1,196 @@
+//! The dispatcher: fal-compatible HTTP queue API, AMQP ingress and result-topic client
+//! (service-contract §4, §5).
+//!
+//! It owns no state of its own: every request's view is rebuilt from the `fleet.results` stream
+//! (`state`, fed by `follow`), so it can be killed, restarted or run several times side by side.
+//! Submissions (`submit`, used by `handlers` and `ingress`) publish a `queued` event and then the job,
+//! both confirmed by the broker, before the client gets an answer. `client` holds the CLI's
+//! `submit`/`results` commands. The `dispatcher` binary only parses flags and calls [`serve`].
+
+pub mod client;
+pub mod follow;
+pub mod handlers;
+pub mod http;
+#[cfg(test)]
+mod http_tests;
+pub mod ingress;
+pub mod metrics;
+pub mod openapi;
+pub mod state;
+pub mod submit;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::queue::{connect, Publisher, QueueError, Topology};
+use follow::{Follower, WebhookConfig};
+use http::{AppState, HttpConfig, ListenConfig};
+use metrics::Metrics;
+use state::SharedRegistry;
+
+/// Everything `serve` needs. `Debug` redacts the broker password and API keys.
+#[derive(Clone)]
+pub struct ServeConfig {
+    pub amqp_url: String,
+    pub topology: Topology,
+    pub http: HttpConfig,
+    pub listen: ListenConfig,
+    pub webhooks: WebhookConfig,
+    /// Consume `fleet.submit` (AMQP ingress).
+    pub ingress: bool,
+    pub ingress_prefetch: u16,
+}
+
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("topology", &self.topology)
+            .field("http", &self.http)
+            .field("listen", &self.listen)
+            .field("webhooks", &self.webhooks)
+            .field("ingress", &self.ingress)
+            .field("ingress_prefetch", &self.ingress_prefetch)
+            .finish()
+    }
+}
+
+/// `amqp://user:secret@host` → `amqp://user:***@host`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else { return url.to_string() };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatcherError {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("http server: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Runs the dispatcher until `shutdown` (or until a part fails, which shuts the rest down: the
+/// process is meant to be restarted, and a restart replays the stream). `on_bound` receives the
+/// listening address.
+pub async fn serve(
+    cfg: ServeConfig,
+    shutdown: CancellationToken,
+    on_bound: impl FnOnce(SocketAddr),
+) -> Result<(), DispatcherError> {
+    tracing::info!(config = ?cfg, "dispatcher starting");
+    let conn = connect(&cfg.amqp_url).await?;
+    let declare_channel = conn.create_channel().await.map_err(|source| QueueError::Broker { op: "create channel", source })?;
+    cfg.topology.declare(&declare_channel).await?;
+    let publisher = Publisher::new(&conn, cfg.topology.clone()).await?;
+    let registry = SharedRegistry::new();
+    let metrics = Arc::new(Metrics::new()?);
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let bus: Arc<dyn submit::Bus> = Arc::new(publisher.clone());
+    let state = AppState::new(cfg.http.clone(), registry.clone(), bus.clone(), metrics.clone(), ready_rx);
+    let app = http::router(state);
+
+    let follower = Follower {
+        registry,
+        metrics: metrics.clone(),
+        webhooks: cfg.webhooks.clone(),
+        http: reqwest::Client::new(),
+        ready: ready_tx,
+    };
+    let (ingress_on, ingress_prefetch, listen) = (cfg.ingress, cfg.ingress_prefetch, cfg.listen.clone());
+    let (conn, topology, publisher, metrics, bus) = (&conn, &cfg.topology, &publisher, &metrics, &bus);
+    let follow_task = {
+        let shutdown = shutdown.clone();
+        async move {
+            let r = follower.run(conn, topology, publisher, shutdown.clone()).await;
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "results stream follower stopped");
+            }
+            shutdown.cancel();
+            r.map_err(DispatcherError::from)
+        }
+    };
+    let ingress_task = {
+        let shutdown = shutdown.clone();
+        async move {
+            if !ingress_on {
+                shutdown.cancelled().await;
+                return Ok(());
+            }
+            let r = ingress::run(conn, topology, bus.as_ref(), metrics, ingress_prefetch, shutdown.clone()).await;
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "AMQP ingress stopped");
+            }
+            shutdown.cancel();
+            r.map_err(DispatcherError::from)
+        }
+    };
+    let http_task = {
+        let shutdown = shutdown.clone();
+        async move {
+            let r = http::serve(app, &listen, shutdown.clone(), on_bound).await;
+            shutdown.cancel();
+            r.map_err(DispatcherError::from)
+        }
+    };
+    let (f, i, h) = tokio::join!(follow_task, ingress_task, http_task);
+    if let Err(e) = conn.close(200, "dispatcher shutting down".into()).await {
+        tracing::debug!(error = %e, "closing the broker connection");
+    }
+    f.and(i).and(h)
+}
+
+/// SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the dispatcher");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_redacts_secrets() {
+        let cfg = ServeConfig {
+            amqp_url: "amqp://guest:hunter2@rabbit:5672/%2f".into(),
+            topology: Topology::default(),
+            http: HttpConfig { api_keys: vec!["sk-very-secret".into()], ..HttpConfig::default() },
+            listen: ListenConfig { addr: "127.0.0.1:0".parse().expect("addr"), tls: None },
+            webhooks: WebhookConfig::default(),
+            ingress: true,
+            ingress_prefetch: 16,
+        };
+        let text = format!("{cfg:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("sk-very-secret"), "{text}");
+        assert!(text.contains("amqp://guest:***@rabbit:5672/%2f"));
+        assert_eq!(redact_url("amqp://localhost"), "amqp://localhost");
+    }
+}

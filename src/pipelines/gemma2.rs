@@ -1,0 +1,549 @@
+//! Gemma-2 decoder used as Sana's text encoder (`transformers.Gemma2Model`, no LM head).
+//!
+//! Contract: [`Gemma2Encoder::forward`] maps right-padded token ids `(B, L)` and their attention mask
+//! `(B, L)` to the **normed last hidden state for every position** `(B, L, hidden)` in the model dtype —
+//! what `Gemma2Model(ids, attention_mask=mask)[0]` returns. Weights are the safetensors of a saved bare
+//! `Gemma2Model` (`embed_tokens.weight`, `layers.N.…`, `norm.weight`); a `model.` prefix is accepted.
+//!
+//! Numerics mirror transformers `models/gemma2/modeling_gemma2.py` (docs/sana-port-spec.md §1.4):
+//! * embeddings × `tensor(sqrt(hidden), dtype=model dtype)`;
+//! * RMSNorm in f32 with `(1 + w)` multiplied in f32, one cast back;
+//! * RoPE (rotate-half) with cos/sin computed in f32 and cast to the model dtype;
+//! * causal + key-padding mask (additive `f32::MIN`, so rows never turn NaN), sliding window on the
+//!   layers `layer_types` marks `sliding_attention` (default: even layer indices, as transformers does);
+//! * GQA, scores scaled by `query_pre_attn_scalar^-0.5`, softmax in f32;
+//! * attention logit softcapping `tanh(s/cap)·cap` only for [`AttnImplementation::Eager`] (default);
+//!   transformers 5.17's SDPA path silently drops it, so [`AttnImplementation::Sdpa`] does too;
+//! * `gelu_pytorch_tanh` gated MLP.
+//!
+//! candle-transformers' `gemma2.rs` was the structural starting point; it returns last-token logits,
+//! builds RoPE in bf16, has no padding mask and always softcaps, hence this separate encoder.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Activation, Embedding, Linear, VarBuilder};
+use serde::Deserialize;
+
+/// Which transformers attention implementation to reproduce (only softcapping differs).
+///
+/// Default `Eager`: transformers 4.42–4.44 forced it for Gemma2 and 5.24 (the fixture reference) defaults
+/// to it again; 5.17 defaulted to `sdpa`, which drops the softcap (spec §1.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum AttnImplementation {
+    /// `eager`: applies `attn_logit_softcapping`.
+    #[default]
+    #[serde(rename = "eager")]
+    Eager,
+    /// `sdpa` as in transformers 5.17: ignores `attn_logit_softcapping`.
+    #[serde(rename = "sdpa")]
+    Sdpa,
+}
+
+/// `rope_parameters` block of transformers ≥ 5 configs.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct RopeParameters {
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_type: Option<String>,
+}
+
+/// `eos_token_id` may be one id or a list.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+/// Serde mirror of transformers' `Gemma2Config` json (`models/gemma2/configuration_gemma2.py`); missing
+/// keys take that class's defaults (see [`Config::default`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub hidden_activation: Activation,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub pad_token_id: Option<u32>,
+    pub eos_token_id: Option<TokenIds>,
+    pub bos_token_id: Option<u32>,
+    pub tie_word_embeddings: bool,
+    /// transformers < 5 spelling; ≥ 5 writes `rope_parameters.rope_theta`.
+    pub rope_theta: Option<f64>,
+    pub rope_parameters: Option<RopeParameters>,
+    /// Only `null` (no scaling) is supported; anything else fails at load.
+    pub rope_scaling: Option<serde_json::Value>,
+    pub attention_bias: bool,
+    pub query_pre_attn_scalar: f64,
+    pub sliding_window: Option<usize>,
+    /// `"sliding_attention"` / `"full_attention"` per layer; `None` = transformers' default pattern.
+    pub layer_types: Option<Vec<String>>,
+    pub final_logit_softcapping: Option<f64>,
+    pub attn_logit_softcapping: Option<f64>,
+    /// Only `None`/`false` (causal) is supported.
+    pub use_bidirectional_attention: Option<bool>,
+    /// Not written by `save_pretrained`; set it to match the reference run (spec §1.4 softcap ambiguity).
+    #[serde(rename = "_attn_implementation")]
+    pub attn_implementation: AttnImplementation,
+}
+
+impl Default for Config {
+    /// transformers `Gemma2Config()` defaults (= gemma-2-2b).
+    fn default() -> Self {
+        Self {
+            vocab_size: 256000,
+            hidden_size: 2304,
+            intermediate_size: 9216,
+            num_hidden_layers: 26,
+            num_attention_heads: 8,
+            num_key_value_heads: 4,
+            head_dim: 256,
+            hidden_activation: Activation::GeluPytorchTanh,
+            max_position_embeddings: 8192,
+            rms_norm_eps: 1e-6,
+            pad_token_id: Some(0),
+            eos_token_id: Some(TokenIds::One(1)),
+            bos_token_id: Some(2),
+            tie_word_embeddings: true,
+            rope_theta: None,
+            rope_parameters: None,
+            rope_scaling: None,
+            attention_bias: false,
+            query_pre_attn_scalar: 256.0,
+            sliding_window: Some(4096),
+            layer_types: None,
+            final_logit_softcapping: Some(30.0),
+            attn_logit_softcapping: Some(50.0),
+            use_bidirectional_attention: None,
+            attn_implementation: AttnImplementation::Eager,
+        }
+    }
+}
+
+impl Config {
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|p| p.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10000.0)
+    }
+
+    /// Whether layer `i` uses the sliding-window mask (transformers: `(i + 1) % 2 == 1`, i.e. even `i`).
+    pub fn is_sliding(&self, i: usize) -> bool {
+        match &self.layer_types {
+            Some(t) => t.get(i).is_some_and(|s| s == "sliding_attention"),
+            None => i.is_multiple_of(2),
+        }
+    }
+
+    /// The softcap value the attention applies for the configured implementation.
+    pub fn effective_attn_softcap(&self) -> Option<f64> {
+        match self.attn_implementation {
+            AttnImplementation::Eager => self.attn_logit_softcapping,
+            AttnImplementation::Sdpa => None,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.num_key_value_heads == 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
+        {
+            candle_core::bail!(
+                "gemma2: num_attention_heads {} not a multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.num_key_value_heads
+            );
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            candle_core::bail!("gemma2: head_dim {} must be even for RoPE", self.head_dim);
+        }
+        if self.use_bidirectional_attention == Some(true) {
+            candle_core::bail!("gemma2: use_bidirectional_attention=true is not supported");
+        }
+        if let Some(s) = &self.rope_scaling {
+            if !s.is_null() {
+                candle_core::bail!("gemma2: rope_scaling {s} is not supported");
+            }
+        }
+        if let Some(t) = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.rope_type.as_deref())
+        {
+            if t != "default" {
+                candle_core::bail!("gemma2: rope_type {t} is not supported");
+            }
+        }
+        if let Some(t) = &self.layer_types {
+            if t.len() != self.num_hidden_layers {
+                candle_core::bail!(
+                    "gemma2: {} layer_types for {} layers",
+                    t.len(),
+                    self.num_hidden_layers
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Gemma RMSNorm: `x * rsqrt(mean(x²) + eps) * (1 + w)` in f32, cast back to the input dtype.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    /// `1 + w` in f32.
+    scale: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        // Load in the model dtype first so a bf16 model sees the same rounded weights as torch's `.float()`.
+        let w = vb.get(dim, "weight")?.to_dtype(DType::F32)?;
+        Ok(Self {
+            scale: (w + 1.0)?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+        candle_nn::ops::rms_norm(&x32, &self.scale, self.eps)?.to_dtype(dtype)
+    }
+}
+
+/// RoPE tables `(max_pos, head_dim/2)` computed in f32, stored in the model dtype.
+#[derive(Debug, Clone)]
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(cfg: &Config, dtype: DType, dev: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let base = cfg.rope_theta() as f32;
+        // transformers: 1 / base ** (arange(0, dim, 2).float() / dim), all f32.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / cfg.head_dim as f32))
+            .collect();
+        let n = cfg.max_position_embeddings;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in 0..n {
+            for f in &inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (n, half), dev)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (n, half), dev)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Rotates `(B, heads, L, d)` for positions `0..L`.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let l = x.dim(2)?;
+        let cos = self.cos.narrow(0, 0, l)?;
+        let sin = self.sin.narrow(0, 0, l)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get((out_dim, in_dim), "weight")?;
+    let b = if bias {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
+    Ok(Linear::new(w, b))
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+    softcap: Option<f64>,
+}
+
+impl Attention {
+    fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (h, nh, nkv, d) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let bias = cfg.attention_bias;
+        Ok(Self {
+            q_proj: linear(h, nh * d, bias, vb.pp("q_proj"))?,
+            k_proj: linear(h, nkv * d, bias, vb.pp("k_proj"))?,
+            v_proj: linear(h, nkv * d, bias, vb.pp("v_proj"))?,
+            o_proj: linear(nh * d, h, bias, vb.pp("o_proj"))?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: d,
+            scale: cfg.query_pre_attn_scalar.powf(-0.5),
+            softcap: cfg.effective_attn_softcap(),
+        })
+    }
+
+    /// `x (B, L, hidden)`, `mask (B, 1, L, L)` additive f32 → `(B, L, hidden)`.
+    fn forward(&self, x: &Tensor, mask: &Tensor, rope: &Rotary) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let groups = nh / nkv;
+        // (B, L, heads·d) -> (B, heads, L, d)
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, l, nh, d))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, l, nkv, d))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, l, nkv, d))?
+            .transpose(1, 2)?;
+        let q = rope.apply(&q)?;
+        let k = rope.apply(&k)?;
+        let v = v.contiguous()?;
+        // GQA without repeating K/V: query head h uses kv head h / groups, so the `groups` query heads
+        // of one kv head are adjacent: (B, nh, L, d) -> (B, nkv, groups·L, d).
+        let q = q.reshape((b, nkv, groups * l, d))?;
+        let scores = q.matmul(&k.t()?)?; // (B, nkv, groups·L, L)
+        let scores = (scores.to_dtype(DType::F32)? * self.scale)?;
+        let scores = match self.softcap {
+            Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+            None => scores,
+        };
+        let scores = scores.reshape((b, nh, l, l))?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let probs = probs.reshape((b, nkv, groups * l, l))?;
+        let out = probs.matmul(&v)?; // (B, nkv, groups·L, d)
+        let out = out
+            .reshape((b, nh, l, d))?
+            .transpose(1, 2)?
+            .reshape((b, l, nh * d))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: linear(h, i, false, vb.pp("gate_proj"))?,
+            up_proj: linear(h, i, false, vb.pp("up_proj"))?,
+            down_proj: linear(i, h, false, vb.pp("down_proj"))?,
+            act: cfg.hidden_activation,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.apply(&self.act)?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(gate * up)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+    pre_feedforward_layernorm: RmsNorm,
+    post_feedforward_layernorm: RmsNorm,
+    sliding: bool,
+}
+
+impl DecoderLayer {
+    fn load(cfg: &Config, idx: usize, vb: VarBuilder) -> Result<Self> {
+        let norm = |name: &str| RmsNorm::load(cfg.hidden_size, cfg.rms_norm_eps, vb.pp(name));
+        Ok(Self {
+            self_attn: Attention::load(cfg, vb.pp("self_attn"))?,
+            mlp: Mlp::load(cfg, vb.pp("mlp"))?,
+            input_layernorm: norm("input_layernorm")?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
+            post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
+            sliding: cfg.is_sliding(idx),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor, rope: &Rotary) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let h = self.self_attn.forward(&h, mask, rope)?;
+        let x = (x + self.post_attention_layernorm.forward(&h)?)?;
+        let h = self.pre_feedforward_layernorm.forward(&x)?;
+        let h = self.mlp.forward(&h)?;
+        x + self.post_feedforward_layernorm.forward(&h)?
+    }
+}
+
+/// Builds the additive `(B, 1, L, L)` f32 mask: 0 where query `q` may see key `k` (`k ≤ q`, key not
+/// padding, and `q − k < window` if a window is given), `f32::MIN` elsewhere (torch uses `finfo.min`).
+pub fn additive_mask(
+    key_valid: &[Vec<bool>],
+    window: Option<usize>,
+    dev: &Device,
+) -> Result<Tensor> {
+    let b = key_valid.len();
+    let l = key_valid.first().map_or(0, Vec::len);
+    let mut m = vec![f32::MIN; b * l * l];
+    for (bi, valid) in key_valid.iter().enumerate() {
+        if valid.len() != l {
+            candle_core::bail!("gemma2: ragged attention mask");
+        }
+        for q in 0..l {
+            let row = &mut m[(bi * l + q) * l..(bi * l + q + 1) * l];
+            for (k, slot) in row.iter_mut().enumerate().take(q + 1) {
+                let in_window = window.is_none_or(|w| q - k < w);
+                if valid[k] && in_window {
+                    *slot = 0.0;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (b, 1, l, l), dev)
+}
+
+/// Gemma-2 encoder: `Gemma2Model` without LM head; see the module docs for the exact semantics.
+#[derive(Debug, Clone)]
+pub struct Gemma2Encoder {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    rope: Rotary,
+    /// `sqrt(hidden)` as a 0-d tensor in the model dtype (rounded like transformers' `normalizer`).
+    normalizer: Tensor,
+    sliding_window: Option<usize>,
+    max_positions: usize,
+    hidden_size: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl Gemma2Encoder {
+    /// Loads from a `VarBuilder` over a saved bare `Gemma2Model` (or one with a `model.` prefix).
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        cfg.validate()?;
+        let vb = if !vb.contains_tensor("embed_tokens.weight")
+            && vb.contains_tensor("model.embed_tokens.weight")
+        {
+            vb.pp("model")
+        } else {
+            vb
+        };
+        let (dtype, device) = (vb.dtype(), vb.device().clone());
+        let embed = vb
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(cfg, i, vb.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let normalizer = Tensor::new((cfg.hidden_size as f64).sqrt(), &device)?.to_dtype(dtype)?;
+        Ok(Self {
+            embed_tokens: Embedding::new(embed, cfg.hidden_size),
+            layers,
+            norm: RmsNorm::load(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
+            rope: Rotary::new(cfg, dtype, &device)?,
+            normalizer,
+            sliding_window: cfg.sliding_window,
+            max_positions: cfg.max_position_embeddings,
+            hidden_size: cfg.hidden_size,
+            dtype,
+            device,
+        })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `input_ids (B, L)` u32, `attention_mask (B, L)` (any numeric dtype, nonzero = real token) →
+    /// normed last hidden state `(B, L, hidden)` in the model dtype, every position (pads included, finite).
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let (b, l) = input_ids.dims2()?;
+        if attention_mask.dims2()? != (b, l) {
+            candle_core::bail!(
+                "gemma2: attention_mask {:?} does not match input_ids {:?}",
+                attention_mask.shape(),
+                input_ids.shape()
+            );
+        }
+        if l > self.max_positions {
+            candle_core::bail!(
+                "gemma2: {l} tokens exceed max_position_embeddings {}",
+                self.max_positions
+            );
+        }
+        let key_valid: Vec<Vec<bool>> = attention_mask
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(|row| row.into_iter().map(|v| v != 0.0).collect())
+            .collect();
+        let full_mask = additive_mask(&key_valid, None, &self.device)?;
+        let sliding_mask = match self.sliding_window {
+            Some(w) if w < l && self.layers.iter().any(|layer| layer.sliding) => {
+                additive_mask(&key_valid, Some(w), &self.device)?
+            }
+            _ => full_mask.clone(),
+        };
+        let x = self
+            .embed_tokens
+            .forward(&input_ids.to_dtype(DType::U32)?)?;
+        let mut x = x.broadcast_mul(&self.normalizer)?;
+        for layer in &self.layers {
+            let mask = if layer.sliding {
+                &sliding_mask
+            } else {
+                &full_mask
+            };
+            x = layer.forward(&x, mask, &self.rope)?;
+        }
+        self.norm.forward(&x)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

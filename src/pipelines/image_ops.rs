@@ -1,0 +1,395 @@
+//! Resolution binning, resize-and-crop and the final tensor → RGB conversion (spec §1.6).
+//!
+//! Mirrors diffusers' `PixArtImageProcessor`/`VaeImageProcessor` (`image_processor.py`):
+//! * the aspect-ratio bin tables `ASPECT_RATIO_{4096,2048,1024,512}_BIN` (copied verbatim from
+//!   `pipelines/sana/pipeline_sana.py`, `pipelines/pixart_alpha/pipeline_pixart_sigma.py` and
+//!   `pipeline_pixart_alpha.py`; the table is chosen by the transformer's `sample_size` 128/64/32/16),
+//! * `classify_height_width_bin` (nearest `h/w` key, first key on ties),
+//! * `resize_and_crop_tensor` (`F.interpolate(bilinear, align_corners=False)` to cover, then centre crop),
+//! * `postprocess(output_type="pil")`: `(x·0.5+0.5).clamp(0,1)` in the decoder's dtype, then f32 `×255`,
+//!   numpy round (ties to even) and `uint8`.
+
+use candle_core::{DType, Tensor};
+
+use super::PipelineError;
+
+/// `ASPECT_RATIO_4096_BIN` (diffusers, insertion order kept: ties resolve to the first key like Python's `min`).
+pub const ASPECT_RATIO_4096_BIN: [(&str, u32, u32); 40] = [
+    ("0.25", 2048, 8192),
+    ("0.26", 2048, 7936),
+    ("0.27", 2048, 7680),
+    ("0.28", 2048, 7424),
+    ("0.32", 2304, 7168),
+    ("0.33", 2304, 6912),
+    ("0.35", 2304, 6656),
+    ("0.4", 2560, 6400),
+    ("0.42", 2560, 6144),
+    ("0.48", 2816, 5888),
+    ("0.5", 2816, 5632),
+    ("0.52", 2816, 5376),
+    ("0.57", 3072, 5376),
+    ("0.6", 3072, 5120),
+    ("0.68", 3328, 4864),
+    ("0.72", 3328, 4608),
+    ("0.78", 3584, 4608),
+    ("0.82", 3584, 4352),
+    ("0.88", 3840, 4352),
+    ("0.94", 3840, 4096),
+    ("1.0", 4096, 4096),
+    ("1.07", 4096, 3840),
+    ("1.13", 4352, 3840),
+    ("1.21", 4352, 3584),
+    ("1.29", 4608, 3584),
+    ("1.38", 4608, 3328),
+    ("1.46", 4864, 3328),
+    ("1.67", 5120, 3072),
+    ("1.75", 5376, 3072),
+    ("2.0", 5632, 2816),
+    ("2.09", 5888, 2816),
+    ("2.4", 6144, 2560),
+    ("2.5", 6400, 2560),
+    ("2.89", 6656, 2304),
+    ("3.0", 6912, 2304),
+    ("3.11", 7168, 2304),
+    ("3.62", 7424, 2048),
+    ("3.75", 7680, 2048),
+    ("3.88", 7936, 2048),
+    ("4.0", 8192, 2048),
+];
+/// `ASPECT_RATIO_2048_BIN` (diffusers, insertion order kept: ties resolve to the first key like Python's `min`).
+pub const ASPECT_RATIO_2048_BIN: [(&str, u32, u32); 40] = [
+    ("0.25", 1024, 4096),
+    ("0.26", 1024, 3968),
+    ("0.27", 1024, 3840),
+    ("0.28", 1024, 3712),
+    ("0.32", 1152, 3584),
+    ("0.33", 1152, 3456),
+    ("0.35", 1152, 3328),
+    ("0.4", 1280, 3200),
+    ("0.42", 1280, 3072),
+    ("0.48", 1408, 2944),
+    ("0.5", 1408, 2816),
+    ("0.52", 1408, 2688),
+    ("0.57", 1536, 2688),
+    ("0.6", 1536, 2560),
+    ("0.68", 1664, 2432),
+    ("0.72", 1664, 2304),
+    ("0.78", 1792, 2304),
+    ("0.82", 1792, 2176),
+    ("0.88", 1920, 2176),
+    ("0.94", 1920, 2048),
+    ("1.0", 2048, 2048),
+    ("1.07", 2048, 1920),
+    ("1.13", 2176, 1920),
+    ("1.21", 2176, 1792),
+    ("1.29", 2304, 1792),
+    ("1.38", 2304, 1664),
+    ("1.46", 2432, 1664),
+    ("1.67", 2560, 1536),
+    ("1.75", 2688, 1536),
+    ("2.0", 2816, 1408),
+    ("2.09", 2944, 1408),
+    ("2.4", 3072, 1280),
+    ("2.5", 3200, 1280),
+    ("2.89", 3328, 1152),
+    ("3.0", 3456, 1152),
+    ("3.11", 3584, 1152),
+    ("3.62", 3712, 1024),
+    ("3.75", 3840, 1024),
+    ("3.88", 3968, 1024),
+    ("4.0", 4096, 1024),
+];
+/// `ASPECT_RATIO_1024_BIN` (diffusers, insertion order kept: ties resolve to the first key like Python's `min`).
+pub const ASPECT_RATIO_1024_BIN: [(&str, u32, u32); 33] = [
+    ("0.25", 512, 2048),
+    ("0.28", 512, 1856),
+    ("0.32", 576, 1792),
+    ("0.33", 576, 1728),
+    ("0.35", 576, 1664),
+    ("0.4", 640, 1600),
+    ("0.42", 640, 1536),
+    ("0.48", 704, 1472),
+    ("0.5", 704, 1408),
+    ("0.52", 704, 1344),
+    ("0.57", 768, 1344),
+    ("0.6", 768, 1280),
+    ("0.68", 832, 1216),
+    ("0.72", 832, 1152),
+    ("0.78", 896, 1152),
+    ("0.82", 896, 1088),
+    ("0.88", 960, 1088),
+    ("0.94", 960, 1024),
+    ("1.0", 1024, 1024),
+    ("1.07", 1024, 960),
+    ("1.13", 1088, 960),
+    ("1.21", 1088, 896),
+    ("1.29", 1152, 896),
+    ("1.38", 1152, 832),
+    ("1.46", 1216, 832),
+    ("1.67", 1280, 768),
+    ("1.75", 1344, 768),
+    ("2.0", 1408, 704),
+    ("2.09", 1472, 704),
+    ("2.4", 1536, 640),
+    ("2.5", 1600, 640),
+    ("3.0", 1728, 576),
+    ("4.0", 2048, 512),
+];
+/// `ASPECT_RATIO_512_BIN` (diffusers, insertion order kept: ties resolve to the first key like Python's `min`).
+pub const ASPECT_RATIO_512_BIN: [(&str, u32, u32); 33] = [
+    ("0.25", 256, 1024),
+    ("0.28", 256, 928),
+    ("0.32", 288, 896),
+    ("0.33", 288, 864),
+    ("0.35", 288, 832),
+    ("0.4", 320, 800),
+    ("0.42", 320, 768),
+    ("0.48", 352, 736),
+    ("0.5", 352, 704),
+    ("0.52", 352, 672),
+    ("0.57", 384, 672),
+    ("0.6", 384, 640),
+    ("0.68", 416, 608),
+    ("0.72", 416, 576),
+    ("0.78", 448, 576),
+    ("0.82", 448, 544),
+    ("0.88", 480, 544),
+    ("0.94", 480, 512),
+    ("1.0", 512, 512),
+    ("1.07", 512, 480),
+    ("1.13", 544, 480),
+    ("1.21", 544, 448),
+    ("1.29", 576, 448),
+    ("1.38", 576, 416),
+    ("1.46", 608, 416),
+    ("1.67", 640, 384),
+    ("1.75", 672, 384),
+    ("2.0", 704, 352),
+    ("2.09", 736, 352),
+    ("2.4", 768, 320),
+    ("2.5", 800, 320),
+    ("3.0", 864, 288),
+    ("4.0", 1024, 256),
+];
+
+/// The bin table diffusers picks for a transformer `sample_size` (any other value raises there).
+pub fn aspect_ratio_bins(
+    sample_size: usize,
+) -> Result<&'static [(&'static str, u32, u32)], PipelineError> {
+    match sample_size {
+        128 => Ok(&ASPECT_RATIO_4096_BIN),
+        64 => Ok(&ASPECT_RATIO_2048_BIN),
+        32 => Ok(&ASPECT_RATIO_1024_BIN),
+        16 => Ok(&ASPECT_RATIO_512_BIN),
+        other => Err(PipelineError::Load(format!(
+            "no aspect-ratio bins for transformer sample_size {other} (expected 128, 64, 32 or 16)"
+        ))),
+    }
+}
+
+/// `classify_height_width_bin(height, width, ratios)` → binned `(height, width)`.
+pub fn classify_height_width_bin(height: u32, width: u32, bins: &[(&str, u32, u32)]) -> (u32, u32) {
+    let ar = f64::from(height) / f64::from(width);
+    let mut best: Option<(f64, u32, u32)> = None;
+    for (key, h, w) in bins {
+        // Keys are the decimal strings of the Python dict; float(key) is what diffusers compares.
+        let k: f64 = key.parse().expect("bin keys are decimal literals");
+        let d = (k - ar).abs();
+        // Strict `<`: Python's min keeps the first of equal keys.
+        if best.is_none_or(|(bd, _, _)| d < bd) {
+            best = Some((d, *h, *w));
+        }
+    }
+    best.map_or((height, width), |(_, h, w)| (h, w))
+}
+
+/// Size diffusers resizes to before the centre crop: `ratio = max(h'/h, w'/w)`, `(int(h·ratio), int(w·ratio))`.
+pub fn cover_size(orig_h: usize, orig_w: usize, new_h: usize, new_w: usize) -> (usize, usize) {
+    let ratio = (new_h as f64 / orig_h as f64).max(new_w as f64 / orig_w as f64);
+    (
+        (orig_h as f64 * ratio) as usize,
+        (orig_w as f64 * ratio) as usize,
+    )
+}
+
+/// `resize_and_crop_tensor(samples (B,C,H,W), new_width, new_height)`: bilinear (half-pixel centres, like
+/// `F.interpolate(mode="bilinear", align_corners=False)`) to cover the target, then centre crop.
+pub fn resize_and_crop(
+    samples: &Tensor,
+    new_height: usize,
+    new_width: usize,
+) -> Result<Tensor, PipelineError> {
+    let (_, _, h, w) = samples.dims4()?;
+    if h == new_height && w == new_width {
+        return Ok(samples.clone());
+    }
+    let (rh, rw) = cover_size(h, w, new_height, new_width);
+    let resized = samples.upsample_bilinear2d(rh, rw, false)?;
+    let start_y = (rh - new_height) / 2;
+    let start_x = (rw - new_width) / 2;
+    Ok(resized
+        .narrow(2, start_y, new_height)?
+        .narrow(3, start_x, new_width)?)
+}
+
+/// `postprocess(…, output_type="pil")`: `(B,3,H,W)` decoder output in [−1, 1] → RGB images.
+pub fn to_rgb_images(samples: &Tensor) -> Result<Vec<image::RgbImage>, PipelineError> {
+    let (b, c, h, w) = samples.dims4()?;
+    if c != 3 {
+        return Err(PipelineError::InvalidRequest(format!(
+            "expected 3 image channels, got {c}"
+        )));
+    }
+    // Denormalise in the decoder's dtype (bf16 in production), as diffusers does before `.float()`.
+    let x = samples
+        .affine(0.5, 0.0)?
+        .affine(1.0, 0.5)?
+        .clamp(0f32, 1f32)?;
+    let x = x
+        .to_dtype(DType::F32)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()?;
+    let data = x.flatten_all()?.to_vec1::<f32>()?;
+    let per = h * w * 3;
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let bytes: Vec<u8> = data[i * per..(i + 1) * per]
+            .iter()
+            .map(|v| quantize(*v))
+            .collect();
+        let img = image::RgbImage::from_raw(w as u32, h as u32, bytes)
+            .expect("buffer length is exactly width·height·3 by construction");
+        out.push(img);
+    }
+    Ok(out)
+}
+
+/// numpy's `(x * 255).round().astype("uint8")` for `x` in [0, 1] (round half to even).
+fn quantize(x: f32) -> u8 {
+    (x * 255.0).round_ties_even() as u8
+}
+
+/// Peak signal-to-noise ratio (dB) of two equally sized 8-bit RGB images; `inf` when identical.
+pub fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    assert_eq!(
+        a.dimensions(),
+        b.dimensions(),
+        "PSNR of images of different sizes"
+    );
+    let n = a.as_raw().len() as f64;
+    let mse = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum::<f64>()
+        / n;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn bins_follow_diffusers() {
+        let b1024 = aspect_ratio_bins(32).unwrap();
+        assert_eq!(classify_height_width_bin(1024, 1024, b1024), (1024, 1024));
+        // Spec §1.6: 3840×2160 (w×h) → "0.57" → 768×1344.
+        assert_eq!(classify_height_width_bin(2160, 3840, b1024), (768, 1344));
+        // Reference e2e fixture: 300×200 with the 512 table → 416×608.
+        assert_eq!(
+            classify_height_width_bin(200, 300, aspect_ratio_bins(16).unwrap()),
+            (416, 608)
+        );
+        assert_eq!(
+            aspect_ratio_bins(128).unwrap().len(),
+            ASPECT_RATIO_4096_BIN.len()
+        );
+        assert!(aspect_ratio_bins(8).is_err());
+        for table in [
+            &ASPECT_RATIO_4096_BIN[..],
+            &ASPECT_RATIO_2048_BIN,
+            &ASPECT_RATIO_1024_BIN,
+            &ASPECT_RATIO_512_BIN,
+        ] {
+            for (k, h, w) in table {
+                assert!(k.parse::<f64>().is_ok() && *h > 0 && *w > 0);
+            }
+        }
+    }
+
+    #[test]
+    fn cover_and_crop_match_spec_4k_path() {
+        // Spec §1.6: 768×1344 → 2194×3840, crop rows 17..2177.
+        assert_eq!(cover_size(768, 1344, 2160, 3840), (2194, 3840));
+        let x = Tensor::arange(0f32, (768 * 1344) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 768, 1344))
+            .unwrap();
+        let y = resize_and_crop(&x, 2160, 3840).unwrap();
+        assert_eq!(y.dims(), &[1, 1, 2160, 3840]);
+    }
+
+    #[test]
+    fn bilinear_matches_torch_half_pixel() {
+        // torch: F.interpolate([[1,2],[3,4]], size=(4,4), mode="bilinear", align_corners=False)
+        let x = Tensor::new(&[[[[1f32, 2.], [3., 4.]]]], &Device::Cpu).unwrap();
+        let y = resize_and_crop(&x, 4, 4)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = [
+            1.0, 1.25, 1.75, 2.0, 1.5, 1.75, 2.25, 2.5, 2.5, 2.75, 3.25, 3.5, 3.0, 3.25, 3.75, 4.0,
+        ];
+        assert_eq!(y, want);
+        // Non-uniform cover: 2×2 → 3×2 target covers at 3×3 then crops column 0..2.
+        let y = resize_and_crop(&x, 3, 2).unwrap();
+        assert_eq!(y.dims(), &[1, 1, 3, 2]);
+    }
+
+    #[test]
+    fn postprocess_rounds_half_to_even_and_clamps() {
+        // Find f32 inputs whose ×255 is exactly k + 0.5 (numpy rounds those to even).
+        let mut ties = Vec::new();
+        for k in 0..255u32 {
+            let x = (k as f32 + 0.5) / 255.0;
+            if x * 255.0 == k as f32 + 0.5 {
+                ties.push((x, k));
+            }
+        }
+        assert!(ties.len() > 10, "need exact ties to test");
+        for (x, k) in &ties {
+            let want = if k % 2 == 0 { *k } else { k + 1 };
+            assert_eq!(quantize(*x) as u32, want, "x={x} k={k}");
+        }
+        // Decoder range [-1, 1] → [0, 255], with clamping outside; layout (B,C,H,W) → pixels.
+        let vals = [-1.5f32, -1.0, 0.0, 1.0, 1.0, 2.0];
+        let x = Tensor::new(&vals[..], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 3, 1, 2))
+            .unwrap();
+        let img = to_rgb_images(&x).unwrap().remove(0);
+        assert_eq!(img.dimensions(), (2, 1));
+        assert_eq!(img.get_pixel(0, 0).0, [0, 128, 255]);
+        assert_eq!(img.get_pixel(1, 0).0, [0, 255, 255]);
+    }
+
+    #[test]
+    fn psnr_is_infinite_for_equal_and_finite_otherwise() {
+        let a = image::RgbImage::from_pixel(4, 4, image::Rgb([10, 20, 30]));
+        let mut b = a.clone();
+        assert!(psnr(&a, &b).is_infinite());
+        b.put_pixel(0, 0, image::Rgb([11, 20, 30]));
+        let p = psnr(&a, &b);
+        // MSE = 1/48 → 10·log10(255²·48) ≈ 64.94 dB.
+        assert!((p - 64.94).abs() < 0.01, "{p}");
+    }
+}
