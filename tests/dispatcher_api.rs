@@ -100,7 +100,9 @@ async fn amqp_validation_publishes_failed_events_and_enqueues_nothing() {
     publisher.publish_submit(&msg, Some("good")).await.expect("publish submit");
     let queued = log.wait_for(WAIT, "queued event of the valid submission", |e| e.request_id == "good").await;
     assert_eq!((queued.event, queued.endpoint), (EventKind::Queued, EndpointKind::Sprint));
-    assert_eq!(jobs_enqueued(&conn, &topology).await, 1);
+    let job = FakeWorker::new(&conn, &topology).await.wait_job(EndpointKind::Sprint).await;
+    assert_eq!(job.request_id, "good");
+    assert_eq!(job.input.prompt, "a lighthouse");
     let client = reqwest::Client::new();
     wait_ready(&client, &d.base).await;
     let (status, _, body) = send(client.get(format!("{}/local/sana/requests/bad-3/status", d.base))).await;
@@ -248,7 +250,7 @@ async fn tls_and_api_keys() {
     assert_eq!(status, 401, "wrong key");
     let (status, _, body) = send(client.post(format!("{}/local/sana", d.base)).header("authorization", "Key test-key").json(&input)).await;
     assert_eq!(status, 200, "{body}");
-    assert!(body["status_url"].as_str().expect("url").starts_with("https://localhost:"), "URLs keep the https scheme");
+    assert!(body["status_url"].as_str().expect("url").starts_with("https://localhost:"), "URLs keep the https scheme: {body}");
     let (status, _, _) = send(client.get(body["status_url"].as_str().expect("url")).header("authorization", "Key test-key")).await;
     assert_eq!(status, 202);
 

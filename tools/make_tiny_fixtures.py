@@ -1298,13 +1298,13 @@ def write_readme(counts: dict, vocab: int) -> None:
             lines.append("")
     # Text after the marker (documentation of fixtures made by other tools, e.g. torch_cuda_randn/) is preserved.
     readme = FIX / "README.md"
+    note = ("(Anything below this line is kept verbatim when the script regenerates this file; document fixtures "
+            "produced by other tools here.)")
     tail = ""
     if readme.exists() and README_MARKER in readme.read_text():
-        tail = readme.read_text().split(README_MARKER, 1)[1].lstrip("\n")
-    lines.append(README_MARKER)
-    lines.append("(Anything below this line is kept verbatim when the script regenerates this file; document fixtures "
-                 "produced by other tools here.)\n")
-    readme.write_text("\n".join(lines) + "\n" + (tail.split("\n", 2)[2] if tail.startswith("(Anything below") else tail))
+        tail = readme.read_text().split(README_MARKER, 1)[1].replace(note, "", 1).strip("\n")
+    lines += [README_MARKER, note, "", tail]
+    readme.write_text("\n".join(lines).rstrip("\n") + "\n")
 
 
 def main() -> None:

@@ -205,7 +205,14 @@ async fn limit(State(state): State<AppState>, req: Request, next: Next) -> Respo
 }
 
 /// Request count, latency and in-flight gauge, labelled by route template (never the raw path).
-async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Also gives HTTP/2 requests (which carry `:authority`, not `Host`) a `Host` header, from which
+/// the handlers derive the public URLs.
+async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if !req.headers().contains_key(header::HOST) {
+        if let Some(host) = req.uri().authority().and_then(|a| axum::http::HeaderValue::from_str(a.as_str()).ok()) {
+            req.headers_mut().insert(header::HOST, host);
+        }
+    }
     let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let method = req.method().to_string();
     let metrics = state.metrics();

@@ -13,6 +13,7 @@ pub mod ops;
 pub mod gemma2;
 pub mod param_count;
 pub mod rng;
+pub mod sana;
 pub mod scheduler;
 pub mod text;
 pub mod transformer;

@@ -289,8 +289,8 @@ impl SanaTransformer2DModel {
         })
     }
 
-    /// Loads a resolved `transformer/` component ([`ModelRepo::component`]): its `config.json` and
-    /// memory-mapped safetensors, cast to `dtype`.
+    /// Loads a resolved `transformer/` component ([`loader::ModelRepo::component`]): its
+    /// `config.json` and memory-mapped safetensors, cast to `dtype`.
     pub fn load_component(
         files: &ComponentFiles,
         dtype: DType,

@@ -262,6 +262,22 @@ impl FakeWorker {
         Some(job)
     }
 
+    /// Waits (up to `WAIT`) for the next job of `kind` with a consumer, acks it and returns it.
+    pub async fn wait_job(&self, kind: EndpointKind) -> JobMessage {
+        let ch = self.channel.clone();
+        let tag = format!("fake-{}", uuid::Uuid::new_v4().simple());
+        ch.basic_qos(1, lapin::options::BasicQosOptions::default()).await.expect("qos");
+        let mut consumer = ch
+            .basic_consume(self.topology.job_queue(kind).as_str().into(), tag.as_str().into(), Default::default(), Default::default())
+            .await
+            .expect("consume jobs");
+        let delivery = tokio::time::timeout(WAIT, consumer.next()).await.expect("a job in time").expect("consumer open").expect("delivery");
+        let job: JobMessage = serde_json::from_slice(&delivery.data).expect("job JSON");
+        delivery.ack(BasicAckOptions::default()).await.expect("ack");
+        ch.basic_cancel(tag.as_str().into(), Default::default()).await.expect("cancel consumer");
+        job
+    }
+
     pub async fn publish(&self, event: Event) {
         self.publisher
             .publish_event(&event)

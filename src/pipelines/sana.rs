@@ -1,0 +1,582 @@
+//! The two text-to-image pipelines behind [`ImagePipeline`]: [`SanaPipeline`] (base: CFG, negative prompt,
+//! flow DPM-Solver++) and [`SanaSprintPipeline`] (TrigFlow SCM with a guidance embedding), plus
+//! [`load_pipelines`], which builds whichever of the two a worker serves and shares one Gemma-2 text
+//! encoder between them (`Arc`), as diffusers does when the Sprint pipeline is built with the base one's
+//! `text_encoder`/`tokenizer`.
+//!
+//! Call semantics mirror diffusers 0.42.1 `pipelines/sana/pipeline_sana.py` and `pipeline_sana_sprint.py`
+//! (spec §1.5–1.6, §4, §5): resolution binning from the transformer's `sample_size`, latents drawn by one
+//! torch-CUDA-compatible `randn` for the whole batch of `n` images (Sprint draws one more per step), the
+//! per-step observer after every step, decode at the binned size, bilinear resize + centre crop back to the
+//! requested size, `(x·0.5+0.5)` post-processing. [`SanaPipeline::generate_with_noise`] /
+//! [`SanaSprintPipeline::generate_with_noise`] take the noise from any [`NoiseSource`] (tests and
+//! `worker generate` inject recorded latents through it).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::dcae::{DcAeConfig, DcAeDecoder};
+use super::gemma2::{self, Gemma2Encoder};
+use super::image_ops;
+use super::loader::{self, ModelRepo, ModelSource, WeightVariant};
+use super::rng::TorchCudaGenerator;
+use super::scheduler::{self, DpmSolverConfig, FlowDpmSolver, ScmConfig, ScmScheduler};
+use super::text::TextEncoder;
+use super::transformer::SanaTransformer2DModel;
+use super::{GenerateRequest, ImagePipeline, PipelineError, StepObserver};
+use crate::job::EndpointKind;
+
+/// Where standard-normal draws come from, one call per tensor in diffusers' order.
+pub trait NoiseSource {
+    /// An f32 tensor of `shape` on `device` (`torch.randn(shape, generator=g, dtype=float32)`).
+    fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor, PipelineError>;
+}
+
+impl NoiseSource for TorchCudaGenerator {
+    fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor, PipelineError> {
+        Ok(self.randn_tensor(shape, device)?)
+    }
+}
+
+/// Pre-recorded draws handed out in order (parity tests, `worker generate --latents`).
+#[derive(Debug, Default)]
+pub struct InjectedNoise {
+    queue: VecDeque<Tensor>,
+}
+
+impl InjectedNoise {
+    pub fn new(draws: impl IntoIterator<Item = Tensor>) -> Self {
+        InjectedNoise {
+            queue: draws.into_iter().collect(),
+        }
+    }
+
+    /// Draws not consumed yet.
+    pub fn remaining(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+impl NoiseSource for InjectedNoise {
+    fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor, PipelineError> {
+        let t = self.queue.pop_front().ok_or_else(|| {
+            PipelineError::InvalidRequest(format!("no injected noise left for shape {shape:?}"))
+        })?;
+        if t.dims() != shape {
+            return Err(PipelineError::InvalidRequest(format!(
+                "injected noise has shape {:?}, the pipeline draws {shape:?}",
+                t.dims()
+            )));
+        }
+        Ok(t.to_dtype(DType::F32)?.to_device(device)?)
+    }
+}
+
+/// Knobs diffusers exposes that the service keeps at their defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunOptions {
+    /// `use_resolution_binning` (default true).
+    pub use_resolution_binning: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            use_resolution_binning: true,
+        }
+    }
+}
+
+/// Transformer + VAE decoder of one checkpoint, with what the call semantics derive from their configs.
+struct DenoiserParts {
+    transformer: SanaTransformer2DModel,
+    vae: DcAeDecoder,
+    scaling_factor: f64,
+    /// `2^(len(encoder_block_out_channels) − 1)`.
+    vae_scale: usize,
+    /// Bin table for the transformer's `sample_size` (`Err` text when it has none: binning then fails).
+    bins: Result<&'static [(&'static str, u32, u32)], String>,
+}
+
+impl DenoiserParts {
+    fn load(
+        repo: &mut ModelRepo,
+        dtype: DType,
+        device: &Device,
+        files: &mut Vec<PathBuf>,
+    ) -> Result<Self, PipelineError> {
+        let t_files = repo.component("transformer", WeightVariant::Default)?;
+        files.extend(t_files.weights.iter().cloned());
+        let transformer = SanaTransformer2DModel::load_component(&t_files, dtype, device)?;
+        let v_files = repo.component("vae", WeightVariant::Default)?;
+        files.extend(v_files.weights.iter().cloned());
+        let vae_cfg = DcAeConfig::from_json_file(&v_files.config)?;
+        let vb = loader::var_builder(&v_files.weights, dtype, device)?;
+        let vae = DcAeDecoder::load(vb, &vae_cfg)
+            .map_err(|e| PipelineError::Load(format!("vae {}: {e}", v_files.dir.display())))?;
+        let bins = image_ops::aspect_ratio_bins(transformer.config().sample_size)
+            .map_err(|e| e.to_string());
+        Ok(DenoiserParts {
+            transformer,
+            vae,
+            scaling_factor: vae_cfg.scaling_factor,
+            vae_scale: vae_cfg.spatial_compression_ratio(),
+            bins,
+        })
+    }
+
+    /// `(binned_h, binned_w)` to generate at, checked like diffusers' `check_inputs` (`% 32`).
+    fn generation_size(
+        &self,
+        req: &GenerateRequest,
+        opts: RunOptions,
+    ) -> Result<(usize, usize), PipelineError> {
+        let (h, w) = if opts.use_resolution_binning {
+            let bins = self
+                .bins
+                .as_ref()
+                .map_err(|e| PipelineError::InvalidRequest(e.clone()))?;
+            image_ops::classify_height_width_bin(req.height, req.width, bins)
+        } else {
+            (req.height, req.width)
+        };
+        if h % 32 != 0 || w % 32 != 0 || h == 0 || w == 0 {
+            return Err(PipelineError::InvalidRequest(format!(
+                "height and width have to be divisible by 32 but are {h} and {w}"
+            )));
+        }
+        Ok((h as usize, w as usize))
+    }
+
+    fn latent_shape(&self, n: usize, h: usize, w: usize) -> [usize; 4] {
+        [
+            n,
+            self.transformer.config().in_channels,
+            h / self.vae_scale,
+            w / self.vae_scale,
+        ]
+    }
+
+    /// `vae.decode(latents.to(vae.dtype) / scaling_factor)`, then resize/crop and post-processing.
+    fn decode_to_images(
+        &self,
+        latents: &Tensor,
+        req: &GenerateRequest,
+        opts: RunOptions,
+    ) -> Result<Vec<image::RgbImage>, PipelineError> {
+        let dtype = self.vae.dtype();
+        let z = latents.to_dtype(dtype)?;
+        let z = if dtype == DType::F32 {
+            z.broadcast_div(&Tensor::new(self.scaling_factor as f32, z.device())?)?
+        } else {
+            // torch's CUDA `x / scalar` multiplies by the f32 reciprocal in f32, then rounds once.
+            let inv = 1.0f32 / self.scaling_factor as f32;
+            z.to_dtype(DType::F32)?
+                .affine(f64::from(inv), 0.0)?
+                .to_dtype(dtype)?
+        };
+        let image = self.vae.decode(&z)?;
+        let image = if opts.use_resolution_binning {
+            image_ops::resize_and_crop(&image, req.height as usize, req.width as usize)?
+        } else {
+            image
+        };
+        image_ops::to_rgb_images(&image)
+    }
+}
+
+fn check_request(req: &GenerateRequest, kind: EndpointKind) -> Result<usize, PipelineError> {
+    if req.endpoint != kind {
+        return Err(PipelineError::InvalidRequest(format!(
+            "a {} request sent to the {kind} pipeline",
+            req.endpoint
+        )));
+    }
+    if req.num_images == 0 || req.num_inference_steps == 0 {
+        return Err(PipelineError::InvalidRequest(
+            "num_images and num_inference_steps must be positive".into(),
+        ));
+    }
+    Ok(req.num_images as usize)
+}
+
+/// `prompt_embeds.repeat(1, n, 1).view(n, T, -1)` for one prompt (and the mask likewise).
+fn repeat_rows(
+    embeds: &Tensor,
+    mask: &Tensor,
+    n: usize,
+) -> Result<(Tensor, Tensor), PipelineError> {
+    let e = embeds.repeat((n, 1, 1))?;
+    let m = mask.repeat((n, 1))?;
+    Ok((e, m))
+}
+
+/// Sana 1600M: CFG over `[negative; positive]`, flow DPM-Solver++(2M).
+pub struct SanaPipeline {
+    text: Arc<TextEncoder>,
+    parts: DenoiserParts,
+    scheduler: DpmSolverConfig,
+    device: Device,
+}
+
+impl SanaPipeline {
+    /// Loads transformer, VAE and scheduler config from `repo`; the text encoder is given (shared).
+    pub fn load(
+        repo: &mut ModelRepo,
+        text: Arc<TextEncoder>,
+        dtype: DType,
+        device: &Device,
+        files: &mut Vec<PathBuf>,
+    ) -> Result<Self, PipelineError> {
+        let parts = DenoiserParts::load(repo, dtype, device, files)?;
+        let scheduler: DpmSolverConfig =
+            loader::read_json(&repo.file("scheduler/scheduler_config.json")?)?;
+        // Validate the scheduler config now rather than on the first request.
+        FlowDpmSolver::new(&scheduler, 1)?;
+        Ok(SanaPipeline {
+            text,
+            parts,
+            scheduler,
+            device: device.clone(),
+        })
+    }
+
+    pub fn text_encoder(&self) -> &Arc<TextEncoder> {
+        &self.text
+    }
+
+    /// [`ImagePipeline::generate`] with an explicit noise source and options.
+    pub fn generate_with_noise(
+        &mut self,
+        req: &GenerateRequest,
+        noise: &mut dyn NoiseSource,
+        opts: RunOptions,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Vec<image::RgbImage>, PipelineError> {
+        let n = check_request(req, EndpointKind::Base)?;
+        let (h, w) = self.parts.generation_size(req, opts)?;
+        let cfg_on = req.guidance_scale > 1.0;
+        let (pos, pos_mask) = self
+            .text
+            .encode_prompts(std::slice::from_ref(&req.prompt), true)?;
+        let (pos, pos_mask) = repeat_rows(&pos, &pos_mask, n)?;
+        let (embeds, mask) = if cfg_on {
+            let (neg, neg_mask) = self
+                .text
+                .encode_prompts(std::slice::from_ref(&req.negative_prompt), false)?;
+            let (neg, neg_mask) = repeat_rows(&neg, &neg_mask, n)?;
+            (
+                Tensor::cat(&[&neg, &pos], 0)?,
+                Tensor::cat(&[&neg_mask, &pos_mask], 0)?,
+            )
+        } else {
+            (pos, pos_mask)
+        };
+        let transformer = &self.parts.transformer;
+        let text = transformer.prepare_text(&embeds, &mask)?;
+
+        let mut sched = FlowDpmSolver::new(&self.scheduler, req.num_inference_steps as usize)?;
+        let mut latents = noise.randn(&self.parts.latent_shape(n, h, w), &self.device)?;
+        let total = req.num_inference_steps;
+        let timestep_scale = transformer.config().timestep_scale as f32;
+        let timesteps = sched.timesteps().to_vec();
+        for (i, t) in timesteps.iter().enumerate() {
+            let x_in = if cfg_on {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            // int64 timestep × timestep_scale → float32, one value for every row.
+            let t = Tensor::new(&[*t as f32 * timestep_scale], &self.device)?;
+            let out = transformer
+                .forward(&x_in, &t, None, &text)?
+                .to_dtype(DType::F32)?;
+            let v = if cfg_on {
+                scheduler::classifier_free_guidance(&out, req.guidance_scale)?
+            } else {
+                out
+            };
+            latents = sched.step(&v, &latents)?;
+            observer.on_step(i as u32 + 1, total)?;
+        }
+        self.parts.decode_to_images(&latents, req, opts)
+    }
+}
+
+impl ImagePipeline for SanaPipeline {
+    fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Vec<image::RgbImage>, PipelineError> {
+        let mut g = TorchCudaGenerator::new(req.seed);
+        self.generate_with_noise(req, &mut g, RunOptions::default(), observer)
+    }
+}
+
+/// Guidance value the Sprint transformer embeds: `dtype(dtype(g) · guidance_embeds_scale)` with the product in
+/// f32 (torch's opmath), e.g. bf16: 5.0 → 0.5, 4.5 → 0.44921875.
+pub fn sprint_guidance(guidance_scale: f64, scale: f64, dtype: DType) -> f32 {
+    let round = |x: f32| match dtype {
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        _ => x,
+    };
+    round(round(guidance_scale as f32) * scale as f32)
+}
+
+/// Sana-Sprint 1.6B: TrigFlow SCM, no negative prompt, guidance as an input embedding.
+pub struct SanaSprintPipeline {
+    text: Arc<TextEncoder>,
+    parts: DenoiserParts,
+    scheduler: ScmConfig,
+    device: Device,
+}
+
+impl SanaSprintPipeline {
+    /// Loads transformer, VAE and scheduler config from `repo`; the text encoder is given (shared).
+    pub fn load(
+        repo: &mut ModelRepo,
+        text: Arc<TextEncoder>,
+        dtype: DType,
+        device: &Device,
+        files: &mut Vec<PathBuf>,
+    ) -> Result<Self, PipelineError> {
+        let parts = DenoiserParts::load(repo, dtype, device, files)?;
+        if !parts.transformer.config().guidance_embeds {
+            return Err(PipelineError::Load(format!(
+                "{}: the Sprint pipeline needs a transformer with guidance_embeds=true",
+                repo.source().id
+            )));
+        }
+        let scheduler: ScmConfig =
+            loader::read_json(&repo.file("scheduler/scheduler_config.json")?)?;
+        ScmScheduler::new(&scheduler, 2)?;
+        Ok(SanaSprintPipeline {
+            text,
+            parts,
+            scheduler,
+            device: device.clone(),
+        })
+    }
+
+    pub fn text_encoder(&self) -> &Arc<TextEncoder> {
+        &self.text
+    }
+
+    /// [`ImagePipeline::generate`] with an explicit noise source and options. Draws: initial latents,
+    /// then one noise per step (the last one included, as diffusers' `SCMScheduler.step`).
+    pub fn generate_with_noise(
+        &mut self,
+        req: &GenerateRequest,
+        noise: &mut dyn NoiseSource,
+        opts: RunOptions,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Vec<image::RgbImage>, PipelineError> {
+        let n = check_request(req, EndpointKind::Sprint)?;
+        let (h, w) = self.parts.generation_size(req, opts)?;
+        let (embeds, mask) = self
+            .text
+            .encode_prompts(std::slice::from_ref(&req.prompt), true)?;
+        let (embeds, mask) = repeat_rows(&embeds, &mask, n)?;
+        let transformer = &self.parts.transformer;
+        let text = transformer.prepare_text(&embeds, &mask)?;
+
+        let mut sched = ScmScheduler::new(&self.scheduler, req.num_inference_steps as usize)?;
+        let shape = self.parts.latent_shape(n, h, w);
+        let sigma_data = sched.sigma_data();
+        let mut latents = noise
+            .randn(&shape, &self.device)?
+            .affine(f64::from(sigma_data), 0.0)?;
+        let cfg = transformer.config();
+        let g = sprint_guidance(
+            req.guidance_scale,
+            cfg.guidance_embeds_scale,
+            transformer.dtype(),
+        );
+        let guidance = Tensor::new(&[g], &self.device)?;
+        let total = req.num_inference_steps;
+        let mut denoised = None;
+        for i in 0..sched.num_steps() {
+            let inp = sched.step_input();
+            let x_in = sched.model_input(&latents, inp)?;
+            let tau = Tensor::new(&[inp.scm_timestep], &self.device)?;
+            let v = transformer.forward(&x_in, &tau, Some(&guidance), &text)?;
+            let f = sched.trigflow_output(&x_in, &v, inp)?;
+            let z = noise.randn(&shape, &self.device)?;
+            let (prev, x0) = sched.step(&f, &latents, &z)?;
+            latents = prev;
+            denoised = Some(x0);
+            observer.on_step(i as u32 + 1, total)?;
+        }
+        let x0 =
+            denoised.ok_or_else(|| PipelineError::InvalidRequest("no denoising steps".into()))?;
+        // latents = denoised / sigma_data
+        let latents = x0.broadcast_div(&Tensor::new(sigma_data, x0.device())?)?;
+        self.parts.decode_to_images(&latents, req, opts)
+    }
+}
+
+impl ImagePipeline for SanaSprintPipeline {
+    fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Vec<image::RgbImage>, PipelineError> {
+        let mut g = TorchCudaGenerator::new(req.seed);
+        self.generate_with_noise(req, &mut g, RunOptions::default(), observer)
+    }
+}
+
+/// Loads the Gemma-2 text encoder and tokenizer of `repo` (`text_encoder/`, `tokenizer/`).
+pub fn load_text_encoder(
+    repo: &mut ModelRepo,
+    dtype: DType,
+    device: &Device,
+    files: &mut Vec<PathBuf>,
+) -> Result<TextEncoder, PipelineError> {
+    let te = repo.component("text_encoder", WeightVariant::Default)?;
+    files.extend(te.weights.iter().cloned());
+    let cfg: gemma2::Config = loader::read_json(&te.config)?;
+    let vb = loader::var_builder(&te.weights, dtype, device)?;
+    let encoder = Gemma2Encoder::load(vb, &cfg)
+        .map_err(|e| PipelineError::Load(format!("text_encoder {}: {e}", te.dir.display())))?;
+    let tok = repo.file("tokenizer/tokenizer.json")?;
+    if repo.has_file("tokenizer/tokenizer_config.json")? {
+        repo.file("tokenizer/tokenizer_config.json")?;
+    }
+    let dir = tok.parent().map(PathBuf::from).unwrap_or_default();
+    TextEncoder::from_dir(&dir, encoder)
+}
+
+/// What a worker serves: either pipeline may be absent.
+#[derive(Debug, Clone)]
+pub struct PipelinesConfig {
+    pub base: Option<ModelSource>,
+    pub sprint: Option<ModelSource>,
+    pub device: Device,
+    /// Weight/compute dtype (bf16 on the GPU, f32 for CPU tests); fp32 checkpoints are cast on load.
+    pub dtype: DType,
+}
+
+/// The loaded pipelines of one worker.
+pub struct Pipelines {
+    base: Option<SanaPipeline>,
+    sprint: Option<SanaSprintPipeline>,
+    loaded_weight_files: Vec<PathBuf>,
+}
+
+impl Pipelines {
+    pub fn get_mut(&mut self, kind: EndpointKind) -> Option<&mut dyn ImagePipeline> {
+        match kind {
+            EndpointKind::Base => self.base.as_mut().map(|p| p as &mut dyn ImagePipeline),
+            EndpointKind::Sprint => self.sprint.as_mut().map(|p| p as &mut dyn ImagePipeline),
+        }
+    }
+
+    pub fn base(&mut self) -> Option<&mut SanaPipeline> {
+        self.base.as_mut()
+    }
+
+    pub fn sprint(&mut self) -> Option<&mut SanaSprintPipeline> {
+        self.sprint.as_mut()
+    }
+
+    /// Endpoint kinds that are loaded.
+    pub fn kinds(&self) -> Vec<EndpointKind> {
+        EndpointKind::ALL
+            .into_iter()
+            .filter(|k| self.loaded(*k))
+            .collect()
+    }
+
+    fn loaded(&self, kind: EndpointKind) -> bool {
+        match kind {
+            EndpointKind::Base => self.base.is_some(),
+            EndpointKind::Sprint => self.sprint.is_some(),
+        }
+    }
+
+    /// Every safetensors file memory-mapped while loading, in load order.
+    pub fn loaded_weight_files(&self) -> &[PathBuf] {
+        &self.loaded_weight_files
+    }
+}
+
+/// Loads the configured pipelines. The text encoder is loaded once, from the base source when present
+/// (else the Sprint one), and shared: the Sprint checkpoint's own `text_encoder/` is never read.
+pub fn load_pipelines(cfg: &PipelinesConfig) -> Result<Pipelines, PipelineError> {
+    let mut files = Vec::new();
+    let mut base_repo = cfg.base.as_ref().map(ModelRepo::open).transpose()?;
+    let mut sprint_repo = cfg.sprint.as_ref().map(ModelRepo::open).transpose()?;
+    let text_repo = match (base_repo.as_mut(), sprint_repo.as_mut()) {
+        (Some(r), _) | (None, Some(r)) => r,
+        (None, None) => {
+            return Err(PipelineError::Load(
+                "no pipeline configured (neither base nor sprint)".into(),
+            ))
+        }
+    };
+    let text = Arc::new(load_text_encoder(
+        text_repo,
+        cfg.dtype,
+        &cfg.device,
+        &mut files,
+    )?);
+    let base = match base_repo.as_mut() {
+        Some(repo) => Some(SanaPipeline::load(
+            repo,
+            Arc::clone(&text),
+            cfg.dtype,
+            &cfg.device,
+            &mut files,
+        )?),
+        None => None,
+    };
+    let sprint = match sprint_repo.as_mut() {
+        Some(repo) => Some(SanaSprintPipeline::load(
+            repo,
+            Arc::clone(&text),
+            cfg.dtype,
+            &cfg.device,
+            &mut files,
+        )?),
+        None => None,
+    };
+    Ok(Pipelines {
+        base,
+        sprint,
+        loaded_weight_files: files,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sprint_guidance_rounds_like_torch_bf16() {
+        // Spec §4.2: bf16(bf16(g)·0.1): 5.0 → 0.5, 4.5 → 0.44921875.
+        assert_eq!(sprint_guidance(5.0, 0.1, DType::BF16), 0.5);
+        assert_eq!(sprint_guidance(4.5, 0.1, DType::BF16), 0.449_218_75);
+        // f32 reference runs: f32(5)·f32(0.1) in f32.
+        assert_eq!(sprint_guidance(5.0, 0.1, DType::F32), 5.0f32 * 0.1f32);
+    }
+
+    #[test]
+    fn injected_noise_checks_shape_and_order() {
+        let dev = Device::Cpu;
+        let a = Tensor::zeros((1, 2), DType::F32, &dev).unwrap();
+        let b = Tensor::ones((1, 3), DType::F32, &dev).unwrap();
+        let mut src = InjectedNoise::new([a, b]);
+        assert_eq!(src.randn(&[1, 2], &dev).unwrap().dims(), &[1, 2]);
+        assert!(
+            src.randn(&[1, 2], &dev).is_err(),
+            "second draw has another shape"
+        );
+        assert!(src.randn(&[1, 3], &dev).is_err(), "queue is empty");
+    }
+}

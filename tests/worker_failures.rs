@@ -1,0 +1,225 @@
+//! Worker failure paths on the real RabbitMQ and S3: an always-failing job is retried up to the delivery
+//! limit and then dead-lettered with one `failed` event (billing 0); requests that already ended are
+//! skipped (dedupe on `request_id` through the results stream); a passed deadline fails with
+//! `request_timeout`; a `cancelled` event stops a running job between steps.
+
+mod common;
+
+use std::time::Duration;
+
+use common::standin::{Gate, Probe, StandInFactory};
+use common::{EventLog, RunningWorker};
+use fleet::events::{ErrorType, Event, EventKind};
+use fleet::job::EndpointKind;
+use fleet::queue::{self, Publisher};
+use futures::StreamExt;
+use lapin::options::BasicAckOptions;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn always_failing_job_is_dead_lettered_after_the_delivery_limit() {
+    let mut storage = common::s3_config();
+    storage.bucket = format!("no-such-bucket-{}", uuid::Uuid::new_v4().simple());
+    let conn = common::connect().await;
+    let topology = common::fresh_topology(&conn).await;
+    let dead_ch = conn.create_channel().await.expect("channel");
+    let mut dead = queue::consume(&dead_ch, &topology.dead_queue(), "dead-watch", 10)
+        .await
+        .expect("consume dead");
+    let (probe, _dropped) = Probe::new();
+    let worker = RunningWorker::spawn(
+        common::worker_config(&topology, "w-failing", storage),
+        StandInFactory::boxed(probe.clone(), None),
+    );
+    let publisher = Publisher::new(&conn, topology.clone())
+        .await
+        .expect("publisher");
+    let mut log = EventLog::open(&conn, &topology).await;
+    let job = common::job(
+        EndpointKind::Sprint,
+        json!({"prompt": "never stored", "image_size": "square"}),
+    );
+    publisher.publish_job(&job).await.expect("publish");
+
+    let failed = log.terminal(&job.request_id, WAIT).await;
+    assert_eq!(failed.event, EventKind::Failed, "{failed:?}");
+    assert_eq!(failed.billable_units, Some(0));
+    assert_eq!(failed.error_type, Some(ErrorType::RunnerServerError));
+
+    let delivery = tokio::time::timeout(WAIT, dead.next())
+        .await
+        .expect("dead-lettered in time")
+        .expect("consumer open")
+        .expect("delivery");
+    let dead_job: fleet::events::JobMessage =
+        serde_json::from_slice(&delivery.data).expect("job body");
+    assert_eq!(dead_job.request_id, job.request_id);
+    delivery.ack(BasicAckOptions::default()).await.expect("ack");
+
+    // `failed` follows every `started` in the stream, so the log already holds all attempts.
+    let attempts: Vec<u32> = log
+        .of(&job.request_id)
+        .iter()
+        .filter(|e| e.event == EventKind::Started)
+        .filter_map(|e| e.attempt)
+        .collect();
+    let limit = topology.delivery_limit;
+    assert_eq!(
+        attempts,
+        (1..=limit + 1).collect::<Vec<_>>(),
+        "delivery_limit + 1 attempts, then dead letter"
+    );
+    assert_eq!(log.count(&job.request_id, EventKind::Failed), 1);
+    assert_eq!(log.count(&job.request_id, EventKind::Completed), 0);
+    worker.stop(WAIT).await;
+    common::drop_topology(&conn, &topology).await;
+}
+
+#[tokio::test]
+async fn ended_requests_are_skipped_and_late_ones_time_out() {
+    let conn = common::connect().await;
+    let topology = common::fresh_topology(&conn).await;
+    let (probe, _dropped) = Probe::new();
+    // One job at a time, so the queue is worked in order: when the last job completes, the others are settled.
+    let worker = RunningWorker::spawn(
+        common::worker_config(&topology, "w-dedupe", common::s3_config()),
+        StandInFactory::boxed(probe.clone(), None),
+    );
+    let publisher = Publisher::new(&conn, topology.clone())
+        .await
+        .expect("publisher");
+    let mut log = EventLog::open(&conn, &topology).await;
+
+    let input = json!({"prompt": "x", "image_size": "square"});
+    let done_before = common::job(EndpointKind::Sprint, input.clone());
+    let cancelled_before = common::job(EndpointKind::Sprint, input.clone());
+    let mut late = common::job(EndpointKind::Sprint, input.clone());
+    late.deadline = Some(fleet::events::now_unix() - 10.0);
+    let fresh = common::job(EndpointKind::Sprint, input);
+
+    // A worker that completed but died before its ack, and a dispatcher that cancelled a queued request.
+    let completed = Event {
+        billable_units: Some(1),
+        ..Event::new(
+            &done_before.request_id,
+            EndpointKind::Sprint,
+            EventKind::Completed,
+        )
+    };
+    publisher.publish_event(&completed).await.expect("event");
+    let cancelled = Event {
+        billable_units: Some(0),
+        ..Event::new(
+            &cancelled_before.request_id,
+            EndpointKind::Sprint,
+            EventKind::Cancelled,
+        )
+    };
+    publisher.publish_event(&cancelled).await.expect("event");
+    for job in [&done_before, &cancelled_before, &late, &fresh] {
+        publisher.publish_job(job).await.expect("publish");
+    }
+
+    let last = log.terminal(&fresh.request_id, WAIT).await;
+    assert_eq!(last.event, EventKind::Completed);
+    let timed_out = log.terminal(&late.request_id, WAIT).await;
+    assert_eq!(
+        (timed_out.event, timed_out.error_type),
+        (EventKind::Failed, Some(ErrorType::RequestTimeout))
+    );
+    assert_eq!(timed_out.billable_units, Some(0));
+    for skipped in [&done_before, &cancelled_before, &late] {
+        assert_eq!(
+            log.count(&skipped.request_id, EventKind::Started),
+            0,
+            "{} must not run",
+            skipped.request_id
+        );
+    }
+    assert_eq!(
+        log.count(&done_before.request_id, EventKind::Completed),
+        1,
+        "no second completion"
+    );
+    assert_eq!(
+        probe.runs.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the fresh job reached the pipeline"
+    );
+    worker.stop(WAIT).await;
+    common::drop_topology(&conn, &topology).await;
+}
+
+#[tokio::test]
+async fn a_cancelled_event_stops_a_running_job_between_steps() {
+    let conn = common::connect().await;
+    let topology = common::fresh_topology(&conn).await;
+    let (probe, _dropped) = Probe::new();
+    let gate = Gate::closed();
+    let mut config = common::worker_config(&topology, "w-cancel", common::s3_config());
+    config.max_concurrency = 2;
+    let worker = RunningWorker::spawn(config, StandInFactory::boxed(probe, Some(gate.clone())));
+    let publisher = Publisher::new(&conn, topology.clone())
+        .await
+        .expect("publisher");
+    let mut log = EventLog::open(&conn, &topology).await;
+
+    let running = common::job(
+        EndpointKind::Base,
+        json!({"prompt": "long", "image_size": "square", "num_inference_steps": 5}),
+    );
+    publisher.publish_job(&running).await.expect("publish");
+    log.wait_for(WAIT, "the first job to start", |e| {
+        e.request_id == running.request_id && e.event == EventKind::Started
+    })
+    .await;
+    let cancel = Event {
+        billable_units: Some(0),
+        ..Event::new(
+            &running.request_id,
+            EndpointKind::Base,
+            EventKind::Cancelled,
+        )
+    };
+    publisher
+        .publish_event(&cancel)
+        .await
+        .expect("cancel event");
+    // The second job starts only after the worker's tracker read past the cancellation (its sync marker
+    // follows it in the stream), so the first job's token is cancelled before the gate opens.
+    let next = common::job(
+        EndpointKind::Base,
+        json!({"prompt": "short", "image_size": "square", "num_inference_steps": 2}),
+    );
+    publisher.publish_job(&next).await.expect("publish");
+    log.wait_for(WAIT, "the second job to start", |e| {
+        e.request_id == next.request_id && e.event == EventKind::Started
+    })
+    .await;
+    gate.open();
+
+    // One model thread: the first job ran (and stopped) before the second one completes.
+    assert_eq!(
+        log.terminal(&next.request_id, WAIT).await.event,
+        EventKind::Completed
+    );
+    assert_eq!(
+        log.count(&running.request_id, EventKind::Completed),
+        0,
+        "the cancelled job produced no result"
+    );
+    assert_eq!(log.count(&running.request_id, EventKind::Failed), 0);
+    assert!(
+        log.count(&running.request_id, EventKind::Progress) <= 1,
+        "stopped after at most one step"
+    );
+    let ch = conn.create_channel().await.expect("channel");
+    worker.stop(WAIT).await;
+    let left = queue::queue_depth(&ch, &topology.job_queue(EndpointKind::Base))
+        .await
+        .expect("depth");
+    assert_eq!(left, 0, "the cancelled job was acked, not requeued");
+    common::drop_topology(&conn, &topology).await;
+}
