@@ -100,7 +100,7 @@ async fn amqp_validation_publishes_failed_events_and_enqueues_nothing() {
     publisher.publish_submit(&msg, Some("good")).await.expect("publish submit");
     let queued = log.wait_for(WAIT, "queued event of the valid submission", |e| e.request_id == "good").await;
     assert_eq!((queued.event, queued.endpoint), (EventKind::Queued, EndpointKind::Sprint));
-    let job = FakeWorker::new(&conn, &topology).await.wait_job(EndpointKind::Sprint).await;
+    let job = FakeWorker::new(&conn, &topology).await.wait_job(&conn, EndpointKind::Sprint).await;
     assert_eq!(job.request_id, "good");
     assert_eq!(job.input.prompt, "a lighthouse");
     let client = reqwest::Client::new();

@@ -263,18 +263,33 @@ impl FakeWorker {
     }
 
     /// Waits (up to `WAIT`) for the next job of `kind` with a consumer, acks it and returns it.
-    pub async fn wait_job(&self, kind: EndpointKind) -> JobMessage {
-        let ch = self.channel.clone();
+    pub async fn wait_job(&self, conn: &Connection, kind: EndpointKind) -> JobMessage {
+        // Own channel, closed at the end: anything prefetched beyond the one job goes back to the queue.
+        let ch = conn.create_channel().await.expect("channel");
         let tag = format!("fake-{}", uuid::Uuid::new_v4().simple());
-        ch.basic_qos(1, lapin::options::BasicQosOptions::default()).await.expect("qos");
+        ch.basic_qos(1, lapin::options::BasicQosOptions::default())
+            .await
+            .expect("qos");
         let mut consumer = ch
-            .basic_consume(self.topology.job_queue(kind).as_str().into(), tag.as_str().into(), Default::default(), Default::default())
+            .basic_consume(
+                self.topology.job_queue(kind).as_str().into(),
+                tag.as_str().into(),
+                Default::default(),
+                Default::default(),
+            )
             .await
             .expect("consume jobs");
-        let delivery = tokio::time::timeout(WAIT, consumer.next()).await.expect("a job in time").expect("consumer open").expect("delivery");
+        let delivery = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("a job in time")
+            .expect("consumer open")
+            .expect("delivery");
         let job: JobMessage = serde_json::from_slice(&delivery.data).expect("job JSON");
         delivery.ack(BasicAckOptions::default()).await.expect("ack");
-        ch.basic_cancel(tag.as_str().into(), Default::default()).await.expect("cancel consumer");
+        ch.basic_cancel(tag.as_str().into(), Default::default())
+            .await
+            .expect("cancel consumer");
+        ch.close(200, "done".into()).await.expect("close channel");
         job
     }
 

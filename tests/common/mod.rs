@@ -104,6 +104,16 @@ impl EventLog {
         if let Some((_, e)) = self.seen.iter().find(|(_, e)| pred(e)) {
             return e.clone();
         }
+        self.next_matching(timeout, what, pred).await
+    }
+
+    /// Reads new events until one satisfies `pred`, failing after `timeout`.
+    pub async fn next_matching(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Event) -> bool,
+    ) -> Event {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let next = tokio::time::timeout_at(deadline, self.stream.next()).await;
@@ -122,6 +132,21 @@ impl EventLog {
                     }
                 }
             }
+        }
+    }
+
+    /// Reads events until `n` of those seen satisfy `pred`, failing after `timeout`.
+    pub async fn wait_count(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        n: usize,
+        pred: impl Fn(&Event) -> bool,
+    ) {
+        let mut have = self.seen.iter().filter(|(_, e)| pred(e)).count();
+        while have < n {
+            self.next_matching(timeout, what, &pred).await;
+            have += 1;
         }
     }
 

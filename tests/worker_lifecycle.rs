@@ -1,0 +1,180 @@
+//! Worker lifecycle on the real RabbitMQ and S3: keep-alive `exit` (the runtime returns `Idle`, the
+//! binary exits 0) and `unload` (models dropped, loaded again for the next job), the prefetch cap on
+//! concurrently running jobs counted from `started`/`completed` events, and the shutdown drain letting an
+//! in-flight job finish.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::standin::{Gate, Probe, StandInFactory};
+use common::{EventLog, RunningWorker};
+use fleet::events::EventKind;
+use fleet::job::EndpointKind;
+use fleet::queue::{self, Publisher};
+use fleet::worker::{IdleAction, WorkerExit};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn small_job() -> fleet::events::JobMessage {
+    common::job(
+        EndpointKind::Sprint,
+        json!({"prompt": "x", "image_size": {"width": 64, "height": 48}}),
+    )
+}
+
+#[tokio::test]
+async fn idle_worker_exits_after_keep_alive() {
+    let conn = common::connect().await;
+    let topology = common::fresh_topology(&conn).await;
+    let (probe, _dropped) = Probe::new();
+    let mut config = common::worker_config(&topology, "w-idle-exit", common::s3_config());
+    config.keep_alive = Some(Duration::from_millis(1500));
+    config.idle_action = IdleAction::Exit;
+    let worker = RunningWorker::spawn(config, StandInFactory::boxed(probe, None));
+    let publisher = Publisher::new(&conn, topology.clone())
+        .await
+        .expect("publisher");
+    let mut log = EventLog::open(&conn, &topology).await;
+    let job = small_job();
+    publisher.publish_job(&job).await.expect("publish");
+    assert_eq!(
+        log.terminal(&job.request_id, WAIT).await.event,
+        EventKind::Completed
+    );
+    assert_eq!(
+        worker.join(WAIT).await,
+        WorkerExit::Idle,
+        "returns on its own once idle"
+    );
+    common::drop_topology(&conn, &topology).await;
+}
+
+#[tokio::test]
+async fn idle_worker_unloads_and_reloads_for_the_next_job() {
+    let conn = common::connect().await;
+    let topology = common::fresh_topology(&conn).await;
+    let (probe, mut dropped) = Probe::new();
+    let mut config = common::worker_config(&topology, "w-idle-unload", common::s3_config());
+    config.keep_alive = Some(Duration::from_millis(1000));
+    config.idle_action = IdleAction::Unload;
+    let worker = RunningWorker::spawn(config, StandInFactory::boxed(probe.clone(), None));
+
+    // Two endpoints are served, so an unload drops two pipelines.
+    for _ in 0..2 {
+        tokio::time::timeout(WAIT, dropped.recv())
+            .await
+            .expect("models unloaded in time")
+            .expect("probe open");
+    }
+    assert_eq!(probe.loads.load(Ordering::SeqCst), 1);
+    let publisher = Publisher::new(&conn, topology.clone())
+        .await
+        .expect("publisher");
+    let mut log = EventLog::open(&conn, &topology).await;
+    let job = small_job();
+    publisher.publish_job(&job).await.expect("publish");
+    assert_eq!(
+        log.terminal(&job.request_id, WAIT).await.event,
+        EventKind::Completed
+    );
+    assert_eq!(
+        probe.loads.load(Ordering::SeqCst),
+        2,
+        "the job loaded the models again"
+    );
+    assert!(
+        !worker.handle.is_finished(),
+        "an unloading worker keeps running"
+    );
+    assert_eq!(worker.stop(WAIT).await, WorkerExit::Shutdown);
+    common::drop_topology(&conn, &topology).await;
+}
+
+#[tokio::test]
+async fn prefetch_caps_concurrent_jobs() {
+    let conn = common::connect().await;
+    let topology = common::fresh_topology(&conn).await;
+    let (probe, _dropped) = Probe::new();
+    let gate = Gate::closed();
+    let mut config = common::worker_config(&topology, "w-prefetch", common::s3_config());
+    config.endpoints = vec![EndpointKind::Sprint];
+    config.max_concurrency = 2;
+    let worker = RunningWorker::spawn(config, StandInFactory::boxed(probe, Some(gate.clone())));
+    let publisher = Publisher::new(&conn, topology.clone())
+        .await
+        .expect("publisher");
+    let mut log = EventLog::open(&conn, &topology).await;
+    let jobs: Vec<_> = (0..5).map(|_| small_job()).collect();
+    for job in &jobs {
+        publisher.publish_job(job).await.expect("publish");
+    }
+    // The gate holds the model thread, so exactly two jobs can be in flight before anything finishes.
+    log.wait_count(WAIT, "two started jobs", 2, |e| {
+        e.event == EventKind::Started
+    })
+    .await;
+    for job in &jobs {
+        gate.release(1);
+        log.terminal(&job.request_id, WAIT).await;
+    }
+    let mut running: HashMap<String, i32> = HashMap::new();
+    let mut peak = 0;
+    for (_, e) in &log.seen {
+        let worker = e.worker.clone().unwrap_or_default();
+        match e.event {
+            EventKind::Started => *running.entry(worker.clone()).or_default() += 1,
+            EventKind::Completed | EventKind::Failed => {
+                *running.entry(worker.clone()).or_default() -= 1
+            }
+            _ => {}
+        }
+        peak = peak.max(running.get(&worker).copied().unwrap_or(0));
+    }
+    assert_eq!(peak, 2, "max_concurrency = 2 jobs ran at once, never more");
+    assert!(jobs
+        .iter()
+        .all(|j| log.count(&j.request_id, EventKind::Completed) == 1));
+    worker.stop(WAIT).await;
+    common::drop_topology(&conn, &topology).await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_the_job_in_flight() {
+    let conn = common::connect().await;
+    let topology = common::fresh_topology(&conn).await;
+    let (probe, _dropped) = Probe::new();
+    let gate = Gate::closed();
+    let mut config = common::worker_config(&topology, "w-drain", common::s3_config());
+    config.drain_grace = Duration::from_secs(30);
+    let worker = RunningWorker::spawn(config, StandInFactory::boxed(probe, Some(gate.clone())));
+    let publisher = Publisher::new(&conn, topology.clone())
+        .await
+        .expect("publisher");
+    let mut log = EventLog::open(&conn, &topology).await;
+    let (first, second) = (small_job(), small_job());
+    publisher.publish_job(&first).await.expect("publish");
+    publisher.publish_job(&second).await.expect("publish");
+    log.wait_for(WAIT, "the first job to start", |e| {
+        e.request_id == first.request_id && e.event == EventKind::Started
+    })
+    .await;
+    worker.shutdown.cancel();
+    gate.open();
+    assert_eq!(worker.join(WAIT).await, WorkerExit::Shutdown);
+    assert_eq!(
+        log.terminal(&first.request_id, WAIT).await.event,
+        EventKind::Completed,
+        "in-flight job finished"
+    );
+    let ch = conn.create_channel().await.expect("channel");
+    let left = queue::queue_depth(&ch, &topology.job_queue(EndpointKind::Sprint))
+        .await
+        .expect("depth");
+    assert_eq!(left, 1, "the job not yet started stays queued");
+    assert_eq!(log.count(&second.request_id, EventKind::Started), 0);
+    common::drop_topology(&conn, &topology).await;
+}
