@@ -20,11 +20,13 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
-#[command(name = "dispatcher", version, about = "fal-compatible queue API for the Sana fleet")]
+#[command(
+    name = "dispatcher",
+    version,
+    about = "fal-compatible queue API for the Sana fleet"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
-    #[command(flatten)]
-    broker: BrokerArgs,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
@@ -34,22 +36,31 @@ struct Cli {
 #[derive(Args, Debug, Clone)]
 struct BrokerArgs {
     /// RabbitMQ URL (amqp://user:pass@host:port/vhost).
-    #[arg(long, env = "FLEET_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "FLEET_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
     amqp_url: String,
     /// Prefix of every exchange and queue name.
-    #[arg(long, env = "FLEET_PREFIX", default_value = "fleet", global = true)]
+    #[arg(long, env = "FLEET_PREFIX", default_value = "fleet")]
     prefix: String,
     /// `x-delivery-limit` of the job queues (must match every other process's declaration).
-    #[arg(long, env = "FLEET_DELIVERY_LIMIT", default_value_t = 3, global = true)]
+    #[arg(long, env = "FLEET_DELIVERY_LIMIT", default_value_t = 3)]
     delivery_limit: u32,
     /// `x-max-age` of the results stream, RabbitMQ syntax (7D, 12h).
-    #[arg(long, env = "FLEET_RESULTS_MAX_AGE", default_value = "7D", global = true)]
+    #[arg(long, env = "FLEET_RESULTS_MAX_AGE", default_value = "7D")]
     results_max_age: String,
 }
 
 impl BrokerArgs {
     fn topology(&self) -> Topology {
-        Topology { prefix: self.prefix.clone(), delivery_limit: self.delivery_limit, results_max_age: self.results_max_age.clone() }
+        Topology {
+            prefix: self.prefix.clone(),
+            delivery_limit: self.delivery_limit,
+            results_max_age: self.results_max_age.clone(),
+        }
     }
 }
 
@@ -65,6 +76,8 @@ enum Command {
 
 #[derive(Args, Debug, Clone)]
 struct ServeArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, env = "FLEET_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
@@ -78,7 +91,12 @@ struct ServeArgs {
     #[arg(long, env = "FLEET_PUBLIC_URL")]
     public_url: Option<String>,
     /// Comma-separated API keys; when set, requests need `Authorization: Key <key>`.
-    #[arg(long, env = "FLEET_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long,
+        env = "FLEET_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     api_keys: Vec<String>,
     /// PEM certificate chain; with --tls-key, serve HTTPS.
     #[arg(long, env = "FLEET_TLS_CERT", requires = "tls_key")]
@@ -108,6 +126,8 @@ struct ServeArgs {
 
 #[derive(Args, Debug)]
 struct SubmitCmd {
+    #[command(flatten)]
+    broker: BrokerArgs,
     /// Endpoint kind: base or sprint.
     #[arg(long, env = "FLEET_SUBMIT_ENDPOINT", default_value = "sprint")]
     endpoint: String,
@@ -158,9 +178,12 @@ impl SubmitCmd {
                 None => json!(size),
             };
         }
-        for (key, value) in [("seed", self.seed.map(|v| json!(v))), ("num_inference_steps", self.steps.map(|v| json!(v))),
-            ("num_images", self.num_images.map(|v| json!(v))), ("output_format", self.format.as_ref().map(|v| json!(v)))]
-        {
+        for (key, value) in [
+            ("seed", self.seed.map(|v| json!(v))),
+            ("num_inference_steps", self.steps.map(|v| json!(v))),
+            ("num_images", self.num_images.map(|v| json!(v))),
+            ("output_format", self.format.as_ref().map(|v| json!(v))),
+        ] {
             if let Some(v) = value {
                 input[key] = v;
             }
@@ -171,6 +194,8 @@ impl SubmitCmd {
 
 #[derive(Args, Debug)]
 struct ResultsCmd {
+    #[command(flatten)]
+    broker: BrokerArgs,
     /// Where to start: first, next, an offset, or @unix_seconds.
     #[arg(long, env = "FLEET_RESULTS_FROM", default_value = "first")]
     from: StreamOffset,
@@ -182,14 +207,16 @@ struct ResultsCmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,lapin=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,lapin=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let topology = cli.broker.topology();
     match cli.command {
-        None => run_serve(&cli.broker, topology, cli.serve).await,
-        Some(Command::Serve(args)) => run_serve(&cli.broker, topology, args).await,
+        None => run_serve(cli.serve).await,
+        Some(Command::Serve(args)) => run_serve(args).await,
         Some(Command::Submit(cmd)) => {
             let args = SubmitArgs {
                 endpoint: cmd.endpoint.clone(),
@@ -199,12 +226,27 @@ async fn main() -> anyhow::Result<()> {
                 wait: cmd.wait,
             };
             let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-            client::submit(&cli.broker.amqp_url, &topology, args, &mut out, &mut err).await.context("submit")?;
+            client::submit(
+                &cmd.broker.amqp_url,
+                &cmd.broker.topology(),
+                args,
+                &mut out,
+                &mut err,
+            )
+            .await
+            .context("submit")?;
             Ok(())
         }
         Some(Command::Results(cmd)) => {
             let mut out = std::io::stdout();
-            let follow = client::results(&cli.broker.amqp_url, &topology, cmd.from, cmd.follow, &mut out);
+            let topology = cmd.broker.topology();
+            let follow = client::results(
+                &cmd.broker.amqp_url,
+                &topology,
+                cmd.from,
+                cmd.follow,
+                &mut out,
+            );
             tokio::select! {
                 r = follow => { r.context("reading the results stream")?; }
                 _ = shutdown_signal() => {}
@@ -214,23 +256,32 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn run_serve(broker: &BrokerArgs, topology: Topology, args: ServeArgs) -> anyhow::Result<()> {
+async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let topology = args.broker.topology();
     let tls = args.tls_cert.clone().zip(args.tls_key.clone());
     let https = tls.is_some();
     let cfg = ServeConfig {
-        amqp_url: broker.amqp_url.clone(),
+        amqp_url: args.broker.amqp_url.clone(),
         topology,
         http: HttpConfig {
             owner: args.owner,
             app: args.app,
             public_url: args.public_url,
-            api_keys: args.api_keys.into_iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect(),
+            api_keys: args
+                .api_keys
+                .into_iter()
+                .map(|k| k.trim().to_string())
+                .filter(|k| !k.is_empty())
+                .collect(),
             max_concurrency: args.max_concurrency,
             admission_timeout: Duration::from_secs(args.admission_timeout),
             read_your_writes_timeout: Duration::from_secs(5),
             https,
         },
-        listen: ListenConfig { addr: args.listen, tls },
+        listen: ListenConfig {
+            addr: args.listen,
+            tls,
+        },
         webhooks: WebhookConfig {
             enabled: args.webhooks,
             replay_window: args.webhook_replay_window as f64,

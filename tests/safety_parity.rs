@@ -168,10 +168,26 @@ fn clip_v1_pixel_values_embeds_and_flags_match_diffusers() {
     // Cosines of unit vectors; 1e-5 absolute keeps them far inside one 1e-3 rounding step.
     assert!(ds <= 1e-5 && dc <= 1e-5, "{ds} {dc}");
 
+    // Rounded scores and the special-care adjustment: exact, the <= 1.5e-7 cosine differences above do
+    // not cross a rounding boundary (x * 1000 = k + 0.5) on these images.
+    let per_image = checker.image_scores(&scores);
+    let ref_special = r["v1_special_scores"].to_vec2::<f32>().expect("(6, 3)");
+    let ref_concept = r["v1_concept_scores"].to_vec2::<f32>().expect("(6, 17)");
+    let ref_adj = r["v1_adjustment"].to_vec1::<f32>().expect("(6,)");
+    for (i, s) in per_image.iter().enumerate() {
+        assert_eq!(s.special, ref_special[i], "special scores of image {i}");
+        assert_eq!(s.concept, ref_concept[i], "concept scores of image {i}");
+        assert_eq!(s.adjustment, ref_adj[i], "adjustment of image {i}");
+    }
     let expected = flags(&r["v1_flags"]);
     assert!(
         expected.contains(&true) && expected.contains(&false),
         "{expected:?}"
+    );
+    // Some image must be flagged only through the +0.01 special-care adjustment (safety.json says 3).
+    assert!(
+        per_image.iter().any(|s| s.adjustment > 0.0),
+        "no special-care hit exercised"
     );
     assert_eq!(checker.flags(&scores), expected);
     let boxed = load_checker(
@@ -236,6 +252,7 @@ fn misnamed_or_missing_files_fail_naming_them() {
     let vit = TempCopy::of("nsfw_vit");
     vit.rename_weight("classifier.weight", "classifier.weights");
     let e = load_err(SafetyCheckerVersion::V2, &vit.source());
+    println!("misnamed v2 weight: {e}");
     assert!(e.contains("classifier.weight"), "{e}");
 
     let clip = TempCopy::of("sd_safety_checker");
@@ -244,6 +261,7 @@ fn misnamed_or_missing_files_fail_naming_them() {
         "vision_model.embeddings.cls",
     );
     let e = load_err(SafetyCheckerVersion::V1, &clip.source());
+    println!("misnamed v1 weight: {e}");
     assert!(e.contains("class_embedding"), "{e}");
 
     let clip = TempCopy::of("sd_safety_checker");
@@ -261,6 +279,7 @@ fn misnamed_or_missing_files_fail_naming_them() {
         SafetyCheckerVersion::V2,
         &ModelSource::new(missing.to_string_lossy()),
     );
+    println!("missing directory: {e}");
     assert!(e.contains("no_such_checker"), "{e}");
 }
 

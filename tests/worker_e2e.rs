@@ -44,7 +44,7 @@ async fn jobs_complete_with_downloadable_images_and_billing() {
         .expect("publisher");
     let mut log = EventLog::open(&conn, &topology).await;
 
-    let cases = vec![
+    let cases = [
         Expect {
             kind: EndpointKind::Sprint,
             input: json!({"prompt": "a fox", "image_size": "square_hd"}),

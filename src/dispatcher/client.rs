@@ -13,7 +13,10 @@ use serde_json::{json, Value};
 
 use super::ingress::SubmitMessage;
 use crate::events::{ErrorType, Event, EventKind};
-use crate::queue::{connect, subscribe_raw, subscribe_results, Publisher, QueueError, StreamItem, StreamOffset, Topology};
+use crate::queue::{
+    connect, subscribe_raw, subscribe_results, Publisher, QueueError, StreamItem, StreamOffset,
+    Topology,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -22,7 +25,11 @@ pub enum ClientError {
     #[error("writing output: {0}")]
     Io(#[from] std::io::Error),
     #[error("request {request_id} failed ({}): {error}", error_type.as_str())]
-    Failed { request_id: String, error_type: ErrorType, error: String },
+    Failed {
+        request_id: String,
+        error_type: ErrorType,
+        error: String,
+    },
 }
 
 /// A submission from the command line.
@@ -46,9 +53,19 @@ pub async fn submit(
     progress: &mut (dyn Write + Send),
 ) -> Result<Option<Event>, ClientError> {
     let conn = connect(amqp_url).await?;
-    let declare = conn.create_channel().await.map_err(|source| QueueError::Broker { op: "create channel", source })?;
+    let declare = conn
+        .create_channel()
+        .await
+        .map_err(|source| QueueError::Broker {
+            op: "create channel",
+            source,
+        })?;
     topology.declare(&declare).await?;
-    let mut stream = if args.wait { Some(subscribe_results(&conn, topology, StreamOffset::Next).await?) } else { None };
+    let mut stream = if args.wait {
+        Some(subscribe_results(&conn, topology, StreamOffset::Next).await?)
+    } else {
+        None
+    };
     let publisher = Publisher::new(&conn, topology.clone()).await?;
     let request_id = uuid::Uuid::new_v4().to_string();
     let msg = SubmitMessage {
@@ -61,7 +78,9 @@ pub async fn submit(
     };
     publisher.publish_submit(&msg, Some(&request_id)).await?;
     writeln!(out, "{request_id}")?;
-    let Some(stream) = stream.as_mut() else { return Ok(None) };
+    let Some(stream) = stream.as_mut() else {
+        return Ok(None);
+    };
     while let Some(item) = stream.next().await {
         let (_, ev) = item?;
         if ev.request_id != request_id {
@@ -69,14 +88,25 @@ pub async fn submit(
         }
         match ev.event {
             EventKind::Queued => writeln!(progress, "queued")?,
-            EventKind::Started => writeln!(progress, "started{}", ev.worker.as_ref().map(|w| format!(" on {w}")).unwrap_or_default())?,
+            EventKind::Started => writeln!(
+                progress,
+                "started{}",
+                ev.worker
+                    .as_ref()
+                    .map(|w| format!(" on {w}"))
+                    .unwrap_or_default()
+            )?,
             EventKind::Progress => {
                 if let (Some(step), Some(total)) = (ev.step, ev.total) {
                     writeln!(progress, "step {step}/{total}")?;
                 }
             }
             EventKind::Completed => {
-                let urls = ev.result.as_ref().and_then(|r| r["images"].as_array().cloned()).unwrap_or_default();
+                let urls = ev
+                    .result
+                    .as_ref()
+                    .and_then(|r| r["images"].as_array().cloned())
+                    .unwrap_or_default();
                 for image in urls {
                     if let Some(url) = image["url"].as_str() {
                         writeln!(out, "{url}")?;
@@ -118,12 +148,21 @@ pub async fn results(
     out: &mut (dyn Write + Send),
 ) -> Result<u64, ClientError> {
     let conn = connect(amqp_url).await?;
-    let declare = conn.create_channel().await.map_err(|source| QueueError::Broker { op: "create channel", source })?;
+    let declare = conn
+        .create_channel()
+        .await
+        .map_err(|source| QueueError::Broker {
+            op: "create channel",
+            source,
+        })?;
     topology.declare(&declare).await?;
     let mut stream = subscribe_raw(&conn, topology, from).await?;
     let marker = uuid::Uuid::new_v4().to_string();
     if !follow {
-        Publisher::new(&conn, topology.clone()).await?.publish_marker(&marker).await?;
+        Publisher::new(&conn, topology.clone())
+            .await?
+            .publish_marker(&marker)
+            .await?;
     }
     let mut printed = 0u64;
     while let Some(item) = stream.next().await {
@@ -147,7 +186,10 @@ mod tests {
 
     #[test]
     fn lines_carry_the_offset() {
-        let line = event_line(42, &Event::new("r", EndpointKind::Sprint, EventKind::Started));
+        let line = event_line(
+            42,
+            &Event::new("r", EndpointKind::Sprint, EventKind::Started),
+        );
         let v: Value = serde_json::from_str(&line).expect("json");
         assert_eq!(v["offset"], 42);
         assert_eq!(v["event"], "started");

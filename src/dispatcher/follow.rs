@@ -35,7 +35,12 @@ pub struct WebhookConfig {
 
 impl Default for WebhookConfig {
     fn default() -> Self {
-        WebhookConfig { enabled: true, replay_window: 300.0, timeout: Duration::from_secs(10), attempts: 3 }
+        WebhookConfig {
+            enabled: true,
+            replay_window: 300.0,
+            timeout: Duration::from_secs(10),
+            attempts: 3,
+        }
     }
 }
 
@@ -59,7 +64,10 @@ impl Follower {
         publisher: &Publisher,
         shutdown: CancellationToken,
     ) -> Result<(), QueueError> {
-        let from = self.registry.read(|r| r.last_offset()).map_or(StreamOffset::First, |o| StreamOffset::Offset(o + 1));
+        let from = self
+            .registry
+            .read(|r| r.last_offset())
+            .map_or(StreamOffset::First, |o| StreamOffset::Offset(o + 1));
         let mut stream = subscribe_raw(conn, topology, from).await?;
         let marker = uuid::Uuid::new_v4().to_string();
         let mut live = *self.ready.borrow();
@@ -94,7 +102,10 @@ impl Follower {
         self.metrics.observe_event(event);
         for kind in EndpointKind::ALL {
             let n = self.registry.read(|r| r.queued_count(kind));
-            self.metrics.in_queue.with_label_values(&[kind.as_str()]).set(i64::try_from(n).unwrap_or(i64::MAX));
+            self.metrics
+                .in_queue
+                .with_label_values(&[kind.as_str()])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         if applied != Applied::Finished || !self.webhooks.enabled {
             return;
@@ -103,8 +114,12 @@ impl Follower {
         if !(live || recent) {
             return;
         }
-        let Some(view) = self.registry.read(|r| r.get(&event.request_id).cloned()) else { return };
-        let Some(url) = view.webhook_url.clone() else { return };
+        let Some(view) = self.registry.read(|r| r.get(&event.request_id).cloned()) else {
+            return;
+        };
+        let Some(url) = view.webhook_url.clone() else {
+            return;
+        };
         let client = self.http.clone();
         let metrics = self.metrics.clone();
         let cfg = self.webhooks.clone();
@@ -122,20 +137,37 @@ pub fn webhook_body(view: &RequestView) -> Value {
             "request_id": view.request_id, "gateway_request_id": view.request_id,
             "status": "OK", "payload": result,
         }),
-        Some(Outcome::Failed { error, error_type, detail }) => json!({
+        Some(Outcome::Failed {
+            error,
+            error_type,
+            detail,
+        }) => json!({
             "request_id": view.request_id, "gateway_request_id": view.request_id,
             "status": "ERROR", "error": error,
             "payload": {"detail": detail.clone().unwrap_or_else(|| json!(error)), "error_type": error_type.as_str()},
         }),
-        None => json!({"request_id": view.request_id, "status": "ERROR", "error": "request has not finished"}),
+        None => {
+            json!({"request_id": view.request_id, "status": "ERROR", "error": "request has not finished"})
+        }
     }
 }
 
 /// POSTs `body` with bounded retries (exponential backoff between attempts); returns the metric label.
-async fn deliver(client: &reqwest::Client, url: &str, body: &Value, cfg: &WebhookConfig) -> &'static str {
+async fn deliver(
+    client: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    cfg: &WebhookConfig,
+) -> &'static str {
     let mut backoff = Duration::from_millis(500);
     for attempt in 1..=cfg.attempts.max(1) {
-        match client.post(url).timeout(cfg.timeout).json(body).send().await {
+        match client
+            .post(url)
+            .timeout(cfg.timeout)
+            .json(body)
+            .send()
+            .await
+        {
             Ok(resp) if resp.status().is_success() => return "delivered",
             Ok(resp) => tracing::warn!(url, attempt, status = %resp.status(), "webhook rejected"),
             Err(e) => tracing::warn!(url, attempt, error = %e, "webhook POST failed"),
@@ -158,10 +190,22 @@ mod tests {
     fn webhook_bodies_follow_fal() {
         let mut reg = Registry::new();
         let k = EndpointKind::Sprint;
-        reg.apply(1, &Event { result: Some(json!({"seed": 1})), ..Event::new("ok", k, EventKind::Completed) });
-        reg.apply(2, &Event::failed("bad", k, ErrorType::RequestTimeout, "too late"));
+        reg.apply(
+            1,
+            &Event {
+                result: Some(json!({"seed": 1})),
+                ..Event::new("ok", k, EventKind::Completed)
+            },
+        );
+        reg.apply(
+            2,
+            &Event::failed("bad", k, ErrorType::RequestTimeout, "too late"),
+        );
         let ok = webhook_body(reg.get("ok").expect("view"));
-        assert_eq!((ok["status"].as_str(), ok["payload"]["seed"].as_i64()), (Some("OK"), Some(1)));
+        assert_eq!(
+            (ok["status"].as_str(), ok["payload"]["seed"].as_i64()),
+            (Some("OK"), Some(1))
+        );
         let bad = webhook_body(reg.get("bad").expect("view"));
         assert_eq!(bad["status"], "ERROR");
         assert_eq!(bad["payload"]["error_type"], "request_timeout");

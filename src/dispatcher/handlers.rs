@@ -32,7 +32,8 @@ pub const TIMEOUT_TYPE_HEADER: &str = "x-fal-request-timeout-type";
 pub fn json_response(status: StatusCode, body: &Value, request_id: Option<&str>) -> Response {
     let mut resp = (status, axum::Json(body.clone())).into_response();
     if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
-        resp.headers_mut().insert(HeaderName::from_static(REQUEST_ID_HEADER), id);
+        resp.headers_mut()
+            .insert(HeaderName::from_static(REQUEST_ID_HEADER), id);
     }
     resp
 }
@@ -48,7 +49,10 @@ fn unprocessable(loc: Value, kind: &str, msg: &str, input: Value) -> Response {
         &json!({"detail": [{"loc": loc, "msg": msg, "type": kind, "input": input}]}),
         None,
     );
-    resp.headers_mut().insert(HeaderName::from_static(BILLABLE_UNITS_HEADER), HeaderValue::from_static("0"));
+    resp.headers_mut().insert(
+        HeaderName::from_static(BILLABLE_UNITS_HEADER),
+        HeaderValue::from_static("0"),
+    );
     resp
 }
 
@@ -58,7 +62,10 @@ fn app_base(state: &AppState, headers: &HeaderMap) -> String {
     let origin = match &cfg.public_url {
         Some(url) => url.trim_end_matches('/').to_string(),
         None => {
-            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost");
             let scheme = if cfg.https { "https" } else { "http" };
             format!("{scheme}://{host}")
         }
@@ -77,18 +84,30 @@ fn urls(base: &str, id: &str) -> Value {
 }
 
 /// The status body of `id`, as the status endpoint and the SSE stream send it.
-pub fn status_body(reg: &Registry, base: &str, id: &str, with_logs: bool) -> Option<(Status, Value)> {
+pub fn status_body(
+    reg: &Registry,
+    base: &str,
+    id: &str,
+    with_logs: bool,
+) -> Option<(Status, Value)> {
     let view = reg.get(id)?;
     let status = reg.status(id)?;
     let mut body = urls(base, id);
     body["status"] = json!(status.as_str());
-    body["logs"] = if with_logs { Value::Array(view.logs.iter().map(|l| l.to_json()).collect()) } else { Value::Null };
+    body["logs"] = if with_logs {
+        Value::Array(view.logs.iter().map(|l| l.to_json()).collect())
+    } else {
+        Value::Null
+    };
     match status {
         Status::InQueue { position } => body["queue_position"] = json!(position),
         Status::InProgress => {}
         Status::Completed => {
             body["metrics"] = json!({ "inference_time": view.inference_time() });
-            if let Some(Outcome::Failed { error, error_type, .. }) = &view.outcome {
+            if let Some(Outcome::Failed {
+                error, error_type, ..
+            }) = &view.outcome
+            {
                 body["error"] = json!(error);
                 body["error_type"] = json!(error_type.as_str());
             }
@@ -98,14 +117,25 @@ pub fn status_body(reg: &Registry, base: &str, id: &str, with_logs: bool) -> Opt
 }
 
 fn wants_logs(q: &HashMap<String, String>) -> bool {
-    q.get("logs").is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+    q.get("logs")
+        .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
 }
 
-pub async fn submit_base(state: State<AppState>, headers: HeaderMap, q: Query<HashMap<String, String>>, body: Bytes) -> Response {
+pub async fn submit_base(
+    state: State<AppState>,
+    headers: HeaderMap,
+    q: Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
     submit_kind(state, EndpointKind::Base, headers, q, body).await
 }
 
-pub async fn submit_sprint(state: State<AppState>, headers: HeaderMap, q: Query<HashMap<String, String>>, body: Bytes) -> Response {
+pub async fn submit_sprint(
+    state: State<AppState>,
+    headers: HeaderMap,
+    q: Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
     submit_kind(state, EndpointKind::Sprint, headers, q, body).await
 }
 
@@ -121,10 +151,18 @@ async fn submit_kind(
         Ok(v) => v,
         Err(e) => {
             metrics.submission(kind, "http", "invalid");
-            return unprocessable(json!(["body", e.column()]), "json_invalid", "JSON decode error", json!({}));
+            return unprocessable(
+                json!(["body", e.column()]),
+                "json_invalid",
+                "JSON decode error",
+                json!({}),
+            );
         }
     };
-    let mut opts = SubmitOptions { webhook_url: q.get("fal_webhook").cloned(), ..SubmitOptions::default() };
+    let mut opts = SubmitOptions {
+        webhook_url: q.get("fal_webhook").cloned(),
+        ..SubmitOptions::default()
+    };
     // fal-client ≥ 0.5 sends X-Fal-Request-Start-Timeout; the contract names X-Fal-Request-Timeout.
     for name in ["x-fal-request-timeout", "x-fal-request-start-timeout"] {
         if let Some(v) = headers.get(name) {
@@ -133,7 +171,12 @@ async fn submit_kind(
                 Ok(secs) if secs.is_finite() && secs > 0.0 => opts.start_timeout = Some(secs),
                 _ => {
                     metrics.submission(kind, "http", "invalid");
-                    return unprocessable(json!(["header", name]), "float_parsing", "Input should be a positive number of seconds", json!(text));
+                    return unprocessable(
+                        json!(["header", name]),
+                        "float_parsing",
+                        "Input should be a positive number of seconds",
+                        json!(text),
+                    );
                 }
             }
         }
@@ -144,7 +187,12 @@ async fn submit_kind(
             Ok(p) => opts.priority = p,
             Err(_) => {
                 metrics.submission(kind, "http", "invalid");
-                return unprocessable(json!(["header", "x-fal-queue-priority"]), "literal_error", "Input should be 'normal' or 'low'", json!(text));
+                return unprocessable(
+                    json!(["header", "x-fal-queue-priority"]),
+                    "literal_error",
+                    "Input should be 'normal' or 'low'",
+                    json!(text),
+                );
             }
         }
     }
@@ -153,7 +201,10 @@ async fn submit_kind(
         Err(SubmitError::Invalid(err)) => {
             metrics.submission(kind, "http", "invalid");
             let mut resp = json_response(StatusCode::UNPROCESSABLE_ENTITY, &err.to_body(), None);
-            resp.headers_mut().insert(HeaderName::from_static(BILLABLE_UNITS_HEADER), HeaderValue::from_static("0"));
+            resp.headers_mut().insert(
+                HeaderName::from_static(BILLABLE_UNITS_HEADER),
+                HeaderValue::from_static("0"),
+            );
             return resp;
         }
         Err(SubmitError::Broker(e)) => {
@@ -170,14 +221,22 @@ async fn submit_kind(
     let id = accepted.request_id;
     // Read-your-writes: answer with the position the stream gives, so a status poll right after this
     // response never sees an unknown request. Fall back to an estimate if the stream lags.
-    let seen = state.registry().wait_for(state.config().read_your_writes_timeout, |r| r.get(&id).is_some()).await;
+    let seen = state
+        .registry()
+        .wait_for(state.config().read_your_writes_timeout, |r| {
+            r.get(&id).is_some()
+        })
+        .await;
     let position = state.registry().read(|r| match r.status(&id) {
         Some(Status::InQueue { position }) => position,
         Some(Status::InProgress | Status::Completed) => 0,
         None => r.queued_count(kind),
     });
     if !seen {
-        tracing::warn!(request_id = id, "queued event not read back in time; queue position estimated");
+        tracing::warn!(
+            request_id = id,
+            "queued event not read back in time; queue position estimated"
+        );
     }
     let mut body = urls(&app_base(&state, &headers), &id);
     body["status"] = json!("IN_QUEUE");
@@ -193,10 +252,17 @@ pub async fn status(
 ) -> Response {
     let id = params.get("request_id").cloned().unwrap_or_default();
     let base = app_base(&state, &headers);
-    match state.registry().read(|r| status_body(r, &base, &id, wants_logs(&q))) {
+    match state
+        .registry()
+        .read(|r| status_body(r, &base, &id, wants_logs(&q)))
+    {
         Some((Status::Completed, body)) => json_response(StatusCode::OK, &body, Some(&id)),
         Some((_, body)) => json_response(StatusCode::ACCEPTED, &body, Some(&id)),
-        None => json_response(StatusCode::NOT_FOUND, &json!({"detail": "Request not found"}), Some(&id)),
+        None => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"detail": "Request not found"}),
+            Some(&id),
+        ),
     }
 }
 
@@ -210,7 +276,11 @@ pub async fn status_stream(
     let base = app_base(&state, &headers);
     let logs = wants_logs(&q);
     if state.registry().read(|r| r.get(&id).is_none()) {
-        return json_response(StatusCode::NOT_FOUND, &json!({"detail": "Request not found"}), Some(&id));
+        return json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"detail": "Request not found"}),
+            Some(&id),
+        );
     }
     let registry = state.registry().clone();
     let mut changes = registry.subscribe();
@@ -229,17 +299,27 @@ pub async fn status_stream(
             }
         }
     };
-    let mut resp = Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response();
+    let mut resp = Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response();
     if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
+        resp.headers_mut()
+            .insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
     }
     resp
 }
 
-pub async fn result(State(state): State<AppState>, Path(params): Path<HashMap<String, String>>) -> Response {
+pub async fn result(
+    State(state): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+) -> Response {
     let id = params.get("request_id").cloned().unwrap_or_default();
     let Some(view) = state.registry().read(|r| r.get(&id).cloned()) else {
-        return json_response(StatusCode::NOT_FOUND, &json!({"detail": "Request not found"}), Some(&id));
+        return json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"detail": "Request not found"}),
+            Some(&id),
+        );
     };
     let (status, body, units) = match &view.outcome {
         None => (
@@ -247,31 +327,70 @@ pub async fn result(State(state): State<AppState>, Path(params): Path<HashMap<St
             json!({"detail": "Request is still in progress", "status": if view.is_terminal() { "COMPLETED" } else { "IN_PROGRESS" }}),
             0,
         ),
-        Some(Outcome::Succeeded { result, billable_units, .. }) => (StatusCode::OK, result.clone(), *billable_units),
-        Some(Outcome::Failed { error, error_type, detail }) => {
-            let code = StatusCode::from_u16(error_type.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Some(Outcome::Succeeded {
+            result,
+            billable_units,
+            ..
+        }) => (StatusCode::OK, result.clone(), *billable_units),
+        Some(Outcome::Failed {
+            error,
+            error_type,
+            detail,
+        }) => {
+            let code = StatusCode::from_u16(error_type.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let shown = match (error_type, detail) {
                 (ErrorType::ValidationError, Some(d)) => d.clone(),
                 _ => json!(error),
             };
-            (code, json!({"detail": shown, "error_type": error_type.as_str()}), 0)
+            (
+                code,
+                json!({"detail": shown, "error_type": error_type.as_str()}),
+                0,
+            )
         }
     };
     let mut resp = json_response(status, &body, Some(&id));
-    resp.headers_mut().insert(HeaderName::from_static(BILLABLE_UNITS_HEADER), HeaderValue::from(units));
-    if matches!(&view.outcome, Some(Outcome::Failed { error_type: ErrorType::RequestTimeout, .. })) {
-        resp.headers_mut().insert(HeaderName::from_static(TIMEOUT_TYPE_HEADER), HeaderValue::from_static("user"));
+    resp.headers_mut().insert(
+        HeaderName::from_static(BILLABLE_UNITS_HEADER),
+        HeaderValue::from(units),
+    );
+    if matches!(
+        &view.outcome,
+        Some(Outcome::Failed {
+            error_type: ErrorType::RequestTimeout,
+            ..
+        })
+    ) {
+        resp.headers_mut().insert(
+            HeaderName::from_static(TIMEOUT_TYPE_HEADER),
+            HeaderValue::from_static("user"),
+        );
     }
     resp
 }
 
-pub async fn cancel(State(state): State<AppState>, Path(params): Path<HashMap<String, String>>) -> Response {
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+) -> Response {
     let id = params.get("request_id").cloned().unwrap_or_default();
-    let Some((kind, terminal)) = state.registry().read(|r| r.get(&id).map(|v| (v.endpoint, v.is_terminal()))) else {
-        return json_response(StatusCode::NOT_FOUND, &json!({"status": "NOT_FOUND"}), Some(&id));
+    let Some((kind, terminal)) = state
+        .registry()
+        .read(|r| r.get(&id).map(|v| (v.endpoint, v.is_terminal())))
+    else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"status": "NOT_FOUND"}),
+            Some(&id),
+        );
     };
     if terminal {
-        return json_response(StatusCode::BAD_REQUEST, &json!({"status": "ALREADY_COMPLETED"}), Some(&id));
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"status": "ALREADY_COMPLETED"}),
+            Some(&id),
+        );
     }
     // Queued: workers skip a cancelled id, so it never runs. Running: the worker stops between steps.
     let event = Event {
@@ -282,33 +401,66 @@ pub async fn cancel(State(state): State<AppState>, Path(params): Path<HashMap<St
     };
     if let Err(e) = state.bus().publish_event(&event).await {
         tracing::error!(request_id = id, error = %e, "publishing the cancellation failed");
-        return detail(StatusCode::SERVICE_UNAVAILABLE, "The queue is unavailable; try again later");
+        return detail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The queue is unavailable; try again later",
+        );
     }
     let timeout = state.config().read_your_writes_timeout;
-    state.registry().wait_for(timeout, |r| r.get(&id).is_some_and(|v| v.is_terminal())).await;
-    json_response(StatusCode::ACCEPTED, &json!({"status": "CANCELLATION_REQUESTED"}), Some(&id))
+    state
+        .registry()
+        .wait_for(timeout, |r| r.get(&id).is_some_and(|v| v.is_terminal()))
+        .await;
+    json_response(
+        StatusCode::ACCEPTED,
+        &json!({"status": "CANCELLATION_REQUESTED"}),
+        Some(&id),
+    )
 }
 
 /// 200 once the stream replay is complete, 503 before. `?wait_ms=N` (at most 30 s) long-polls for
 /// readiness, so a supervisor or test waits on the event instead of sleeping.
-pub async fn health(State(state): State<AppState>, Query(q): Query<HashMap<String, String>>) -> Response {
-    let wait = q.get("wait_ms").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0).min(30_000);
+pub async fn health(
+    State(state): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let wait = q
+        .get("wait_ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(30_000);
     if wait > 0 {
         state.wait_ready(Duration::from_millis(wait)).await;
     }
     let ready = state.is_ready();
     let requests = state.registry().read(|r| r.len());
     let body = json!({"status": if ready { "ok" } else { "replaying" }, "requests": requests});
-    json_response(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body, None)
+    json_response(
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        &body,
+        None,
+    )
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics().render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics().render(),
+    )
+        .into_response()
 }
 
 pub async fn openapi(State(state): State<AppState>) -> Response {
     let cfg = state.config();
-    json_response(StatusCode::OK, &super::openapi::document(&cfg.owner, &cfg.app), None)
+    json_response(
+        StatusCode::OK,
+        &super::openapi::document(&cfg.owner, &cfg.app),
+        None,
+    )
 }
 
 pub async fn not_found() -> Response {

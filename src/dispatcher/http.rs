@@ -65,7 +65,10 @@ impl std::fmt::Debug for HttpConfig {
             .field("owner", &self.owner)
             .field("app", &self.app)
             .field("public_url", &self.public_url)
-            .field("api_keys", &format_args!("[{} redacted]", self.api_keys.len()))
+            .field(
+                "api_keys",
+                &format_args!("[{} redacted]", self.api_keys.len()),
+            )
             .field("max_concurrency", &self.max_concurrency)
             .field("admission_timeout", &self.admission_timeout)
             .field("read_your_writes_timeout", &self.read_your_writes_timeout)
@@ -96,7 +99,14 @@ impl AppState {
         ready: watch::Receiver<bool>,
     ) -> Self {
         let limiter = Semaphore::new(cfg.max_concurrency.max(1));
-        AppState(Arc::new(Inner { cfg, registry, bus, metrics, ready, limiter }))
+        AppState(Arc::new(Inner {
+            cfg,
+            registry,
+            bus,
+            metrics,
+            ready,
+            limiter,
+        }))
     }
 
     pub fn config(&self) -> &HttpConfig {
@@ -135,16 +145,30 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(handlers::openapi));
     for prefix in [base.clone(), format!("{base}/sprint")] {
         api = api
-            .route(&format!("{prefix}/requests/{{request_id}}"), get(handlers::result))
-            .route(&format!("{prefix}/requests/{{request_id}}/status"), get(handlers::status))
-            .route(&format!("{prefix}/requests/{{request_id}}/cancel"), put(handlers::cancel));
+            .route(
+                &format!("{prefix}/requests/{{request_id}}"),
+                get(handlers::result),
+            )
+            .route(
+                &format!("{prefix}/requests/{{request_id}}/status"),
+                get(handlers::status),
+            )
+            .route(
+                &format!("{prefix}/requests/{{request_id}}/cancel"),
+                put(handlers::cancel),
+            );
     }
     let api = api.layer(middleware::from_fn_with_state(state.clone(), limit));
     let mut streams = Router::new();
     for prefix in [base.clone(), format!("{base}/sprint")] {
-        streams = streams.route(&format!("{prefix}/requests/{{request_id}}/status/stream"), get(handlers::status_stream));
+        streams = streams.route(
+            &format!("{prefix}/requests/{{request_id}}/status/stream"),
+            get(handlers::status_stream),
+        );
     }
-    let guarded = api.merge(streams).layer(middleware::from_fn_with_state(state.clone(), auth));
+    let guarded = api
+        .merge(streams)
+        .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
@@ -167,7 +191,11 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
         .and_then(|v| v.strip_prefix("Key ").or_else(|| v.strip_prefix("key ")))
         .map(str::trim);
     // Compare against every key without stopping early, so timing does not reveal which one matched.
-    let ok = given.is_some_and(|g| keys.iter().fold(false, |acc, k| acc | constant_time_eq(k.as_bytes(), g.as_bytes())));
+    let ok = given.is_some_and(|g| {
+        keys.iter().fold(false, |acc, k| {
+            acc | constant_time_eq(k.as_bytes(), g.as_bytes())
+        })
+    });
     if ok {
         return next.run(req).await;
     }
@@ -176,7 +204,10 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
         &json!({"detail": "Missing or invalid API key; send `Authorization: Key <key>`"}),
         None,
     );
-    resp.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Key"));
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Key"),
+    );
     resp
 }
 
@@ -198,7 +229,10 @@ async fn limit(State(state): State<AppState>, req: Request, next: Next) -> Respo
                 &json!({"detail": "Too many concurrent requests; try again later"}),
                 None,
             );
-            resp.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
             resp
         }
     }
@@ -209,19 +243,32 @@ async fn limit(State(state): State<AppState>, req: Request, next: Next) -> Respo
 /// the handlers derive the public URLs.
 async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     if !req.headers().contains_key(header::HOST) {
-        if let Some(host) = req.uri().authority().and_then(|a| axum::http::HeaderValue::from_str(a.as_str()).ok()) {
+        if let Some(host) = req
+            .uri()
+            .authority()
+            .and_then(|a| axum::http::HeaderValue::from_str(a.as_str()).ok())
+        {
             req.headers_mut().insert(header::HOST, host);
         }
     }
-    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let method = req.method().to_string();
     let metrics = state.metrics();
     metrics.http_in_flight.inc();
     let started = Instant::now();
     let resp = next.run(req).await;
     metrics.http_in_flight.dec();
-    metrics.http_duration.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
-    metrics.http_requests.with_label_values(&[&route, &method, resp.status().as_str()]).inc();
+    metrics
+        .http_duration
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .http_requests
+        .with_label_values(&[&route, &method, resp.status().as_str()])
+        .inc();
     resp
 }
 
@@ -256,8 +303,16 @@ pub async fn serve(
     match &listen.tls {
         Some((cert, key)) => {
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await?;
-            axum_server::from_tcp_rustls(listener, tls)?.handle(handle).serve(svc).await
+            axum_server::from_tcp_rustls(listener, tls)?
+                .handle(handle)
+                .serve(svc)
+                .await
         }
-        None => axum_server::from_tcp(listener)?.handle(handle).serve(svc).await,
+        None => {
+            axum_server::from_tcp(listener)?
+                .handle(handle)
+                .serve(svc)
+                .await
+        }
     }
 }

@@ -46,10 +46,20 @@ pub async fn run(
     prefetch: u16,
     shutdown: CancellationToken,
 ) -> Result<(), QueueError> {
-    let channel = conn.create_channel().await.map_err(|source| QueueError::Broker { op: "create channel", source })?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|source| QueueError::Broker {
+            op: "create channel",
+            source,
+        })?;
     let tag = format!("dispatcher-{}", uuid::Uuid::new_v4());
     let mut consumer = consume(&channel, &topology.submit_queue(), &tag, prefetch).await?;
-    tracing::info!(queue = topology.submit_queue(), prefetch, "consuming AMQP submissions");
+    tracing::info!(
+        queue = topology.submit_queue(),
+        prefetch,
+        "consuming AMQP submissions"
+    );
     loop {
         let delivery = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -58,7 +68,10 @@ pub async fn run(
         let Some(delivery) = delivery else {
             return Err(QueueError::Closed("submit consumer cancelled".into()));
         };
-        let delivery = delivery.map_err(|source| QueueError::Broker { op: "submit delivery", source })?;
+        let delivery = delivery.map_err(|source| QueueError::Broker {
+            op: "submit delivery",
+            source,
+        })?;
         handle(delivery, bus, metrics).await?;
     }
 }
@@ -71,13 +84,22 @@ async fn handle(delivery: Delivery, bus: &dyn Bus, metrics: &Metrics) -> Result<
             // Without an endpoint there is nothing to route; with a message_id the client still learns why.
             tracing::warn!(error = %e, "malformed submit message");
             if let Some(id) = fallback_id {
-                let err = one_error(&[], "json_invalid", &format!("Invalid submit message: {e}"), Value::Null);
+                let err = one_error(
+                    &[],
+                    "json_invalid",
+                    &format!("Invalid submit message: {e}"),
+                    Value::Null,
+                );
                 publish_rejection(bus, metrics, &id, EndpointKind::Base, &err).await?;
             }
             return ack(&delivery).await;
         }
     };
-    let request_id = msg.request_id.clone().or(fallback_id).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let request_id = msg
+        .request_id
+        .clone()
+        .or(fallback_id)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let kind = match msg.endpoint.parse::<EndpointKind>() {
         Ok(k) => k,
         Err(e) => {
@@ -123,7 +145,12 @@ async fn handle(delivery: Delivery, bus: &dyn Bus, metrics: &Metrics) -> Result<
 fn one_error(field: &[&str], kind: &str, msg: &str, input: Value) -> ValidationError {
     let mut loc = vec!["body".to_string()];
     loc.extend(field.iter().map(|s| s.to_string()));
-    ValidationError(vec![FieldError { loc, msg: msg.to_string(), kind: kind.to_string(), input }])
+    ValidationError(vec![FieldError {
+        loc,
+        msg: msg.to_string(),
+        kind: kind.to_string(),
+        input,
+    }])
 }
 
 async fn publish_rejection(
@@ -145,5 +172,8 @@ async fn ack(delivery: &Delivery) -> Result<(), QueueError> {
         .ack(BasicAckOptions::default())
         .await
         .map(|_| ())
-        .map_err(|source| QueueError::Broker { op: "ack submit", source })
+        .map_err(|source| QueueError::Broker {
+            op: "ack submit",
+            source,
+        })
 }

@@ -60,8 +60,12 @@ impl std::fmt::Debug for ServeConfig {
 
 /// `amqp://user:secret@host` → `amqp://user:***@host`.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else { return url.to_string() };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
     match userinfo.split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
         None => url.to_string(),
@@ -88,14 +92,26 @@ pub async fn serve(
 ) -> Result<(), DispatcherError> {
     tracing::info!(config = ?cfg, "dispatcher starting");
     let conn = connect(&cfg.amqp_url).await?;
-    let declare_channel = conn.create_channel().await.map_err(|source| QueueError::Broker { op: "create channel", source })?;
+    let declare_channel = conn
+        .create_channel()
+        .await
+        .map_err(|source| QueueError::Broker {
+            op: "create channel",
+            source,
+        })?;
     cfg.topology.declare(&declare_channel).await?;
     let publisher = Publisher::new(&conn, cfg.topology.clone()).await?;
     let registry = SharedRegistry::new();
     let metrics = Arc::new(Metrics::new()?);
     let (ready_tx, ready_rx) = watch::channel(false);
     let bus: Arc<dyn submit::Bus> = Arc::new(publisher.clone());
-    let state = AppState::new(cfg.http.clone(), registry.clone(), bus.clone(), metrics.clone(), ready_rx);
+    let state = AppState::new(
+        cfg.http.clone(),
+        registry.clone(),
+        bus.clone(),
+        metrics.clone(),
+        ready_rx,
+    );
     let app = http::router(state);
 
     let follower = Follower {
@@ -105,12 +121,16 @@ pub async fn serve(
         http: reqwest::Client::new(),
         ready: ready_tx,
     };
-    let (ingress_on, ingress_prefetch, listen) = (cfg.ingress, cfg.ingress_prefetch, cfg.listen.clone());
-    let (conn, topology, publisher, metrics, bus) = (&conn, &cfg.topology, &publisher, &metrics, &bus);
+    let (ingress_on, ingress_prefetch, listen) =
+        (cfg.ingress, cfg.ingress_prefetch, cfg.listen.clone());
+    let (conn, topology, publisher, metrics, bus) =
+        (&conn, &cfg.topology, &publisher, &metrics, &bus);
     let follow_task = {
         let shutdown = shutdown.clone();
         async move {
-            let r = follower.run(conn, topology, publisher, shutdown.clone()).await;
+            let r = follower
+                .run(conn, topology, publisher, shutdown.clone())
+                .await;
             if let Err(e) = &r {
                 tracing::error!(error = %e, "results stream follower stopped");
             }
@@ -125,7 +145,15 @@ pub async fn serve(
                 shutdown.cancelled().await;
                 return Ok(());
             }
-            let r = ingress::run(conn, topology, bus.as_ref(), metrics, ingress_prefetch, shutdown.clone()).await;
+            let r = ingress::run(
+                conn,
+                topology,
+                bus.as_ref(),
+                metrics,
+                ingress_prefetch,
+                shutdown.clone(),
+            )
+            .await;
             if let Err(e) = &r {
                 tracing::error!(error = %e, "AMQP ingress stopped");
             }
@@ -181,8 +209,14 @@ mod tests {
         let cfg = ServeConfig {
             amqp_url: "amqp://guest:hunter2@rabbit:5672/%2f".into(),
             topology: Topology::default(),
-            http: HttpConfig { api_keys: vec!["sk-very-secret".into()], ..HttpConfig::default() },
-            listen: ListenConfig { addr: "127.0.0.1:0".parse().expect("addr"), tls: None },
+            http: HttpConfig {
+                api_keys: vec!["sk-very-secret".into()],
+                ..HttpConfig::default()
+            },
+            listen: ListenConfig {
+                addr: "127.0.0.1:0".parse().expect("addr"),
+                tls: None,
+            },
             webhooks: WebhookConfig::default(),
             ingress: true,
             ingress_prefetch: 16,

@@ -71,7 +71,8 @@ fn submit_op(kind: EndpointKind) -> Value {
 /// The whole document, with paths under `/{owner}/{app}`.
 pub fn document(owner: &str, app: &str) -> Value {
     let base = format!("/{owner}/{app}");
-    let id_param = json!({"name": "request_id", "in": "path", "required": true, "schema": {"type": "string"}});
+    let id_param =
+        json!({"name": "request_id", "in": "path", "required": true, "schema": {"type": "string"}});
     let status_schema = json!({"$ref": "#/components/schemas/QueueStatus"});
     json!({
         "openapi": "3.1.0",
@@ -155,7 +156,12 @@ mod tests {
         assert_eq!(sprint["num_inference_steps"]["maximum"], 20);
         let base = &doc["components"]["schemas"]["SanaInput"]["properties"];
         assert_eq!(base["num_inference_steps"]["maximum"], 50);
-        assert_eq!(base["image_size"]["anyOf"][0]["enum"].as_array().map(Vec::len), Some(6));
+        assert_eq!(
+            base["image_size"]["anyOf"][0]["enum"]
+                .as_array()
+                .map(Vec::len),
+            Some(6)
+        );
         assert!(doc["paths"]["/local/sana/sprint"]["post"].is_object());
         assert!(doc["paths"]["/local/sana/requests/{request_id}/status"]["get"].is_object());
     }

@@ -224,7 +224,10 @@ impl Registry {
                 if let Some(attempt) = ev.attempt.filter(|a| *a > 1) {
                     line.push_str(&format!(" (attempt {attempt})"));
                 }
-                view.logs.push(LogLine { message: line, at: ev.at });
+                view.logs.push(LogLine {
+                    message: line,
+                    at: ev.at,
+                });
                 Applied::Updated
             }
             EventKind::Progress => {
@@ -232,7 +235,10 @@ impl Registry {
                 view.phase = Phase::Running;
                 if let (Some(step), Some(total)) = (ev.step, ev.total) {
                     view.step = Some((step, total));
-                    view.logs.push(LogLine { message: format!("step {step}/{total}"), at: ev.at });
+                    view.logs.push(LogLine {
+                        message: format!("step {step}/{total}"),
+                        at: ev.at,
+                    });
                 }
                 Applied::Updated
             }
@@ -245,7 +251,10 @@ impl Registry {
                     billable_units: ev.billable_units.unwrap_or(0),
                     inference_time: ev.inference_time,
                 });
-                view.logs.push(LogLine { message: "completed".into(), at: ev.at });
+                view.logs.push(LogLine {
+                    message: "completed".into(),
+                    at: ev.at,
+                });
                 Applied::Finished
             }
             EventKind::Failed | EventKind::Cancelled => {
@@ -264,13 +273,23 @@ impl Registry {
                     | ErrorType::BadRequest
                     | ErrorType::ValidationError => "Request failed".to_string(),
                 });
-                view.logs.push(LogLine { message: format!("{}: {error}", error_type.as_str()), at: ev.at });
-                view.outcome = Some(Outcome::Failed { error, error_type, detail: ev.detail.clone() });
+                view.logs.push(LogLine {
+                    message: format!("{}: {error}", error_type.as_str()),
+                    at: ev.at,
+                });
+                view.outcome = Some(Outcome::Failed {
+                    error,
+                    error_type,
+                    detail: ev.detail.clone(),
+                });
                 Applied::Finished
             }
         };
         if let Some(msg) = &ev.message {
-            view.logs.push(LogLine { message: msg.clone(), at: ev.at });
+            view.logs.push(LogLine {
+                message: msg.clone(),
+                at: ev.at,
+            });
         }
         applied
     }
@@ -292,13 +311,19 @@ impl Default for SharedRegistry {
 
 impl SharedRegistry {
     pub fn new() -> Self {
-        SharedRegistry { inner: Arc::new(RwLock::new(Registry::new())), changes: watch::channel(0).0 }
+        SharedRegistry {
+            inner: Arc::new(RwLock::new(Registry::new())),
+            changes: watch::channel(0).0,
+        }
     }
 
     /// Applies an event and wakes every waiter.
     pub fn apply(&self, offset: u64, ev: &Event) -> Applied {
         let applied = {
-            let mut reg = self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut reg = self
+                .inner
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             reg.apply(offset, ev)
         };
         self.changes.send_modify(|n| *n += 1);
@@ -307,7 +332,10 @@ impl SharedRegistry {
 
     /// Runs `f` on a consistent snapshot.
     pub fn read<R>(&self, f: impl FnOnce(&Registry) -> R) -> R {
-        let reg = self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let reg = self
+            .inner
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&reg)
     }
 
@@ -316,7 +344,11 @@ impl SharedRegistry {
     }
 
     /// Waits until `pred` holds, or `timeout` passes (then returns false).
-    pub async fn wait_for(&self, timeout: std::time::Duration, pred: impl Fn(&Registry) -> bool) -> bool {
+    pub async fn wait_for(
+        &self,
+        timeout: std::time::Duration,
+        pred: impl Fn(&Registry) -> bool,
+    ) -> bool {
         let mut rx = self.subscribe();
         let wait = async {
             loop {
@@ -364,7 +396,11 @@ mod tests {
 
     fn queued(id: &str, kind: EndpointKind) -> Event {
         let input = validate(kind, &json!({"prompt": "a cat"}), || 1).expect("valid input");
-        Event { input: Some(input), webhook_url: Some("http://hook".into()), ..Event::new(id, kind, EventKind::Queued) }
+        Event {
+            input: Some(input),
+            webhook_url: Some("http://hook".into()),
+            ..Event::new(id, kind, EventKind::Queued)
+        }
     }
 
     fn ev(id: &str, kind: EndpointKind, what: EventKind) -> Event {
@@ -401,9 +437,30 @@ mod tests {
         let mut reg = Registry::new();
         let k = EndpointKind::Base;
         reg.apply(1, &queued("r", k));
-        reg.apply(2, &Event { worker: Some("w1".into()), attempt: Some(2), ..ev("r", k, EventKind::Started) });
-        reg.apply(3, &Event { step: Some(1), total: Some(2), ..ev("r", k, EventKind::Progress) });
-        reg.apply(4, &Event { step: Some(2), total: Some(2), ..ev("r", k, EventKind::Progress) });
+        reg.apply(
+            2,
+            &Event {
+                worker: Some("w1".into()),
+                attempt: Some(2),
+                ..ev("r", k, EventKind::Started)
+            },
+        );
+        reg.apply(
+            3,
+            &Event {
+                step: Some(1),
+                total: Some(2),
+                ..ev("r", k, EventKind::Progress)
+            },
+        );
+        reg.apply(
+            4,
+            &Event {
+                step: Some(2),
+                total: Some(2),
+                ..ev("r", k, EventKind::Progress)
+            },
+        );
         let view = reg.get("r").expect("view");
         assert_eq!(view.step, Some((2, 2)));
         let msgs: Vec<_> = view.logs.iter().map(|l| l.message.as_str()).collect();
@@ -423,7 +480,11 @@ mod tests {
         assert_eq!(view.inference_time(), Some(0.5));
         assert_eq!(view.webhook_url.as_deref(), Some("http://hook"));
         match &view.outcome {
-            Some(Outcome::Succeeded { billable_units, result, .. }) => {
+            Some(Outcome::Succeeded {
+                billable_units,
+                result,
+                ..
+            }) => {
                 assert_eq!(*billable_units, 8);
                 assert_eq!(result["images"], json!([]));
             }
@@ -436,12 +497,29 @@ mod tests {
         let mut reg = Registry::new();
         let k = EndpointKind::Sprint;
         reg.apply(1, &queued("r", k));
-        assert_eq!(reg.apply(2, &ev("r", k, EventKind::Cancelled)), Applied::Finished);
-        assert_eq!(reg.apply(3, &ev("r", k, EventKind::Started)), Applied::Ignored);
-        assert_eq!(reg.apply(4, &Event { result: Some(json!({})), ..ev("r", k, EventKind::Completed) }), Applied::Ignored);
+        assert_eq!(
+            reg.apply(2, &ev("r", k, EventKind::Cancelled)),
+            Applied::Finished
+        );
+        assert_eq!(
+            reg.apply(3, &ev("r", k, EventKind::Started)),
+            Applied::Ignored
+        );
+        assert_eq!(
+            reg.apply(
+                4,
+                &Event {
+                    result: Some(json!({})),
+                    ..ev("r", k, EventKind::Completed)
+                }
+            ),
+            Applied::Ignored
+        );
         assert_eq!(reg.status("r"), Some(Status::Completed));
         match &reg.get("r").expect("view").outcome {
-            Some(Outcome::Failed { error_type, .. }) => assert_eq!(*error_type, ErrorType::ClientCancelled),
+            Some(Outcome::Failed { error_type, .. }) => {
+                assert_eq!(*error_type, ErrorType::ClientCancelled)
+            }
             other => panic!("unexpected outcome {other:?}"),
         }
     }
@@ -458,7 +536,11 @@ mod tests {
         assert_eq!(reg.apply(7, &failed), Applied::Finished);
         assert_eq!(reg.status("v"), Some(Status::Completed));
         match &reg.get("v").expect("view").outcome {
-            Some(Outcome::Failed { error, error_type, detail }) => {
+            Some(Outcome::Failed {
+                error,
+                error_type,
+                detail,
+            }) => {
                 assert_eq!(error, "invalid input");
                 assert_eq!(*error_type, ErrorType::ValidationError);
                 assert_eq!(detail.as_ref().expect("detail")[0]["loc"][1], "num_images");
@@ -486,18 +568,29 @@ mod tests {
         let waiter = {
             let shared = shared.clone();
             tokio::spawn(async move {
-                shared.wait_for(std::time::Duration::from_secs(10), |r| r.get("z").is_some()).await
+                shared
+                    .wait_for(std::time::Duration::from_secs(10), |r| r.get("z").is_some())
+                    .await
             })
         };
         shared.apply(1, &queued("z", EndpointKind::Base));
         assert!(waiter.await.expect("join"));
-        assert!(!shared.wait_for(std::time::Duration::from_millis(10), |r| r.get("missing").is_some()).await);
+        assert!(
+            !shared
+                .wait_for(std::time::Duration::from_millis(10), |r| r
+                    .get("missing")
+                    .is_some())
+                .await
+        );
     }
 
     #[test]
     fn timestamps_are_rfc3339() {
         assert_eq!(iso8601(0.0), "1970-01-01T00:00:00.000000+00:00");
-        assert_eq!(iso8601(1_700_000_000.25), "2023-11-14T22:13:20.250000+00:00");
+        assert_eq!(
+            iso8601(1_700_000_000.25),
+            "2023-11-14T22:13:20.250000+00:00"
+        );
         assert_eq!(iso8601(951_782_400.0), "2000-02-29T00:00:00.000000+00:00");
     }
 }

@@ -16,7 +16,11 @@ use crate::queue::{Publisher, QueueError};
 /// Where the dispatcher publishes. Both calls return only once the broker confirmed.
 pub trait Bus: Send + Sync + 'static {
     fn publish_event<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), QueueError>>;
-    fn publish_job<'a>(&'a self, job: &'a JobMessage, priority: Option<u8>) -> BoxFuture<'a, Result<(), QueueError>>;
+    fn publish_job<'a>(
+        &'a self,
+        job: &'a JobMessage,
+        priority: Option<u8>,
+    ) -> BoxFuture<'a, Result<(), QueueError>>;
 }
 
 impl Bus for Publisher {
@@ -24,7 +28,11 @@ impl Bus for Publisher {
         Box::pin(Publisher::publish_event(self, event))
     }
 
-    fn publish_job<'a>(&'a self, job: &'a JobMessage, priority: Option<u8>) -> BoxFuture<'a, Result<(), QueueError>> {
+    fn publish_job<'a>(
+        &'a self,
+        job: &'a JobMessage,
+        priority: Option<u8>,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(self.publish_job_with_priority(job, priority))
     }
 }
@@ -93,7 +101,9 @@ pub async fn submit(
     opts: SubmitOptions,
 ) -> Result<Accepted, SubmitError> {
     let input = validate(kind, raw, rand::random::<u64>)?;
-    let request_id = opts.request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let request_id = opts
+        .request_id
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let submitted_at = now_unix();
     let deadline = opts.start_timeout.map(|s| submitted_at + s);
     let queued = Event {
@@ -104,10 +114,21 @@ pub async fn submit(
         ..Event::new(request_id.clone(), kind, EventKind::Queued)
     };
     bus.publish_event(&queued).await?;
-    let job = JobMessage { request_id: request_id.clone(), endpoint: kind, submitted_at, deadline, input: input.clone() };
+    let job = JobMessage {
+        request_id: request_id.clone(),
+        endpoint: kind,
+        submitted_at,
+        deadline,
+        input: input.clone(),
+    };
     if let Err(e) = bus.publish_job(&job, opts.priority.amqp()).await {
         tracing::error!(request_id, error = %e, "job publish failed after the queued event; closing the request");
-        let failed = Event::failed(request_id.clone(), kind, ErrorType::InternalError, "The request could not be enqueued");
+        let failed = Event::failed(
+            request_id.clone(),
+            kind,
+            ErrorType::InternalError,
+            "The request could not be enqueued",
+        );
         if let Err(e2) = bus.publish_event(&failed).await {
             tracing::error!(request_id, error = %e2, "could not publish the failure event either");
         }
@@ -121,7 +142,12 @@ pub async fn submit(
 pub fn validation_failed(request_id: &str, kind: EndpointKind, err: &ValidationError) -> Event {
     Event {
         detail: Some(err.to_body()["detail"].clone()),
-        ..Event::failed(request_id, kind, ErrorType::ValidationError, err.to_string())
+        ..Event::failed(
+            request_id,
+            kind,
+            ErrorType::ValidationError,
+            err.to_string(),
+        )
     }
 }
 
@@ -145,19 +171,32 @@ pub(crate) mod testing {
         fn publish_event<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), QueueError>> {
             Box::pin(async move {
                 let offset = {
-                    let mut o = self.offset.lock().map_err(|_| QueueError::Closed("poisoned".into()))?;
+                    let mut o = self
+                        .offset
+                        .lock()
+                        .map_err(|_| QueueError::Closed("poisoned".into()))?;
                     *o += 1;
                     *o
                 };
-                self.events.lock().map_err(|_| QueueError::Closed("poisoned".into()))?.push(event.clone());
+                self.events
+                    .lock()
+                    .map_err(|_| QueueError::Closed("poisoned".into()))?
+                    .push(event.clone());
                 self.registry.apply(offset, event);
                 Ok(())
             })
         }
 
-        fn publish_job<'a>(&'a self, job: &'a JobMessage, priority: Option<u8>) -> BoxFuture<'a, Result<(), QueueError>> {
+        fn publish_job<'a>(
+            &'a self,
+            job: &'a JobMessage,
+            priority: Option<u8>,
+        ) -> BoxFuture<'a, Result<(), QueueError>> {
             Box::pin(async move {
-                self.jobs.lock().map_err(|_| QueueError::Closed("poisoned".into()))?.push((job.clone(), priority));
+                self.jobs
+                    .lock()
+                    .map_err(|_| QueueError::Closed("poisoned".into()))?
+                    .push((job.clone(), priority));
                 Ok(())
             })
         }
@@ -173,14 +212,28 @@ mod tests {
     #[tokio::test]
     async fn valid_input_publishes_queued_then_job() {
         let bus = MemoryBus::default();
-        let opts = SubmitOptions { webhook_url: Some("http://h".into()), start_timeout: Some(30.0), ..Default::default() };
-        let acc = submit(&bus, EndpointKind::Sprint, &json!({"prompt": "a fox", "seed": 9}), opts).await.expect("accepted");
+        let opts = SubmitOptions {
+            webhook_url: Some("http://h".into()),
+            start_timeout: Some(30.0),
+            ..Default::default()
+        };
+        let acc = submit(
+            &bus,
+            EndpointKind::Sprint,
+            &json!({"prompt": "a fox", "seed": 9}),
+            opts,
+        )
+        .await
+        .expect("accepted");
         let events = bus.events.lock().expect("lock").clone();
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].event, EventKind::Queued);
         assert_eq!(events[0].webhook_url.as_deref(), Some("http://h"));
         let deadline = events[0].deadline.expect("deadline");
-        assert!((deadline - events[0].at - 30.0).abs() < 1e-6, "deadline is submit time + timeout (±1e-6 s)");
+        assert!(
+            (deadline - events[0].at - 30.0).abs() < 1e-6,
+            "deadline is submit time + timeout (±1e-6 s)"
+        );
         let jobs = bus.jobs.lock().expect("lock").clone();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].0.request_id, acc.request_id);
@@ -191,9 +244,14 @@ mod tests {
     #[tokio::test]
     async fn invalid_input_publishes_nothing() {
         let bus = MemoryBus::default();
-        let err = submit(&bus, EndpointKind::Base, &json!({"prompt": "x", "num_images": 9}), SubmitOptions::default())
-            .await
-            .expect_err("invalid");
+        let err = submit(
+            &bus,
+            EndpointKind::Base,
+            &json!({"prompt": "x", "num_images": 9}),
+            SubmitOptions::default(),
+        )
+        .await
+        .expect_err("invalid");
         match err {
             SubmitError::Invalid(v) => assert_eq!(v.0[0].field(), "num_images"),
             SubmitError::Broker(e) => panic!("unexpected broker error {e}"),
@@ -208,7 +266,10 @@ mod tests {
         let ev = validation_failed("r", EndpointKind::Base, &err);
         assert_eq!(ev.error_type, Some(ErrorType::ValidationError));
         assert_eq!(ev.billable_units, Some(0));
-        assert_eq!(ev.detail.expect("detail")[0]["loc"], json!(["body", "prompt"]));
+        assert_eq!(
+            ev.detail.expect("detail")[0]["loc"],
+            json!(["body", "prompt"])
+        );
         assert_eq!("low".parse::<Priority>(), Ok(Priority::Low));
         assert!("urgent".parse::<Priority>().is_err());
     }

@@ -327,11 +327,44 @@ pub fn read_config<T: DeserializeOwned>(dir: &Path) -> Result<T, PipelineError> 
     read_json(&dir.join("config.json"))
 }
 
-/// Reads and parses one JSON file, naming it in errors.
+/// Reads and parses one JSON file, naming it in errors. Python's `json.dumps` writes the non-standard
+/// literals `NaN`, `Infinity` and `-Infinity` (e.g. `"lambda_min_clipped": -Infinity` in diffusers
+/// scheduler configs); they are read as `null`.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, PipelineError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| load_err(format!("reading {}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| load_err(format!("parsing {}: {e}", path.display())))
+    serde_json::from_str(&python_json_literals_to_null(&text))
+        .map_err(|e| load_err(format!("parsing {}: {e}", path.display())))
+}
+
+/// Replaces `NaN`, `Infinity`, `-Infinity` outside string literals with `null`.
+fn python_json_literals_to_null(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_str, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_str {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_str = false;
+            }
+        } else if c == '"' {
+            in_str = true;
+        } else if let Some(lit) = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|l| rest.starts_with(l))
+        {
+            out.push_str("null");
+            rest = &rest[lit.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }
 
 #[cfg(test)]
@@ -449,6 +482,15 @@ mod tests {
     }
 
     #[test]
+    fn python_json_literals_read_as_null() {
+        let t = r#"{"a": -Infinity, "b": "NaN -Infinity \" Infinity", "c": [NaN, Infinity, 1.5]}"#;
+        let v: serde_json::Value = serde_json::from_str(&python_json_literals_to_null(t)).unwrap();
+        assert!(v["a"].is_null());
+        assert_eq!(v["b"], "NaN -Infinity \" Infinity");
+        assert_eq!(v["c"], serde_json::json!([null, null, 1.5]));
+    }
+
+    #[test]
     fn bf16_variant_is_preferred_when_asked() {
         let tmp = TempDir::new();
         write_sharded(&tmp.0);
@@ -545,11 +587,6 @@ mod tests {
     #[test]
     fn tiny_fixture_components_resolve() {
         let root = fixture_root();
-        if !root.join("model_index.json").is_file() {
-            // The fixtures are produced by the reference script; absent only before it has run.
-            eprintln!("skipping: {} not present", root.display());
-            return;
-        }
         let mut repo = ModelRepo::open(&ModelSource::new(root.to_string_lossy())).unwrap();
         for comp in ["transformer", "vae", "text_encoder"] {
             let files = repo.component(comp, WeightVariant::Default).unwrap();

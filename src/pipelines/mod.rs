@@ -15,6 +15,7 @@ pub mod param_count;
 pub mod rng;
 pub mod sana;
 pub mod scheduler;
+pub use sana::{load_pipelines, Pipelines, PipelinesConfig};
 pub mod text;
 pub mod transformer;
 

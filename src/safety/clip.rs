@@ -18,7 +18,7 @@ use image::RgbImage;
 use serde::Deserialize;
 
 use super::processor::{ClassDefaults, Processor};
-use super::{SafetyChecker, SafetyError};
+use super::{load_error, SafetyChecker, SafetyError};
 
 /// Concept table sizes diffusers hard-codes in `StableDiffusionSafetyChecker.__init__`.
 const N_CONCEPTS: usize = 17;
@@ -200,7 +200,7 @@ impl VisionTower {
                 post_ln: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("post_layernorm"))?,
             })
         };
-        build().map_err(|e| SafetyError::Load(format!("CLIP vision weights: {e}")))
+        build().map_err(|e| load_error("CLIP vision weights", e))
     }
 
     fn forward(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
@@ -237,24 +237,59 @@ pub fn np_round3(x: f32) -> f32 {
     (x * 1000.0f32).round_ties_even() / 1000.0f32
 }
 
-/// The per-image decision loop of `StableDiffusionSafetyChecker.forward`, bit for bit in f32.
+/// Rounded scores of one image as `StableDiffusionSafetyChecker.forward` records them
+/// (`result_img["special_scores"]`, `["concept_scores"]`) and the final `adjustment`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageScores {
+    pub special: Vec<f32>,
+    pub concept: Vec<f32>,
+    pub adjustment: f32,
+}
+
+impl ImageScores {
+    /// The per-image decision loop, bit for bit in f32.
+    pub fn compute(
+        special_cos: &[f32],
+        concept_cos: &[f32],
+        special_w: &[f32],
+        concept_w: &[f32],
+    ) -> Self {
+        let mut adjustment = 0.0f32;
+        let mut special = Vec::with_capacity(special_cos.len());
+        for (cos, w) in special_cos.iter().zip(special_w) {
+            let s = np_round3(cos - w + adjustment);
+            if s > 0.0 {
+                // Any special-care hit lowers every later threshold by 0.01 (including later special ones).
+                adjustment = 0.01;
+            }
+            special.push(s);
+        }
+        let concept = concept_cos
+            .iter()
+            .zip(concept_w)
+            .map(|(cos, w)| np_round3(cos - w + adjustment))
+            .collect();
+        Self {
+            special,
+            concept,
+            adjustment,
+        }
+    }
+
+    /// `has_nsfw_concepts`: any concept score above zero.
+    pub fn nsfw(&self) -> bool {
+        self.concept.iter().any(|&c| c > 0.0)
+    }
+}
+
+/// The decision of `StableDiffusionSafetyChecker.forward` for one image.
 pub fn has_nsfw_concept(
     special: &[f32],
     concept: &[f32],
     special_w: &[f32],
     concept_w: &[f32],
 ) -> bool {
-    let mut adjustment = 0.0f32;
-    for (cos, w) in special.iter().zip(special_w) {
-        if np_round3(cos - w + adjustment) > 0.0 {
-            // Any special-care hit lowers every later threshold by 0.01 (including later special ones).
-            adjustment = 0.01;
-        }
-    }
-    concept
-        .iter()
-        .zip(concept_w)
-        .any(|(cos, w)| np_round3(cos - w + adjustment) > 0.0)
+    ImageScores::compute(special, concept, special_w, concept_w).nsfw()
 }
 
 /// The v1 checker.
@@ -297,12 +332,10 @@ impl ClipChecker {
             vb.pp("vision_model")
         };
         let tower = VisionTower::load(tower_vb, c)?;
-        let load = |what: &str, r: candle_core::Result<Tensor>| {
-            r.map_err(|e| SafetyError::Load(format!("safety checker {what}: {e}")))
-        };
+        let load = |what: &str, r: candle_core::Result<Tensor>| r.map_err(|e| load_error(what, e));
         let p = cfg.projection_dim;
         let visual_projection = linear_no_bias(c.hidden_size, p, vb.pp("visual_projection"))
-            .map_err(|e| SafetyError::Load(format!("safety checker visual_projection: {e}")))?;
+            .map_err(|e| load_error("visual_projection", e))?;
         let concept_embeds = load("concept_embeds", vb.get((N_CONCEPTS, p), "concept_embeds"))?;
         let special_care_embeds = load(
             "special_care_embeds",
@@ -372,13 +405,21 @@ impl ClipChecker {
         })
     }
 
-    /// Flags from precomputed scores.
-    pub fn flags(&self, scores: &ConceptScores) -> Vec<bool> {
+    /// Rounded per-image scores from the cosines.
+    pub fn image_scores(&self, scores: &ConceptScores) -> Vec<ImageScores> {
         scores
             .special
             .iter()
             .zip(&scores.concept)
-            .map(|(s, c)| has_nsfw_concept(s, c, &self.special_w, &self.concept_w))
+            .map(|(s, c)| ImageScores::compute(s, c, &self.special_w, &self.concept_w))
+            .collect()
+    }
+
+    /// Flags from precomputed scores.
+    pub fn flags(&self, scores: &ConceptScores) -> Vec<bool> {
+        self.image_scores(scores)
+            .iter()
+            .map(ImageScores::nsfw)
             .collect()
     }
 }

@@ -47,6 +47,16 @@ impl From<PipelineError> for SafetyError {
     }
 }
 
+/// A load error naming `what`, with candle's captured backtrace (present when `RUST_BACKTRACE` is set)
+/// dropped so the message stays one line in logs and job errors.
+pub(crate) fn load_error(what: &str, e: candle_core::Error) -> SafetyError {
+    let e = match e {
+        candle_core::Error::WithBacktrace { inner, .. } => *inner,
+        other => other,
+    };
+    SafetyError::Load(format!("{what}: {e}"))
+}
+
 /// An NSFW classifier over a batch of images. Owned by the model thread; never called from async code.
 pub trait SafetyChecker: Send {
     /// One flag per image (`true` = NSFW), computed in one batched forward.

@@ -16,7 +16,7 @@ use image::RgbImage;
 use serde::Deserialize;
 
 use super::processor::{ClassDefaults, Processor};
-use super::{SafetyChecker, SafetyError};
+use super::{load_error, SafetyChecker, SafetyError};
 
 fn default_act() -> candle_nn::Activation {
     candle_nn::Activation::Gelu
@@ -123,7 +123,7 @@ impl VitChecker {
             .map_err(SafetyError::Load)?;
         let nsfw_index = cfg.nsfw_index()?;
         let model = vit::Model::new(&cfg.candle(), cfg.id2label.len(), vb.clone())
-            .map_err(|e| SafetyError::Load(format!("ViT weights: {e}")))?;
+            .map_err(|e| load_error("ViT weights", e))?;
         Ok(Self {
             processor,
             model,

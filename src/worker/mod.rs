@@ -13,12 +13,16 @@
 //! consumers are cancelled, running jobs get `drain_grace` to finish, then they are stopped between
 //! denoising steps and requeued; anything still unsettled returns to the queue when the channel closes.
 
+pub mod factory;
 mod job;
 pub mod model;
 pub mod tracker;
 
+pub use factory::{SanaFactory, SanaFactoryConfig};
 pub use job::encode;
-pub use model::{GenerateOutput, LoadedModels, ModelError, ModelHandle, PipelineFactory};
+pub use model::{
+    GenerateOutput, LoadedModels, ModelError, ModelHandle, PipelineFactory, PipelineSet,
+};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -297,5 +301,41 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_broker_password_and_the_s3_secret() {
+        let config = WorkerConfig {
+            worker_id: "w1".into(),
+            amqp_url: "amqp://fleet:broker-pass@rabbit:5672/%2f".into(),
+            topology: Topology::default(),
+            endpoints: vec![EndpointKind::Base],
+            max_concurrency: 1,
+            keep_alive: None,
+            idle_action: IdleAction::Unload,
+            drain_grace: Duration::from_secs(1),
+            retry_backoff: Duration::ZERO,
+            storage: StorageConfig {
+                endpoint: "http://s3:3900".into(),
+                public_endpoint: None,
+                region: "garage".into(),
+                access_key_id: "GKid".into(),
+                secret_access_key: "s3-secret-value".into(),
+                bucket: "fleet".into(),
+                public_base_url: None,
+                url_lifetime: Duration::from_secs(60),
+            },
+        };
+        let text = format!("{config:?}");
+        assert!(
+            !text.contains("broker-pass") && !text.contains("s3-secret-value"),
+            "{text}"
+        );
+        assert!(text.contains("amqp://fleet:***@rabbit:5672/%2f"), "{text}");
     }
 }

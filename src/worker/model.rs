@@ -15,9 +15,28 @@ use crate::job::EndpointKind;
 use crate::pipelines::{GenerateRequest, ImagePipeline, PipelineError, StepObserver};
 use crate::safety::{self, SafetyChecker, SafetyError};
 
-/// Everything one worker runs: a pipeline per endpoint kind it serves, and the NSFW checker.
+/// The pipelines of one worker, looked up by endpoint kind (the real set shares one text encoder
+/// between its two pipelines, so it cannot be split into independent boxes).
+pub trait PipelineSet: Send {
+    fn pipeline(&mut self, kind: EndpointKind) -> Option<&mut dyn ImagePipeline>;
+}
+
+impl PipelineSet for HashMap<EndpointKind, Box<dyn ImagePipeline>> {
+    fn pipeline(&mut self, kind: EndpointKind) -> Option<&mut dyn ImagePipeline> {
+        self.get_mut(&kind)
+            .map(|p| p.as_mut() as &mut dyn ImagePipeline)
+    }
+}
+
+impl PipelineSet for crate::pipelines::sana::Pipelines {
+    fn pipeline(&mut self, kind: EndpointKind) -> Option<&mut dyn ImagePipeline> {
+        self.get_mut(kind)
+    }
+}
+
+/// Everything one worker runs: its pipelines and the NSFW checker.
 pub struct LoadedModels {
-    pub pipelines: HashMap<EndpointKind, Box<dyn ImagePipeline>>,
+    pub pipelines: Box<dyn PipelineSet>,
     pub safety: Box<dyn SafetyChecker>,
 }
 
@@ -179,7 +198,7 @@ fn run_job(models: &mut LoadedModels, job: &GenerateJob) -> Result<GenerateOutpu
     }
     let pipeline = models
         .pipelines
-        .get_mut(&job.request.endpoint)
+        .pipeline(job.request.endpoint)
         .ok_or_else(|| {
             PipelineError::InvalidRequest(format!(
                 "this worker does not serve the {} endpoint",

@@ -103,14 +103,18 @@ impl Spawned {
     pub async fn start(topology: &Topology, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dispatcher"))
             .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
                 "--amqp-url",
                 &super::amqp_url(),
+            ])
+            .args([
                 "--prefix",
                 &topology.prefix,
                 "--results-max-age",
+                &topology.results_max_age,
             ])
-            .arg(&topology.results_max_age)
-            .args(["serve", "--listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

@@ -48,12 +48,20 @@ pub fn s3_config() -> StorageConfig {
     }
 }
 
+/// Settings of every test topology (a redeclare must use the same arguments): prefix left empty.
+pub fn test_topology_settings() -> Topology {
+    Topology {
+        prefix: String::new(),
+        delivery_limit: 3,
+        results_max_age: "1h".into(),
+    }
+}
+
 /// A fresh topology named `t-<uuid>`, declared on the broker, with a short stream retention.
 pub async fn fresh_topology(conn: &Connection) -> Topology {
     let topology = Topology {
         prefix: format!("t-{}", uuid::Uuid::new_v4().simple()),
-        delivery_limit: 3,
-        results_max_age: "1h".into(),
+        ..test_topology_settings()
     };
     let ch = conn.create_channel().await.expect("channel for declare");
     topology.declare(&ch).await.expect("declare topology");

@@ -112,7 +112,7 @@ impl PipelineFactory for StandInFactory {
             );
         }
         Ok(LoadedModels {
-            pipelines,
+            pipelines: Box::new(pipelines),
             safety: Box::new(RedChecker),
         })
     }
