@@ -44,7 +44,12 @@ struct BrokerArgs {
     )]
     amqp_url: String,
     /// Prefix of every exchange and queue name.
-    #[arg(long = "topology-prefix", visible_alias = "prefix", env = "FLEET_TOPOLOGY_PREFIX", default_value = "fleet")]
+    #[arg(
+        long = "topology-prefix",
+        visible_alias = "prefix",
+        env = "FLEET_TOPOLOGY_PREFIX",
+        default_value = "fleet"
+    )]
     prefix: String,
     /// `x-delivery-limit` of the job queues (must match every other process's declaration).
     #[arg(long, env = "FLEET_DELIVERY_LIMIT", default_value_t = 3)]

@@ -156,7 +156,12 @@ impl Event {
     }
 
     /// A terminal failure event (billing 0).
-    pub fn failed(request_id: impl Into<String>, endpoint: EndpointKind, error_type: ErrorType, error: impl Into<String>) -> Self {
+    pub fn failed(
+        request_id: impl Into<String>,
+        endpoint: EndpointKind,
+        error_type: ErrorType,
+        error: impl Into<String>,
+    ) -> Self {
         Event {
             error: Some(error.into()),
             error_type: Some(error_type),
@@ -195,7 +200,13 @@ mod tests {
     #[test]
     fn job_message_is_flat_input_plus_identity() {
         let input = validate(EndpointKind::Sprint, &json!({"prompt": "a fox"}), || 3).unwrap();
-        let msg = JobMessage { request_id: "r1".into(), endpoint: EndpointKind::Sprint, submitted_at: 1.0, deadline: None, input };
+        let msg = JobMessage {
+            request_id: "r1".into(),
+            endpoint: EndpointKind::Sprint,
+            submitted_at: 1.0,
+            deadline: None,
+            input,
+        };
         let v = serde_json::to_value(&msg).unwrap();
         assert_eq!(v["prompt"], "a fox");
         assert_eq!(v["endpoint"], "sprint");

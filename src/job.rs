@@ -49,7 +49,9 @@ impl std::str::FromStr for EndpointKind {
         match s {
             "base" => Ok(EndpointKind::Base),
             "sprint" => Ok(EndpointKind::Sprint),
-            other => Err(format!("unknown endpoint kind {other:?} (expected base or sprint)")),
+            other => Err(format!(
+                "unknown endpoint kind {other:?} (expected base or sprint)"
+            )),
         }
     }
 }
@@ -92,15 +94,54 @@ pub struct ImageSize {
 
 /// fal's size presets (service-contract §2).
 pub const SIZE_PRESETS: [(&str, ImageSize); 6] = [
-    ("square_hd", ImageSize { width: 1024, height: 1024 }),
-    ("square", ImageSize { width: 512, height: 512 }),
-    ("portrait_4_3", ImageSize { width: 768, height: 1024 }),
-    ("portrait_16_9", ImageSize { width: 576, height: 1024 }),
-    ("landscape_4_3", ImageSize { width: 1024, height: 768 }),
-    ("landscape_16_9", ImageSize { width: 1024, height: 576 }),
+    (
+        "square_hd",
+        ImageSize {
+            width: 1024,
+            height: 1024,
+        },
+    ),
+    (
+        "square",
+        ImageSize {
+            width: 512,
+            height: 512,
+        },
+    ),
+    (
+        "portrait_4_3",
+        ImageSize {
+            width: 768,
+            height: 1024,
+        },
+    ),
+    (
+        "portrait_16_9",
+        ImageSize {
+            width: 576,
+            height: 1024,
+        },
+    ),
+    (
+        "landscape_4_3",
+        ImageSize {
+            width: 1024,
+            height: 768,
+        },
+    ),
+    (
+        "landscape_16_9",
+        ImageSize {
+            width: 1024,
+            height: 576,
+        },
+    ),
 ];
 
-pub const DEFAULT_SIZE: ImageSize = ImageSize { width: 3840, height: 2160 };
+pub const DEFAULT_SIZE: ImageSize = ImageSize {
+    width: 3840,
+    height: 2160,
+};
 pub const MAX_SIDE: u32 = 14142;
 pub const MAX_PROMPT_CHARS: usize = 10_000;
 pub const MAX_SEED: u64 = (1u64 << 63) - 1;
@@ -123,7 +164,11 @@ pub struct JobInput {
 impl JobInput {
     /// Billing units of a successful run of this input.
     pub fn billable_units(&self) -> u64 {
-        billable_units(self.image_size.width, self.image_size.height, self.num_images)
+        billable_units(
+            self.image_size.width,
+            self.image_size.height,
+            self.num_images,
+        )
     }
 }
 
@@ -147,12 +192,22 @@ impl FieldError {
     fn new(field: &[&str], kind: &str, msg: impl Into<String>, input: Value) -> Self {
         let mut loc = vec!["body".to_string()];
         loc.extend(field.iter().map(|s| s.to_string()));
-        FieldError { loc, msg: msg.into(), kind: kind.to_string(), input }
+        FieldError {
+            loc,
+            msg: msg.into(),
+            kind: kind.to_string(),
+            input,
+        }
     }
 
     /// The field path without the leading `body`, e.g. `image_size.width`.
     pub fn field(&self) -> String {
-        self.loc.iter().skip(1).cloned().collect::<Vec<_>>().join(".")
+        self.loc
+            .iter()
+            .skip(1)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(".")
     }
 }
 
@@ -187,18 +242,34 @@ pub fn validate(
     let prompt = text_field(obj, "prompt", true, &mut errs);
     let negative_prompt = text_field(obj, "negative_prompt", false, &mut errs);
     let image_size = size_field(obj, &mut errs);
-    let steps = int_field(obj, "num_inference_steps", 1, i64::from(kind.max_steps()), &mut errs)
-        .map_or(kind.default_steps(), |v| v as u32);
+    let steps = int_field(
+        obj,
+        "num_inference_steps",
+        1,
+        i64::from(kind.max_steps()),
+        &mut errs,
+    )
+    .map_or(kind.default_steps(), |v| v as u32);
     let seed = match obj.get("seed") {
         None | Some(Value::Null) => None,
         Some(v) => match as_int(v) {
             Some(s) if s >= 0 => Some(s as u64),
             Some(_) => {
-                errs.push(FieldError::new(&["seed"], "greater_than_equal", "Input should be greater than or equal to 0", v.clone()));
+                errs.push(FieldError::new(
+                    &["seed"],
+                    "greater_than_equal",
+                    "Input should be greater than or equal to 0",
+                    v.clone(),
+                ));
                 None
             }
             None if v.as_u64().is_some() => {
-                errs.push(FieldError::new(&["seed"], "less_than", format!("Input should be less than {}", 1u64 << 63), v.clone()));
+                errs.push(FieldError::new(
+                    &["seed"],
+                    "less_than",
+                    format!("Input should be less than {}", 1u64 << 63),
+                    v.clone(),
+                ));
                 None
             }
             None => {
@@ -212,11 +283,21 @@ pub fn validate(
         Some(v) => match v.as_f64() {
             Some(g) if (0.0..=20.0).contains(&g) => g,
             Some(_) => {
-                errs.push(FieldError::new(&["guidance_scale"], "range", "Input should be between 0.0 and 20.0", v.clone()));
+                errs.push(FieldError::new(
+                    &["guidance_scale"],
+                    "range",
+                    "Input should be between 0.0 and 20.0",
+                    v.clone(),
+                ));
                 5.0
             }
             None => {
-                errs.push(FieldError::new(&["guidance_scale"], "float_type", "Input should be a valid number", v.clone()));
+                errs.push(FieldError::new(
+                    &["guidance_scale"],
+                    "float_type",
+                    "Input should be a valid number",
+                    v.clone(),
+                ));
                 5.0
             }
         },
@@ -225,7 +306,12 @@ pub fn validate(
         None => true,
         Some(Value::Bool(b)) => *b,
         Some(v) => {
-            errs.push(FieldError::new(&["enable_safety_checker"], "bool_type", "Input should be a valid boolean", v.clone()));
+            errs.push(FieldError::new(
+                &["enable_safety_checker"],
+                "bool_type",
+                "Input should be a valid boolean",
+                v.clone(),
+            ));
             true
         }
     };
@@ -235,7 +321,12 @@ pub fn validate(
         Some(Value::String(s)) if s == "jpeg" => OutputFormat::Jpeg,
         Some(Value::String(s)) if s == "png" => OutputFormat::Png,
         Some(v) => {
-            errs.push(FieldError::new(&["output_format"], "literal_error", "Input should be 'jpeg' or 'png'", v.clone()));
+            errs.push(FieldError::new(
+                &["output_format"],
+                "literal_error",
+                "Input should be 'jpeg' or 'png'",
+                v.clone(),
+            ));
             OutputFormat::Jpeg
         }
     };
@@ -259,15 +350,30 @@ pub fn validate(
 /// left to fill.
 pub fn revalidate(kind: EndpointKind, input: &JobInput) -> Result<JobInput, ValidationError> {
     let raw = serde_json::to_value(input).map_err(|e| {
-        ValidationError(vec![FieldError::new(&[], "value_error", e.to_string(), Value::Null)])
+        ValidationError(vec![FieldError::new(
+            &[],
+            "value_error",
+            e.to_string(),
+            Value::Null,
+        )])
     })?;
     validate(kind, &raw, || input.seed)
 }
 
-fn text_field(obj: &Map<String, Value>, name: &str, required: bool, errs: &mut Vec<FieldError>) -> Option<String> {
+fn text_field(
+    obj: &Map<String, Value>,
+    name: &str,
+    required: bool,
+    errs: &mut Vec<FieldError>,
+) -> Option<String> {
     match obj.get(name) {
         None if required => {
-            errs.push(FieldError::new(&[name], "missing", "Field required", Value::Null));
+            errs.push(FieldError::new(
+                &[name],
+                "missing",
+                "Field required",
+                Value::Null,
+            ));
             None
         }
         None => None,
@@ -281,14 +387,24 @@ fn text_field(obj: &Map<String, Value>, name: &str, required: bool, errs: &mut V
                 ));
                 None
             } else if required && s.trim().is_empty() {
-                errs.push(FieldError::new(&[name], "value_error", "Value error, prompt must not be empty", Value::String(s.clone())));
+                errs.push(FieldError::new(
+                    &[name],
+                    "value_error",
+                    "Value error, prompt must not be empty",
+                    Value::String(s.clone()),
+                ));
                 None
             } else {
                 Some(s.clone())
             }
         }
         Some(v) => {
-            errs.push(FieldError::new(&[name], "string_type", "Input should be a valid string", v.clone()));
+            errs.push(FieldError::new(
+                &[name],
+                "string_type",
+                "Input should be a valid string",
+                v.clone(),
+            ));
             None
         }
     }
@@ -307,22 +423,41 @@ fn as_int(v: &Value) -> Option<i64> {
 
 fn int_type_error(name: &str, v: &Value) -> FieldError {
     let (kind, msg) = if v.is_f64() {
-        ("int_from_float", "Input should be a valid integer, got a number with a fractional part")
+        (
+            "int_from_float",
+            "Input should be a valid integer, got a number with a fractional part",
+        )
     } else {
         ("int_type", "Input should be a valid integer")
     };
     FieldError::new(&[name], kind, msg, v.clone())
 }
 
-fn int_field(obj: &Map<String, Value>, name: &str, min: i64, max: i64, errs: &mut Vec<FieldError>) -> Option<i64> {
+fn int_field(
+    obj: &Map<String, Value>,
+    name: &str,
+    min: i64,
+    max: i64,
+    errs: &mut Vec<FieldError>,
+) -> Option<i64> {
     let v = obj.get(name)?;
     match as_int(v) {
         Some(i) if i < min => {
-            errs.push(FieldError::new(&[name], "greater_than_equal", format!("Input should be greater than or equal to {min}"), v.clone()));
+            errs.push(FieldError::new(
+                &[name],
+                "greater_than_equal",
+                format!("Input should be greater than or equal to {min}"),
+                v.clone(),
+            ));
             None
         }
         Some(i) if i > max => {
-            errs.push(FieldError::new(&[name], "less_than_equal", format!("Input should be less than or equal to {max}"), v.clone()));
+            errs.push(FieldError::new(
+                &[name],
+                "less_than_equal",
+                format!("Input should be less than or equal to {max}"),
+                v.clone(),
+            ));
             None
         }
         Some(i) => Some(i),
@@ -339,20 +474,39 @@ fn size_field(obj: &Map<String, Value>, errs: &mut Vec<FieldError>) -> Option<Im
         Value::String(name) => match SIZE_PRESETS.iter().find(|(p, _)| p == name) {
             Some((_, size)) => Some(*size),
             None => {
-                let names = SIZE_PRESETS.iter().map(|(p, _)| format!("'{p}'")).collect::<Vec<_>>().join(", ");
-                errs.push(FieldError::new(&["image_size"], "enum", format!("Input should be {names}"), v.clone()));
+                let names = SIZE_PRESETS
+                    .iter()
+                    .map(|(p, _)| format!("'{p}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                errs.push(FieldError::new(
+                    &["image_size"],
+                    "enum",
+                    format!("Input should be {names}"),
+                    v.clone(),
+                ));
                 None
             }
         },
         Value::Object(o) => {
             let mut side = |name: &str| -> Option<u32> {
                 let Some(s) = o.get(name) else {
-                    errs.push(FieldError::new(&["image_size", name], "missing", "Field required", Value::Null));
+                    errs.push(FieldError::new(
+                        &["image_size", name],
+                        "missing",
+                        "Field required",
+                        Value::Null,
+                    ));
                     return None;
                 };
                 match as_int(s) {
                     Some(i) if i <= 0 => {
-                        errs.push(FieldError::new(&["image_size", name], "greater_than", "Input should be greater than 0", s.clone()));
+                        errs.push(FieldError::new(
+                            &["image_size", name],
+                            "greater_than",
+                            "Input should be greater than 0",
+                            s.clone(),
+                        ));
                         None
                     }
                     Some(i) if i > i64::from(MAX_SIDE) => {
@@ -375,7 +529,10 @@ fn size_field(obj: &Map<String, Value>, errs: &mut Vec<FieldError>) -> Option<Im
             };
             let width = side("width");
             let height = side("height");
-            Some(ImageSize { width: width?, height: height? })
+            Some(ImageSize {
+                width: width?,
+                height: height?,
+            })
         }
         other => {
             errs.push(FieldError::new(
@@ -398,27 +555,60 @@ mod tests {
     }
 
     fn fields(kind: EndpointKind, v: Value) -> Vec<String> {
-        validate(kind, &v, || 7).expect_err("invalid input").0.iter().map(FieldError::field).collect()
+        validate(kind, &v, || 7)
+            .expect_err("invalid input")
+            .0
+            .iter()
+            .map(FieldError::field)
+            .collect()
     }
 
     #[test]
     fn defaults_follow_the_kind() {
         let base = ok(EndpointKind::Base, json!({"prompt": "a cat", "extra": 1}));
         assert_eq!(base.num_inference_steps, 18);
-        assert_eq!(base.image_size, ImageSize { width: 3840, height: 2160 });
+        assert_eq!(
+            base.image_size,
+            ImageSize {
+                width: 3840,
+                height: 2160
+            }
+        );
         assert_eq!(base.seed, 7);
-        assert_eq!((base.num_images, base.output_format, base.guidance_scale), (1, OutputFormat::Jpeg, 5.0));
+        assert_eq!(
+            (base.num_images, base.output_format, base.guidance_scale),
+            (1, OutputFormat::Jpeg, 5.0)
+        );
         assert!(base.enable_safety_checker);
-        assert_eq!(ok(EndpointKind::Sprint, json!({"prompt": "a cat"})).num_inference_steps, 2);
+        assert_eq!(
+            ok(EndpointKind::Sprint, json!({"prompt": "a cat"})).num_inference_steps,
+            2
+        );
     }
 
     #[test]
     fn presets_and_custom_sizes() {
         for (name, size) in SIZE_PRESETS {
-            assert_eq!(ok(EndpointKind::Base, json!({"prompt": "x", "image_size": name})).image_size, size);
+            assert_eq!(
+                ok(
+                    EndpointKind::Base,
+                    json!({"prompt": "x", "image_size": name})
+                )
+                .image_size,
+                size
+            );
         }
-        let custom = ok(EndpointKind::Base, json!({"prompt": "x", "image_size": {"width": 300, "height": 200}}));
-        assert_eq!(custom.image_size, ImageSize { width: 300, height: 200 });
+        let custom = ok(
+            EndpointKind::Base,
+            json!({"prompt": "x", "image_size": {"width": 300, "height": 200}}),
+        );
+        assert_eq!(
+            custom.image_size,
+            ImageSize {
+                width: 300,
+                height: 200
+            }
+        );
     }
 
     #[test]
@@ -428,29 +618,92 @@ mod tests {
         assert_eq!(fields(k, json!({"prompt": "   "})), ["prompt"]);
         assert_eq!(fields(k, json!({"prompt": 5})), ["prompt"]);
         assert_eq!(fields(k, json!({"prompt": "x".repeat(10_001)})), ["prompt"]);
-        assert_eq!(fields(k, json!({"prompt": "x", "negative_prompt": "y".repeat(10_001)})), ["negative_prompt"]);
-        assert_eq!(fields(k, json!({"prompt": "x", "image_size": "huge"})), ["image_size"]);
-        assert_eq!(fields(k, json!({"prompt": "x", "image_size": {"width": 0, "height": 5}})), ["image_size.width"]);
-        assert_eq!(fields(k, json!({"prompt": "x", "image_size": {"width": 5, "height": 14143}})), ["image_size.height"]);
-        assert_eq!(fields(k, json!({"prompt": "x", "image_size": {"width": 5}})), ["image_size.height"]);
-        assert_eq!(fields(k, json!({"prompt": "x", "num_inference_steps": 0})), ["num_inference_steps"]);
-        assert_eq!(fields(k, json!({"prompt": "x", "num_inference_steps": 51})), ["num_inference_steps"]);
-        assert_eq!(fields(EndpointKind::Sprint, json!({"prompt": "x", "num_inference_steps": 21})), ["num_inference_steps"]);
+        assert_eq!(
+            fields(
+                k,
+                json!({"prompt": "x", "negative_prompt": "y".repeat(10_001)})
+            ),
+            ["negative_prompt"]
+        );
+        assert_eq!(
+            fields(k, json!({"prompt": "x", "image_size": "huge"})),
+            ["image_size"]
+        );
+        assert_eq!(
+            fields(
+                k,
+                json!({"prompt": "x", "image_size": {"width": 0, "height": 5}})
+            ),
+            ["image_size.width"]
+        );
+        assert_eq!(
+            fields(
+                k,
+                json!({"prompt": "x", "image_size": {"width": 5, "height": 14143}})
+            ),
+            ["image_size.height"]
+        );
+        assert_eq!(
+            fields(k, json!({"prompt": "x", "image_size": {"width": 5}})),
+            ["image_size.height"]
+        );
+        assert_eq!(
+            fields(k, json!({"prompt": "x", "num_inference_steps": 0})),
+            ["num_inference_steps"]
+        );
+        assert_eq!(
+            fields(k, json!({"prompt": "x", "num_inference_steps": 51})),
+            ["num_inference_steps"]
+        );
+        assert_eq!(
+            fields(
+                EndpointKind::Sprint,
+                json!({"prompt": "x", "num_inference_steps": 21})
+            ),
+            ["num_inference_steps"]
+        );
         assert_eq!(fields(k, json!({"prompt": "x", "seed": -1})), ["seed"]);
-        assert_eq!(fields(k, json!({"prompt": "x", "seed": 9223372036854775808u64})), ["seed"]);
-        assert_eq!(fields(k, json!({"prompt": "x", "guidance_scale": 20.5})), ["guidance_scale"]);
-        assert_eq!(fields(k, json!({"prompt": "x", "enable_safety_checker": "yes"})), ["enable_safety_checker"]);
-        assert_eq!(fields(k, json!({"prompt": "x", "num_images": 5})), ["num_images"]);
-        assert_eq!(fields(k, json!({"prompt": "x", "num_images": 1.5})), ["num_images"]);
-        assert_eq!(fields(k, json!({"prompt": "x", "output_format": "gif"})), ["output_format"]);
-        assert_eq!(fields(k, json!({"num_images": 0})), ["prompt", "num_images"]);
+        assert_eq!(
+            fields(k, json!({"prompt": "x", "seed": 9223372036854775808u64})),
+            ["seed"]
+        );
+        assert_eq!(
+            fields(k, json!({"prompt": "x", "guidance_scale": 20.5})),
+            ["guidance_scale"]
+        );
+        assert_eq!(
+            fields(k, json!({"prompt": "x", "enable_safety_checker": "yes"})),
+            ["enable_safety_checker"]
+        );
+        assert_eq!(
+            fields(k, json!({"prompt": "x", "num_images": 5})),
+            ["num_images"]
+        );
+        assert_eq!(
+            fields(k, json!({"prompt": "x", "num_images": 1.5})),
+            ["num_images"]
+        );
+        assert_eq!(
+            fields(k, json!({"prompt": "x", "output_format": "gif"})),
+            ["output_format"]
+        );
+        assert_eq!(
+            fields(k, json!({"num_images": 0})),
+            ["prompt", "num_images"]
+        );
         assert!(validate(k, &json!([1]), || 0).is_err());
     }
 
     #[test]
     fn given_seed_is_kept_and_null_draws_one() {
-        assert_eq!(ok(EndpointKind::Base, json!({"prompt": "x", "seed": 42})).seed, 42);
-        assert_eq!(ok(EndpointKind::Base, json!({"prompt": "x", "seed": null})).seed, 7);
+        assert_eq!(
+            ok(EndpointKind::Base, json!({"prompt": "x", "seed": 42})).seed,
+            42
+        );
+        assert_eq!(
+            ok(EndpointKind::Base, json!({"prompt": "x", "seed": null})).seed,
+            7
+        );
     }
 
     #[test]
@@ -464,7 +717,10 @@ mod tests {
 
     #[test]
     fn revalidation_accepts_its_own_output() {
-        let input = ok(EndpointKind::Sprint, json!({"prompt": "x", "num_images": 3, "output_format": "png"}));
+        let input = ok(
+            EndpointKind::Sprint,
+            json!({"prompt": "x", "num_images": 3, "output_format": "png"}),
+        );
         assert_eq!(revalidate(EndpointKind::Sprint, &input).unwrap(), input);
         let mut bad = input.clone();
         bad.num_inference_steps = 30;
@@ -473,7 +729,12 @@ mod tests {
 
     #[test]
     fn error_body_has_fastapi_shape() {
-        let err = validate(EndpointKind::Base, &json!({"prompt": "x", "num_images": 9}), || 0).unwrap_err();
+        let err = validate(
+            EndpointKind::Base,
+            &json!({"prompt": "x", "num_images": 9}),
+            || 0,
+        )
+        .unwrap_err();
         let body = err.to_body();
         assert_eq!(body["detail"][0]["loc"], json!(["body", "num_images"]));
         assert_eq!(body["detail"][0]["type"], "less_than_equal");

@@ -13,9 +13,8 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use fleet::job::{self, EndpointKind, OutputFormat};
 use fleet::pipelines::loader::ModelSource;
-use fleet::pipelines::rng::TorchCudaGenerator;
 use fleet::pipelines::sana::{
-    load_pipelines, InjectedNoise, NoiseSource, PipelinesConfig, RunOptions,
+    load_pipelines, seeded_noise, InjectedNoise, NoiseSource, PipelinesConfig, RunOptions,
 };
 use fleet::pipelines::{GenerateRequest, PipelineError, StepObserver};
 use serde_json::{json, Map, Value};
@@ -219,7 +218,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let mut noise: Box<dyn NoiseSource> = match &args.latents {
         Some(p) => Box::new(injected(p, &device)?),
-        None => Box::new(TorchCudaGenerator::new(req.seed)),
+        None => seeded_noise(req.seed, &device)?,
     };
     let t_run = Instant::now();
     let images = match args.endpoint {

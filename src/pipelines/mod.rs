@@ -7,12 +7,14 @@
 //! numerics follow docs/sana-port-spec.md and diffusers 0.42.1.
 
 pub mod dcae;
+pub mod gemma2;
 pub mod image_ops;
 pub mod loader;
 pub mod ops;
-pub mod gemma2;
 pub mod param_count;
 pub mod rng;
+#[cfg(feature = "cuda")]
+pub mod rng_cuda;
 pub mod sana;
 pub mod scheduler;
 pub use sana::{load_pipelines, Pipelines, PipelinesConfig};

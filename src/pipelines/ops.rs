@@ -17,12 +17,19 @@ pub fn depthwise_conv2d_nhwc(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>)
     let (_b, h, w, c) = x.dims4()?;
     let (wc, one, kh, kw) = weight.dims4()?;
     if wc != c || one != 1 || kh != kw || kh % 2 == 0 {
-        candle_core::bail!("depthwise_conv2d_nhwc: weight {:?} does not fit {c} channels", weight.dims());
+        candle_core::bail!(
+            "depthwise_conv2d_nhwc: weight {:?} does not fit {c} channels",
+            weight.dims()
+        );
     }
     let pad = kh / 2;
     let xp = x.pad_with_zeros(1, pad, pad)?.pad_with_zeros(2, pad, pad)?;
     // (C, 1, k, k) -> (k, k, C): one C-vector per tap, broadcast over (B, H, W).
-    let taps = weight.to_dtype(x.dtype())?.squeeze(1)?.permute((1, 2, 0))?.contiguous()?;
+    let taps = weight
+        .to_dtype(x.dtype())?
+        .squeeze(1)?
+        .permute((1, 2, 0))?
+        .contiguous()?;
     let mut acc: Option<Tensor> = None;
     for i in 0..kh {
         for j in 0..kw {
@@ -54,7 +61,10 @@ pub fn relu_linear_attention(q: &Tensor, k: &Tensor, v: &Tensor, eps: f64) -> Re
     // diffusers pads v with a row of ones so one GEMM yields numerator and denominator.
     let ones = Tensor::ones(v.dims(), DType::F32, v.device())?.narrow(D::Minus1, 0, 1)?;
     let v_pad = Tensor::cat(&[&v, &ones], D::Minus1)?; // (B, G, N, d+1)
-    let kv = k.transpose(2, 3)?.contiguous()?.matmul(&v_pad.contiguous()?)?; // (B, G, d, d+1)
+    let kv = k
+        .transpose(2, 3)?
+        .contiguous()?
+        .matmul(&v_pad.contiguous()?)?; // (B, G, d, d+1)
     let o = q.contiguous()?.matmul(&kv)?; // (B, G, N, d+1)
     let d = v.dim(D::Minus1)?;
     let num = o.narrow(D::Minus1, 0, d)?;
@@ -81,7 +91,11 @@ mod tests {
                 .conv2d(&wt, k / 2, 1, 1, c)?
                 .broadcast_add(&bias.reshape((1, c, 1, 1))?)?
                 .permute((0, 2, 3, 1))?;
-            let diff = (ours - reference)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let diff = (ours - reference)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
             assert!(diff < 1e-5, "k={k}: max abs diff {diff}");
         }
         Ok(())
@@ -100,11 +114,14 @@ mod tests {
             k.relu()?.squeeze(0)?.to_vec3::<f32>()?,
             v.squeeze(0)?.to_vec3::<f32>()?,
         );
-        let full = relu_linear_attention(&q, &k, &v, 1e-15)?.squeeze(0)?.to_vec3::<f32>()?;
+        let full = relu_linear_attention(&q, &k, &v, 1e-15)?
+            .squeeze(0)?
+            .to_vec3::<f32>()?;
         for g in 0..2 {
             for i in 0..4 {
-                let scores: Vec<f32> =
-                    (0..4).map(|j| (0..3).map(|c| qv[g][i][c] * kv[g][j][c]).sum()).collect();
+                let scores: Vec<f32> = (0..4)
+                    .map(|j| (0..3).map(|c| qv[g][i][c] * kv[g][j][c]).sum())
+                    .collect();
                 let den: f32 = scores.iter().sum::<f32>() + 1e-15;
                 for c in 0..3 {
                     let num: f32 = (0..4).map(|j| scores[j] * vv[g][j][c]).sum();

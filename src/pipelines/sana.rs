@@ -41,6 +41,20 @@ impl NoiseSource for TorchCudaGenerator {
     }
 }
 
+/// The per-request seeded generator for `device`: on a CUDA device (with the `cuda` feature) the draws are
+/// made by the GPU kernel of [`super::rng_cuda`], bit-identical to torch's; elsewhere by the CPU port
+/// [`TorchCudaGenerator`] (H100 launch geometry).
+pub fn seeded_noise(seed: u64, device: &Device) -> Result<Box<dyn NoiseSource>, PipelineError> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return Ok(Box::new(super::rng_cuda::CudaTorchGenerator::new(
+            seed, dev,
+        )?));
+    }
+    let _ = device;
+    Ok(Box::new(TorchCudaGenerator::new(seed)))
+}
+
 /// Pre-recorded draws handed out in order (parity tests, `worker generate --latents`).
 #[derive(Debug, Default)]
 pub struct InjectedNoise {
@@ -312,8 +326,8 @@ impl ImagePipeline for SanaPipeline {
         req: &GenerateRequest,
         observer: &mut dyn StepObserver,
     ) -> Result<Vec<image::RgbImage>, PipelineError> {
-        let mut g = TorchCudaGenerator::new(req.seed);
-        self.generate_with_noise(req, &mut g, RunOptions::default(), observer)
+        let mut g = seeded_noise(req.seed, &self.device)?;
+        self.generate_with_noise(req, g.as_mut(), RunOptions::default(), observer)
     }
 }
 
@@ -426,8 +440,8 @@ impl ImagePipeline for SanaSprintPipeline {
         req: &GenerateRequest,
         observer: &mut dyn StepObserver,
     ) -> Result<Vec<image::RgbImage>, PipelineError> {
-        let mut g = TorchCudaGenerator::new(req.seed);
-        self.generate_with_noise(req, &mut g, RunOptions::default(), observer)
+        let mut g = seeded_noise(req.seed, &self.device)?;
+        self.generate_with_noise(req, g.as_mut(), RunOptions::default(), observer)
     }
 }
 
