@@ -33,6 +33,8 @@ struct Cli {
     serve: ServeArgs,
 }
 
+// Parsed once at start; the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Consume jobs until keep-alive or a shutdown signal (the default).
