@@ -1,13 +1,15 @@
-//! Worker failure paths on the real RabbitMQ and S3: an always-failing job is retried up to the delivery
-//! limit and then dead-lettered with one `failed` event (billing 0); requests that already ended are
-//! skipped (dedupe on `request_id` through the results stream); a passed deadline fails with
-//! `request_timeout`; a `cancelled` event stops a running job between steps.
+//! Worker failure paths on the real RabbitMQ and S3, with the REAL tiny Sana pipelines and NSFW checker
+//! (`tests/common/realpipe.rs`): an always-failing job (its upload fails after every real generation) is
+//! retried up to the delivery limit and then dead-lettered with one `failed` event (billing 0); requests
+//! that already ended are skipped (dedupe on `request_id` through the results stream) and never reach the
+//! pipeline; a passed deadline fails with `request_timeout`; a `cancelled` event stops a job that is in
+//! the middle of its real denoising loop, between steps.
 
 mod common;
 
 use std::time::Duration;
 
-use common::standin::{Gate, Probe, StandInFactory};
+use common::realpipe::{Gate, ObservedFactory, Probe};
 use common::{EventLog, RunningWorker};
 use fleet::events::{ErrorType, Event, EventKind};
 use fleet::job::EndpointKind;
@@ -16,7 +18,8 @@ use futures::StreamExt;
 use lapin::options::BasicAckOptions;
 use serde_json::json;
 
-const WAIT: Duration = Duration::from_secs(60);
+/// Generous bound for a few tiny CPU jobs on a shared 2-core machine.
+const WAIT: Duration = Duration::from_secs(120);
 
 #[tokio::test]
 async fn always_failing_job_is_dead_lettered_after_the_delivery_limit() {
@@ -28,10 +31,10 @@ async fn always_failing_job_is_dead_lettered_after_the_delivery_limit() {
     let mut dead = queue::consume(&dead_ch, &topology.dead_queue(), "dead-watch", 10)
         .await
         .expect("consume dead");
-    let (probe, _dropped) = Probe::new();
+    let (probe, _freed) = Probe::new();
     let worker = RunningWorker::spawn(
         common::worker_config(&topology, "w-failing", storage),
-        StandInFactory::boxed(probe.clone(), None),
+        ObservedFactory::boxed(probe.clone(), None),
     );
     let publisher = Publisher::new(&conn, topology.clone())
         .await
@@ -74,6 +77,11 @@ async fn always_failing_job_is_dead_lettered_after_the_delivery_limit() {
     assert_eq!(log.count(&job.request_id, EventKind::Failed), 1);
     assert_eq!(log.count(&job.request_id, EventKind::Completed), 0);
     worker.stop(WAIT).await;
+    assert_eq!(
+        probe.runs.load(std::sync::atomic::Ordering::SeqCst),
+        attempts.len(),
+        "every attempt generated with the real pipeline and failed at the upload"
+    );
     common::drop_topology(&conn, &topology).await;
 }
 
@@ -81,11 +89,11 @@ async fn always_failing_job_is_dead_lettered_after_the_delivery_limit() {
 async fn ended_requests_are_skipped_and_late_ones_time_out() {
     let conn = common::connect().await;
     let topology = common::fresh_topology(&conn).await;
-    let (probe, _dropped) = Probe::new();
+    let (probe, _freed) = Probe::new();
     // One job at a time, so the queue is worked in order: when the last job completes, the others are settled.
     let worker = RunningWorker::spawn(
         common::worker_config(&topology, "w-dedupe", common::s3_config()),
-        StandInFactory::boxed(probe.clone(), None),
+        ObservedFactory::boxed(probe.clone(), None),
     );
     let publisher = Publisher::new(&conn, topology.clone())
         .await
@@ -156,11 +164,14 @@ async fn ended_requests_are_skipped_and_late_ones_time_out() {
 async fn a_cancelled_event_stops_a_running_job_between_steps() {
     let conn = common::connect().await;
     let topology = common::fresh_topology(&conn).await;
-    let (probe, _dropped) = Probe::new();
+    let (probe, _freed) = Probe::new();
     let gate = Gate::closed();
     let mut config = common::worker_config(&topology, "w-cancel", common::s3_config());
     config.max_concurrency = 2;
-    let worker = RunningWorker::spawn(config, StandInFactory::boxed(probe, Some(gate.clone())));
+    let worker = RunningWorker::spawn(
+        config,
+        ObservedFactory::boxed(probe.clone(), Some(gate.clone())),
+    );
     let publisher = Publisher::new(&conn, topology.clone())
         .await
         .expect("publisher");
@@ -175,6 +186,8 @@ async fn a_cancelled_event_stops_a_running_job_between_steps() {
         e.request_id == running.request_id && e.event == EventKind::Started
     })
     .await;
+    // The real pipeline has computed step 1 of 5 and is held before reporting it.
+    gate.wait_arrived(1, WAIT).await;
     let cancel = Event {
         billable_units: Some(0),
         ..Event::new(
@@ -214,6 +227,11 @@ async fn a_cancelled_event_stops_a_running_job_between_steps() {
     assert!(
         log.count(&running.request_id, EventKind::Progress) <= 1,
         "stopped after at most one step"
+    );
+    assert_eq!(
+        probe.runs.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the cancelled job was inside the real pipeline, the next one ran after it"
     );
     let ch = conn.create_channel().await.expect("channel");
     worker.stop(WAIT).await;

@@ -2,16 +2,17 @@
 //! the failed delivery) and a second worker completes it exactly once — one `completed` event, by the
 //! second worker, with `attempt = 2`, and one set of objects.
 //!
+//! Both workers run the REAL tiny Sana-Sprint pipeline and NSFW checker (`tests/common/realpipe.rs`).
 //! The killed worker is a real separate process: this test binary re-runs itself with `--exact
-//! child_worker --ignored`, and that child runs the worker runtime with the stand-in pipeline held at a
-//! closed gate, so it is mid-job when the parent kills it.
+//! child_worker --ignored`, and that child runs the worker runtime with its real pipeline held at a closed
+//! gate inside the first denoising step, so it is mid-job when the parent kills it.
 
 mod common;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::standin::{Gate, Probe, StandInFactory};
+use common::realpipe::{Gate, ObservedFactory, Probe};
 use common::{EventLog, RunningWorker};
 use fleet::events::EventKind;
 use fleet::job::EndpointKind;
@@ -19,7 +20,8 @@ use fleet::queue::{Publisher, Topology};
 use fleet::storage::Storage;
 use serde_json::json;
 
-const WAIT: Duration = Duration::from_secs(60);
+/// Generous bound for a model load plus a tiny CPU job on a shared 2-core machine.
+const WAIT: Duration = Duration::from_secs(120);
 const CHILD_PREFIX_ENV: &str = "FLEET_TEST_CHILD_TOPOLOGY";
 const CHILD_ID_ENV: &str = "FLEET_TEST_CHILD_WORKER_ID";
 
@@ -33,10 +35,10 @@ async fn child_worker() {
         prefix,
         ..common::test_topology_settings()
     };
-    let (probe, _dropped) = Probe::new();
+    let (probe, _freed) = Probe::new();
     let worker = RunningWorker::spawn(
         common::worker_config(&topology, &worker_id, common::s3_config()),
-        StandInFactory::boxed(probe, Some(Gate::closed())),
+        ObservedFactory::boxed(probe, Some(Gate::closed())),
     );
     // The gate never opens: the parent kills this process while the job is in flight.
     worker.join(Duration::from_secs(600)).await;
@@ -78,10 +80,10 @@ async fn killed_worker_job_is_redelivered_and_completed_once() {
     let status = child.wait().expect("reap the child");
     assert!(!status.success(), "killed, not exited: {status:?}");
 
-    let (probe, _dropped) = Probe::new();
+    let (probe, _freed) = Probe::new();
     let second = RunningWorker::spawn(
         common::worker_config(&topology, "w-second", storage_config.clone()),
-        StandInFactory::boxed(probe, None),
+        ObservedFactory::boxed(probe, None),
     );
     let done = log.terminal(&job.request_id, WAIT).await;
     assert_eq!(done.event, EventKind::Completed, "{done:?}");
@@ -112,6 +114,22 @@ async fn killed_worker_job_is_redelivered_and_completed_once() {
         keys,
         [format!("sprint/{}/0.jpeg", job.request_id)],
         "one set of objects"
+    );
+    let result = done.result.as_ref().expect("result body");
+    let meta = &result["images"][0];
+    let (status, _, body) = common::http_get(meta["url"].as_str().expect("url")).await;
+    assert_eq!(status, 200);
+    let img = image::load_from_memory_with_format(&body, image::ImageFormat::Jpeg)
+        .expect("a JPEG")
+        .to_rgb8();
+    assert_eq!(img.dimensions(), (512, 512), "the requested square size");
+    let flagged = result["has_nsfw_concepts"][0]
+        .as_bool()
+        .expect("one flag per image");
+    assert_eq!(
+        img.pixels().all(|p| p.0 == [0, 0, 0]),
+        flagged,
+        "black exactly when flagged, else the real pipeline's pixels"
     );
     second.stop(WAIT).await;
     common::drop_topology(&conn, &topology).await;

@@ -1,7 +1,8 @@
-//! Worker lifecycle on the real RabbitMQ and S3: keep-alive `exit` (the runtime returns `Idle`, the
-//! binary exits 0) and `unload` (models dropped, loaded again for the next job), the prefetch cap on
-//! concurrently running jobs counted from `started`/`completed` events, and the shutdown drain letting an
-//! in-flight job finish.
+//! Worker lifecycle on the real RabbitMQ and S3, with the REAL tiny Sana pipelines and NSFW checker
+//! (`tests/common/realpipe.rs`): keep-alive `exit` (the runtime returns `Idle`, the binary exits 0) and
+//! `unload` (the real pipelines and checker freed, loaded again by the real factory for the next job), the
+//! prefetch cap on concurrently running jobs counted from `started`/`completed` events, and the shutdown
+//! drain letting an in-flight job finish.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::standin::{Gate, Probe, StandInFactory};
+use common::realpipe::{Freed, Gate, ObservedFactory, Probe};
 use common::{EventLog, RunningWorker};
 use fleet::events::EventKind;
 use fleet::job::EndpointKind;
@@ -17,7 +18,8 @@ use fleet::queue::{self, Publisher};
 use fleet::worker::{IdleAction, WorkerExit};
 use serde_json::json;
 
-const WAIT: Duration = Duration::from_secs(60);
+/// Generous bound for a few tiny CPU jobs on a shared 2-core machine.
+const WAIT: Duration = Duration::from_secs(120);
 
 fn small_job() -> fleet::events::JobMessage {
     common::job(
@@ -30,11 +32,11 @@ fn small_job() -> fleet::events::JobMessage {
 async fn idle_worker_exits_after_keep_alive() {
     let conn = common::connect().await;
     let topology = common::fresh_topology(&conn).await;
-    let (probe, _dropped) = Probe::new();
+    let (probe, _freed) = Probe::new();
     let mut config = common::worker_config(&topology, "w-idle-exit", common::s3_config());
     config.keep_alive = Some(Duration::from_millis(1500));
     config.idle_action = IdleAction::Exit;
-    let worker = RunningWorker::spawn(config, StandInFactory::boxed(probe, None));
+    let worker = RunningWorker::spawn(config, ObservedFactory::boxed(probe, None));
     let publisher = Publisher::new(&conn, topology.clone())
         .await
         .expect("publisher");
@@ -57,19 +59,24 @@ async fn idle_worker_exits_after_keep_alive() {
 async fn idle_worker_unloads_and_reloads_for_the_next_job() {
     let conn = common::connect().await;
     let topology = common::fresh_topology(&conn).await;
-    let (probe, mut dropped) = Probe::new();
+    let (probe, mut freed) = Probe::new();
     let mut config = common::worker_config(&topology, "w-idle-unload", common::s3_config());
     config.keep_alive = Some(Duration::from_millis(1000));
     config.idle_action = IdleAction::Unload;
-    let worker = RunningWorker::spawn(config, StandInFactory::boxed(probe.clone(), None));
+    let worker = RunningWorker::spawn(config, ObservedFactory::boxed(probe.clone(), None));
 
-    // Two endpoints are served, so an unload drops two pipelines.
+    // An unload frees the real pipeline set (both endpoints, one shared text encoder) and the checker.
+    let mut gone = Vec::new();
     for _ in 0..2 {
-        tokio::time::timeout(WAIT, dropped.recv())
-            .await
-            .expect("models unloaded in time")
-            .expect("probe open");
+        gone.push(
+            tokio::time::timeout(WAIT, freed.recv())
+                .await
+                .expect("models unloaded in time")
+                .expect("probe open"),
+        );
     }
+    gone.sort();
+    assert_eq!(gone, [Freed::Pipelines, Freed::Checker]);
     assert_eq!(probe.loads.load(Ordering::SeqCst), 1);
     let publisher = Publisher::new(&conn, topology.clone())
         .await
@@ -86,6 +93,7 @@ async fn idle_worker_unloads_and_reloads_for_the_next_job() {
         2,
         "the job loaded the models again"
     );
+    assert_eq!(probe.runs.load(Ordering::SeqCst), 1);
     assert!(
         !worker.handle.is_finished(),
         "an unloading worker keeps running"
@@ -98,12 +106,15 @@ async fn idle_worker_unloads_and_reloads_for_the_next_job() {
 async fn prefetch_caps_concurrent_jobs() {
     let conn = common::connect().await;
     let topology = common::fresh_topology(&conn).await;
-    let (probe, _dropped) = Probe::new();
+    let (probe, _freed) = Probe::new();
     let gate = Gate::closed();
     let mut config = common::worker_config(&topology, "w-prefetch", common::s3_config());
     config.endpoints = vec![EndpointKind::Sprint];
     config.max_concurrency = 2;
-    let worker = RunningWorker::spawn(config, StandInFactory::boxed(probe, Some(gate.clone())));
+    let worker = RunningWorker::spawn(
+        config,
+        ObservedFactory::boxed(probe.clone(), Some(gate.clone())),
+    );
     let publisher = Publisher::new(&conn, topology.clone())
         .await
         .expect("publisher");
@@ -117,9 +128,13 @@ async fn prefetch_caps_concurrent_jobs() {
         e.event == EventKind::Started
     })
     .await;
-    for job in &jobs {
+    // The two in-flight jobs may reach the model thread in either order: count completions, not ids.
+    for done in 1..=jobs.len() {
         gate.release(1);
-        log.terminal(&job.request_id, WAIT).await;
+        log.wait_count(WAIT, "one more completed job", done, |e| {
+            e.event == EventKind::Completed
+        })
+        .await;
     }
     let mut running: HashMap<String, i32> = HashMap::new();
     let mut peak = 0;
@@ -138,6 +153,7 @@ async fn prefetch_caps_concurrent_jobs() {
     assert!(jobs
         .iter()
         .all(|j| log.count(&j.request_id, EventKind::Completed) == 1));
+    assert_eq!(probe.runs.load(Ordering::SeqCst), jobs.len());
     worker.stop(WAIT).await;
     common::drop_topology(&conn, &topology).await;
 }
@@ -146,11 +162,11 @@ async fn prefetch_caps_concurrent_jobs() {
 async fn shutdown_drains_the_job_in_flight() {
     let conn = common::connect().await;
     let topology = common::fresh_topology(&conn).await;
-    let (probe, _dropped) = Probe::new();
+    let (probe, _freed) = Probe::new();
     let gate = Gate::closed();
     let mut config = common::worker_config(&topology, "w-drain", common::s3_config());
     config.drain_grace = Duration::from_secs(30);
-    let worker = RunningWorker::spawn(config, StandInFactory::boxed(probe, Some(gate.clone())));
+    let worker = RunningWorker::spawn(config, ObservedFactory::boxed(probe, Some(gate.clone())));
     let publisher = Publisher::new(&conn, topology.clone())
         .await
         .expect("publisher");

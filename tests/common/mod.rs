@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod http;
-pub mod standin;
+pub mod realpipe;
 
 use std::time::Duration;
 
