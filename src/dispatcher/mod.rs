@@ -5,9 +5,12 @@
 //! (`state`, fed by `follow`), so it can be killed, restarted or run several times side by side.
 //! Submissions (`submit`, used by `handlers` and `ingress`) publish a `queued` event and then the job,
 //! both confirmed by the broker, before the client gets an answer. `client` holds the CLI's
-//! `submit`/`results` commands. The `dispatcher` binary only parses flags and calls [`serve`].
+//! `submit`/`results` commands. `deadletter` and `deadlines` close requests whose job the broker
+//! dropped or whose start deadline passed. The `dispatcher` binary only parses flags and calls [`serve`].
 
 pub mod client;
+pub mod deadletter;
+pub mod deadlines;
 pub mod follow;
 pub mod handlers;
 pub mod http;
@@ -161,6 +164,18 @@ pub async fn serve(
             r.map_err(DispatcherError::from)
         }
     };
+    // Dead-lettered jobs and missed start deadlines: nothing accepted is left hanging.
+    let recovery_task = {
+        let shutdown = shutdown.clone();
+        async move {
+            let r = deadletter::run_recovery(conn, topology, publisher, &shutdown).await;
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "dead-letter and deadline watch stopped");
+            }
+            shutdown.cancel();
+            r.map_err(DispatcherError::from)
+        }
+    };
     let http_task = {
         let shutdown = shutdown.clone();
         async move {
@@ -169,11 +184,11 @@ pub async fn serve(
             r.map_err(DispatcherError::from)
         }
     };
-    let (f, i, h) = tokio::join!(follow_task, ingress_task, http_task);
+    let (f, i, r, h) = tokio::join!(follow_task, ingress_task, recovery_task, http_task);
     if let Err(e) = conn.close(200, "dispatcher shutting down".into()).await {
         tracing::debug!(error = %e, "closing the broker connection");
     }
-    f.and(i).and(h)
+    f.and(i).and(r).and(h)
 }
 
 /// SIGINT or SIGTERM.

@@ -160,6 +160,12 @@ impl Topology {
         format!("{}.dead", self.prefix)
     }
 
+    /// `{prefix}.dead.watch`: quorum queue bound to the dead exchange beside `{prefix}.dead`; the
+    /// dispatcher consumes it to close requests whose job the broker dropped without a `failed` event.
+    pub fn dead_watch_queue(&self) -> String {
+        format!("{}.dead.watch", self.prefix)
+    }
+
     /// `{prefix}.events`: topic exchange for lifecycle events, routing key `{kind}.{event}`.
     pub fn events_exchange(&self) -> String {
         format!("{}.events", self.prefix)
@@ -206,6 +212,9 @@ impl Topology {
         declare_queue(ch, &self.submit_queue(), quorum.clone()).await?;
         declare_queue(ch, &self.dead_queue(), quorum.clone()).await?;
         bind(ch, &self.dead_queue(), &self.dead_exchange(), "").await?;
+        // The dead exchange is a fanout: both queues get every dead-lettered message.
+        declare_queue(ch, &self.dead_watch_queue(), quorum.clone()).await?;
+        bind(ch, &self.dead_watch_queue(), &self.dead_exchange(), "").await?;
 
         let mut jobs = quorum;
         jobs.insert(
@@ -240,6 +249,7 @@ impl Topology {
         let mut queues = vec![
             self.submit_queue(),
             self.dead_queue(),
+            self.dead_watch_queue(),
             self.results_stream(),
         ];
         queues.extend(EndpointKind::ALL.map(|k| self.job_queue(k)));
@@ -374,6 +384,7 @@ mod tests {
         assert_eq!(t.jobs_exchange(), "t-1.jobs");
         assert_eq!(t.job_queue(EndpointKind::Sprint), "t-1.jobs.sprint");
         assert_eq!(t.dead_exchange(), "t-1.dead");
+        assert_eq!(t.dead_watch_queue(), "t-1.dead.watch");
         assert_eq!(t.events_exchange(), "t-1.events");
         assert_eq!(t.results_stream(), "t-1.results");
         assert_eq!(
