@@ -16,8 +16,9 @@
 //! (`v·(1/2π)` rounded toward zero) and evaluates the rest correctly rounded, so it is **not** bit-exact:
 //! against torch 2.11 draws recorded on an H200, 23 % of elements are bit-identical and the rest differ by
 //! a few ulp, max 1.2·10⁻⁶ absolute (r = √(−2 ln u) ≤ 6.7) — far below anything the bf16 sampler resolves.
-//! A bit-exact path needs the device's own `__sincosf` (a CUDA kernel; spec §5). No global state: each
-//! request owns its generator.
+//! On CUDA devices the pipelines draw with `rng_cuda` instead (feature `cuda`): the same algorithm as a
+//! kernel using the device's own `__sincosf`, bit-exact against torch (see bench/README.md). No global
+//! state: each request owns its generator.
 
 use candle_core::{Device, Shape, Tensor};
 
