@@ -28,12 +28,23 @@ pub const BILLABLE_UNITS_HEADER: &str = "x-fal-billable-units";
 /// fal clients do not retry a 504 that carries this header (a timeout the user asked for).
 pub const TIMEOUT_TYPE_HEADER: &str = "x-fal-request-timeout-type";
 
+fn set_header(resp: &mut Response, name: &'static str, value: HeaderValue) {
+    resp.headers_mut()
+        .insert(HeaderName::from_static(name), value);
+}
+
+/// Sets `x-fal-request-id` (left out when `id` is not a valid header value).
+fn set_request_id(resp: &mut Response, id: &str) {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        set_header(resp, REQUEST_ID_HEADER, v);
+    }
+}
+
 /// A JSON response with optional `x-fal-request-id`.
 pub fn json_response(status: StatusCode, body: &Value, request_id: Option<&str>) -> Response {
     let mut resp = (status, axum::Json(body.clone())).into_response();
-    if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
-        resp.headers_mut()
-            .insert(HeaderName::from_static(REQUEST_ID_HEADER), id);
+    if let Some(id) = request_id {
+        set_request_id(&mut resp, id);
     }
     resp
 }
@@ -42,18 +53,46 @@ fn detail(status: StatusCode, msg: &str) -> Response {
     json_response(status, &json!({ "detail": msg }), None)
 }
 
-/// FastAPI's 422 for one bad location outside the body schema (headers, malformed JSON).
-fn unprocessable(loc: Value, kind: &str, msg: &str, input: Value) -> Response {
-    let mut resp = json_response(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        &json!({"detail": [{"loc": loc, "msg": msg, "type": kind, "input": input}]}),
-        None,
-    );
-    resp.headers_mut().insert(
-        HeaderName::from_static(BILLABLE_UNITS_HEADER),
+/// The 404 of an unknown `request_id`.
+fn request_not_found(id: &str) -> Response {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &json!({"detail": "Request not found"}),
+        Some(id),
+    )
+}
+
+/// The `{request_id}` path segment.
+fn request_id(params: &HashMap<String, String>) -> String {
+    params.get("request_id").cloned().unwrap_or_default()
+}
+
+/// A 422 with `x-fal-billable-units: 0`.
+fn rejected(body: &Value) -> Response {
+    let mut resp = json_response(StatusCode::UNPROCESSABLE_ENTITY, body, None);
+    set_header(
+        &mut resp,
+        BILLABLE_UNITS_HEADER,
         HeaderValue::from_static("0"),
     );
     resp
+}
+
+/// One bad location outside the body schema (headers, malformed JSON).
+struct BadInput {
+    loc: Value,
+    kind: &'static str,
+    msg: &'static str,
+    input: Value,
+}
+
+impl BadInput {
+    /// FastAPI's 422 for it.
+    fn response(self) -> Response {
+        let detail =
+            json!({"loc": self.loc, "msg": self.msg, "type": self.kind, "input": self.input});
+        rejected(&json!({ "detail": [detail] }))
+    }
 }
 
 /// The public base of this app's URLs: `--public-url`, else the scheme and `Host` of the request.
@@ -139,26 +178,11 @@ pub async fn submit_sprint(
     submit_kind(state, EndpointKind::Sprint, headers, q, body).await
 }
 
-async fn submit_kind(
-    State(state): State<AppState>,
-    kind: EndpointKind,
-    headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
-    body: Bytes,
-) -> Response {
-    let metrics = state.metrics();
-    let raw: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            metrics.submission(kind, "http", "invalid");
-            return unprocessable(
-                json!(["body", e.column()]),
-                "json_invalid",
-                "JSON decode error",
-                json!({}),
-            );
-        }
-    };
+/// The submit options carried by the query (`fal_webhook`) and headers, or the header that does not parse.
+fn submit_options(
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+) -> Result<SubmitOptions, BadInput> {
     let mut opts = SubmitOptions {
         webhook_url: q.get("fal_webhook").cloned(),
         ..SubmitOptions::default()
@@ -170,42 +194,57 @@ async fn submit_kind(
             match text.trim().parse::<f64>() {
                 Ok(secs) if secs.is_finite() && secs > 0.0 => opts.start_timeout = Some(secs),
                 _ => {
-                    metrics.submission(kind, "http", "invalid");
-                    return unprocessable(
-                        json!(["header", name]),
-                        "float_parsing",
-                        "Input should be a positive number of seconds",
-                        json!(text),
-                    );
+                    return Err(BadInput {
+                        loc: json!(["header", name]),
+                        kind: "float_parsing",
+                        msg: "Input should be a positive number of seconds",
+                        input: json!(text),
+                    })
                 }
             }
         }
     }
     if let Some(v) = headers.get("x-fal-queue-priority") {
         let text = v.to_str().unwrap_or("");
-        match text.parse::<Priority>() {
-            Ok(p) => opts.priority = p,
-            Err(_) => {
-                metrics.submission(kind, "http", "invalid");
-                return unprocessable(
-                    json!(["header", "x-fal-queue-priority"]),
-                    "literal_error",
-                    "Input should be 'normal' or 'low'",
-                    json!(text),
-                );
-            }
-        }
+        opts.priority = text.parse::<Priority>().map_err(|_| BadInput {
+            loc: json!(["header", "x-fal-queue-priority"]),
+            kind: "literal_error",
+            msg: "Input should be 'normal' or 'low'",
+            input: json!(text),
+        })?;
     }
+    Ok(opts)
+}
+
+async fn submit_kind(
+    State(state): State<AppState>,
+    kind: EndpointKind,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    let metrics = state.metrics();
+    let parsed = match serde_json::from_slice::<Value>(&body) {
+        Ok(raw) => submit_options(&headers, &q).map(|opts| (raw, opts)),
+        Err(e) => Err(BadInput {
+            loc: json!(["body", e.column()]),
+            kind: "json_invalid",
+            msg: "JSON decode error",
+            input: json!({}),
+        }),
+    };
+    let (raw, opts) = match parsed {
+        Ok(parsed) => parsed,
+        Err(bad) => {
+            metrics.submission(kind, "http", "invalid");
+            return bad.response();
+        }
+    };
     let accepted = match submit(state.bus(), kind, &raw, opts).await {
         Ok(a) => a,
         Err(SubmitError::Invalid(err)) => {
             metrics.submission(kind, "http", "invalid");
-            let mut resp = json_response(StatusCode::UNPROCESSABLE_ENTITY, &err.to_body(), None);
-            resp.headers_mut().insert(
-                HeaderName::from_static(BILLABLE_UNITS_HEADER),
-                HeaderValue::from_static("0"),
-            );
-            return resp;
+            return rejected(&err.to_body());
         }
         Err(SubmitError::Broker(e)) => {
             metrics.submission(kind, "http", "error");
@@ -250,7 +289,7 @@ pub async fn status(
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let id = params.get("request_id").cloned().unwrap_or_default();
+    let id = request_id(&params);
     let base = app_base(&state, &headers);
     match state
         .registry()
@@ -258,11 +297,7 @@ pub async fn status(
     {
         Some((Status::Completed, body)) => json_response(StatusCode::OK, &body, Some(&id)),
         Some((_, body)) => json_response(StatusCode::ACCEPTED, &body, Some(&id)),
-        None => json_response(
-            StatusCode::NOT_FOUND,
-            &json!({"detail": "Request not found"}),
-            Some(&id),
-        ),
+        None => request_not_found(&id),
     }
 }
 
@@ -272,15 +307,11 @@ pub async fn status_stream(
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let id = params.get("request_id").cloned().unwrap_or_default();
+    let id = request_id(&params);
     let base = app_base(&state, &headers);
     let logs = wants_logs(&q);
     if state.registry().read(|r| r.get(&id).is_none()) {
-        return json_response(
-            StatusCode::NOT_FOUND,
-            &json!({"detail": "Request not found"}),
-            Some(&id),
-        );
+        return request_not_found(&id);
     }
     let registry = state.registry().clone();
     let mut changes = registry.subscribe();
@@ -302,10 +333,7 @@ pub async fn status_stream(
     let mut resp = Sse::new(events)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response();
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut()
-            .insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
-    }
+    set_request_id(&mut resp, &id);
     resp
 }
 
@@ -313,13 +341,9 @@ pub async fn result(
     State(state): State<AppState>,
     Path(params): Path<HashMap<String, String>>,
 ) -> Response {
-    let id = params.get("request_id").cloned().unwrap_or_default();
+    let id = request_id(&params);
     let Some(view) = state.registry().read(|r| r.get(&id).cloned()) else {
-        return json_response(
-            StatusCode::NOT_FOUND,
-            &json!({"detail": "Request not found"}),
-            Some(&id),
-        );
+        return request_not_found(&id);
     };
     let (status, body, units) = match &view.outcome {
         None => (
@@ -351,10 +375,7 @@ pub async fn result(
         }
     };
     let mut resp = json_response(status, &body, Some(&id));
-    resp.headers_mut().insert(
-        HeaderName::from_static(BILLABLE_UNITS_HEADER),
-        HeaderValue::from(units),
-    );
+    set_header(&mut resp, BILLABLE_UNITS_HEADER, HeaderValue::from(units));
     if matches!(
         &view.outcome,
         Some(Outcome::Failed {
@@ -362,8 +383,9 @@ pub async fn result(
             ..
         })
     ) {
-        resp.headers_mut().insert(
-            HeaderName::from_static(TIMEOUT_TYPE_HEADER),
+        set_header(
+            &mut resp,
+            TIMEOUT_TYPE_HEADER,
             HeaderValue::from_static("user"),
         );
     }
@@ -374,7 +396,7 @@ pub async fn cancel(
     State(state): State<AppState>,
     Path(params): Path<HashMap<String, String>>,
 ) -> Response {
-    let id = params.get("request_id").cloned().unwrap_or_default();
+    let id = request_id(&params);
     let Some((kind, terminal)) = state
         .registry()
         .read(|r| r.get(&id).map(|v| (v.endpoint, v.is_terminal())))

@@ -12,82 +12,25 @@
 //! [`SanaSprintPipeline::generate_with_noise`] take the noise from any [`NoiseSource`] (tests and
 //! `worker generate` inject recorded latents through it).
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use serde::de::DeserializeOwned;
 
 use super::dcae::{DcAeConfig, DcAeDecoder};
 use super::gemma2::{self, Gemma2Encoder};
 use super::image_ops;
 use super::loader::{self, ModelRepo, ModelSource, WeightVariant};
-use super::rng::TorchCudaGenerator;
 use super::scheduler::{self, DpmSolverConfig, FlowDpmSolver, ScmConfig, ScmScheduler};
 use super::text::TextEncoder;
 use super::transformer::SanaTransformer2DModel;
 use super::{GenerateRequest, ImagePipeline, PipelineError, StepObserver};
 use crate::job::EndpointKind;
 
-/// Where standard-normal draws come from, one call per tensor in diffusers' order.
-pub trait NoiseSource {
-    /// An f32 tensor of `shape` on `device` (`torch.randn(shape, generator=g, dtype=float32)`).
-    fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor, PipelineError>;
-}
+mod noise;
 
-impl NoiseSource for TorchCudaGenerator {
-    fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor, PipelineError> {
-        Ok(self.randn_tensor(shape, device)?)
-    }
-}
-
-/// The per-request seeded generator for `device`: on a CUDA device (with the `cuda` feature) the draws are
-/// made by the GPU kernel of [`super::rng_cuda`], bit-identical to torch's; elsewhere by the CPU port
-/// [`TorchCudaGenerator`] (H100 launch geometry).
-pub fn seeded_noise(seed: u64, device: &Device) -> Result<Box<dyn NoiseSource>, PipelineError> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(dev) = device {
-        return Ok(Box::new(super::rng_cuda::CudaTorchGenerator::new(
-            seed, dev,
-        )?));
-    }
-    let _ = device;
-    Ok(Box::new(TorchCudaGenerator::new(seed)))
-}
-
-/// Pre-recorded draws handed out in order (parity tests, `worker generate --latents`).
-#[derive(Debug, Default)]
-pub struct InjectedNoise {
-    queue: VecDeque<Tensor>,
-}
-
-impl InjectedNoise {
-    pub fn new(draws: impl IntoIterator<Item = Tensor>) -> Self {
-        InjectedNoise {
-            queue: draws.into_iter().collect(),
-        }
-    }
-
-    /// Draws not consumed yet.
-    pub fn remaining(&self) -> usize {
-        self.queue.len()
-    }
-}
-
-impl NoiseSource for InjectedNoise {
-    fn randn(&mut self, shape: &[usize], device: &Device) -> Result<Tensor, PipelineError> {
-        let t = self.queue.pop_front().ok_or_else(|| {
-            PipelineError::InvalidRequest(format!("no injected noise left for shape {shape:?}"))
-        })?;
-        if t.dims() != shape {
-            return Err(PipelineError::InvalidRequest(format!(
-                "injected noise has shape {:?}, the pipeline draws {shape:?}",
-                t.dims()
-            )));
-        }
-        Ok(t.to_dtype(DType::F32)?.to_device(device)?)
-    }
-}
+pub use noise::{seeded_noise, InjectedNoise, NoiseSource};
 
 /// Knobs diffusers exposes that the service keeps at their defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,23 +160,50 @@ fn check_request(req: &GenerateRequest, kind: EndpointKind) -> Result<usize, Pip
     Ok(req.num_images as usize)
 }
 
-/// `prompt_embeds.repeat(1, n, 1).view(n, T, -1)` for one prompt (and the mask likewise).
-fn repeat_rows(
-    embeds: &Tensor,
-    mask: &Tensor,
-    n: usize,
-) -> Result<(Tensor, Tensor), PipelineError> {
-    let e = embeds.repeat((n, 1, 1))?;
-    let m = mask.repeat((n, 1))?;
-    Ok((e, m))
+/// What both pipelines hold: the shared text encoder, one checkpoint's denoiser and its scheduler config
+/// `S` (validated by the pipeline's `load`).
+struct PipelineCore<S> {
+    text: Arc<TextEncoder>,
+    parts: DenoiserParts,
+    scheduler: S,
+    device: Device,
+}
+
+impl<S: DeserializeOwned> PipelineCore<S> {
+    /// Reads `scheduler/scheduler_config.json` of `repo` and keeps it beside the loaded `parts`.
+    fn new(
+        repo: &mut ModelRepo,
+        text: Arc<TextEncoder>,
+        parts: DenoiserParts,
+        device: &Device,
+    ) -> Result<Self, PipelineError> {
+        let scheduler: S = loader::read_json(&repo.file("scheduler/scheduler_config.json")?)?;
+        Ok(PipelineCore {
+            text,
+            parts,
+            scheduler,
+            device: device.clone(),
+        })
+    }
+}
+
+impl<S> PipelineCore<S> {
+    /// `encode_prompt` for one prompt and `n` images: embeddings `(n, T, hidden)` and mask `(n, T)`, i.e.
+    /// `prompt_embeds.repeat(1, n, 1).view(n, T, -1)` (and the mask likewise).
+    fn encode_prompt(
+        &self,
+        prompt: &str,
+        use_chi: bool,
+        n: usize,
+    ) -> Result<(Tensor, Tensor), PipelineError> {
+        let (embeds, mask) = self.text.encode_prompts(&[prompt.to_owned()], use_chi)?;
+        Ok((embeds.repeat((n, 1, 1))?, mask.repeat((n, 1))?))
+    }
 }
 
 /// Sana 1600M: CFG over `[negative; positive]`, flow DPM-Solver++(2M).
 pub struct SanaPipeline {
-    text: Arc<TextEncoder>,
-    parts: DenoiserParts,
-    scheduler: DpmSolverConfig,
-    device: Device,
+    core: PipelineCore<DpmSolverConfig>,
 }
 
 impl SanaPipeline {
@@ -246,20 +216,14 @@ impl SanaPipeline {
         files: &mut Vec<PathBuf>,
     ) -> Result<Self, PipelineError> {
         let parts = DenoiserParts::load(repo, dtype, device, files)?;
-        let scheduler: DpmSolverConfig =
-            loader::read_json(&repo.file("scheduler/scheduler_config.json")?)?;
+        let core = PipelineCore::new(repo, text, parts, device)?;
         // Validate the scheduler config now rather than on the first request.
-        FlowDpmSolver::new(&scheduler, 1)?;
-        Ok(SanaPipeline {
-            text,
-            parts,
-            scheduler,
-            device: device.clone(),
-        })
+        FlowDpmSolver::new(&core.scheduler, 1)?;
+        Ok(SanaPipeline { core })
     }
 
     pub fn text_encoder(&self) -> &Arc<TextEncoder> {
-        &self.text
+        &self.core.text
     }
 
     /// [`ImagePipeline::generate`] with an explicit noise source and options.
@@ -270,18 +234,13 @@ impl SanaPipeline {
         opts: RunOptions,
         observer: &mut dyn StepObserver,
     ) -> Result<Vec<image::RgbImage>, PipelineError> {
+        let core = &self.core;
         let n = check_request(req, EndpointKind::Base)?;
-        let (h, w) = self.parts.generation_size(req, opts)?;
+        let (h, w) = core.parts.generation_size(req, opts)?;
         let cfg_on = req.guidance_scale > 1.0;
-        let (pos, pos_mask) = self
-            .text
-            .encode_prompts(std::slice::from_ref(&req.prompt), true)?;
-        let (pos, pos_mask) = repeat_rows(&pos, &pos_mask, n)?;
+        let (pos, pos_mask) = core.encode_prompt(&req.prompt, true, n)?;
         let (embeds, mask) = if cfg_on {
-            let (neg, neg_mask) = self
-                .text
-                .encode_prompts(std::slice::from_ref(&req.negative_prompt), false)?;
-            let (neg, neg_mask) = repeat_rows(&neg, &neg_mask, n)?;
+            let (neg, neg_mask) = core.encode_prompt(&req.negative_prompt, false, n)?;
             (
                 Tensor::cat(&[&neg, &pos], 0)?,
                 Tensor::cat(&[&neg_mask, &pos_mask], 0)?,
@@ -289,11 +248,11 @@ impl SanaPipeline {
         } else {
             (pos, pos_mask)
         };
-        let transformer = &self.parts.transformer;
+        let transformer = &core.parts.transformer;
         let text = transformer.prepare_text(&embeds, &mask)?;
 
-        let mut sched = FlowDpmSolver::new(&self.scheduler, req.num_inference_steps as usize)?;
-        let mut latents = noise.randn(&self.parts.latent_shape(n, h, w), &self.device)?;
+        let mut sched = FlowDpmSolver::new(&core.scheduler, req.num_inference_steps as usize)?;
+        let mut latents = noise.randn(&core.parts.latent_shape(n, h, w), &core.device)?;
         let total = req.num_inference_steps;
         let timestep_scale = transformer.config().timestep_scale as f32;
         let timesteps = sched.timesteps().to_vec();
@@ -304,7 +263,7 @@ impl SanaPipeline {
                 latents.clone()
             };
             // int64 timestep × timestep_scale → float32, one value for every row.
-            let t = Tensor::new(&[*t as f32 * timestep_scale], &self.device)?;
+            let t = Tensor::new(&[*t as f32 * timestep_scale], &core.device)?;
             let out = transformer
                 .forward(&x_in, &t, None, &text)?
                 .to_dtype(DType::F32)?;
@@ -316,7 +275,7 @@ impl SanaPipeline {
             latents = sched.step(&v, &latents)?;
             observer.on_step(i as u32 + 1, total)?;
         }
-        self.parts.decode_to_images(&latents, req, opts)
+        core.parts.decode_to_images(&latents, req, opts)
     }
 }
 
@@ -326,7 +285,7 @@ impl ImagePipeline for SanaPipeline {
         req: &GenerateRequest,
         observer: &mut dyn StepObserver,
     ) -> Result<Vec<image::RgbImage>, PipelineError> {
-        let mut g = seeded_noise(req.seed, &self.device)?;
+        let mut g = seeded_noise(req.seed, &self.core.device)?;
         self.generate_with_noise(req, g.as_mut(), RunOptions::default(), observer)
     }
 }
@@ -344,10 +303,7 @@ pub fn sprint_guidance(guidance_scale: f64, scale: f64, dtype: DType) -> f32 {
 
 /// Sana-Sprint 1.6B: TrigFlow SCM, no negative prompt, guidance as an input embedding.
 pub struct SanaSprintPipeline {
-    text: Arc<TextEncoder>,
-    parts: DenoiserParts,
-    scheduler: ScmConfig,
-    device: Device,
+    core: PipelineCore<ScmConfig>,
 }
 
 impl SanaSprintPipeline {
@@ -366,19 +322,13 @@ impl SanaSprintPipeline {
                 repo.source().id
             )));
         }
-        let scheduler: ScmConfig =
-            loader::read_json(&repo.file("scheduler/scheduler_config.json")?)?;
-        ScmScheduler::new(&scheduler, 2)?;
-        Ok(SanaSprintPipeline {
-            text,
-            parts,
-            scheduler,
-            device: device.clone(),
-        })
+        let core = PipelineCore::new(repo, text, parts, device)?;
+        ScmScheduler::new(&core.scheduler, 2)?;
+        Ok(SanaSprintPipeline { core })
     }
 
     pub fn text_encoder(&self) -> &Arc<TextEncoder> {
-        &self.text
+        &self.core.text
     }
 
     /// [`ImagePipeline::generate`] with an explicit noise source and options. Draws: initial latents,
@@ -390,20 +340,18 @@ impl SanaSprintPipeline {
         opts: RunOptions,
         observer: &mut dyn StepObserver,
     ) -> Result<Vec<image::RgbImage>, PipelineError> {
+        let core = &self.core;
         let n = check_request(req, EndpointKind::Sprint)?;
-        let (h, w) = self.parts.generation_size(req, opts)?;
-        let (embeds, mask) = self
-            .text
-            .encode_prompts(std::slice::from_ref(&req.prompt), true)?;
-        let (embeds, mask) = repeat_rows(&embeds, &mask, n)?;
-        let transformer = &self.parts.transformer;
+        let (h, w) = core.parts.generation_size(req, opts)?;
+        let (embeds, mask) = core.encode_prompt(&req.prompt, true, n)?;
+        let transformer = &core.parts.transformer;
         let text = transformer.prepare_text(&embeds, &mask)?;
 
-        let mut sched = ScmScheduler::new(&self.scheduler, req.num_inference_steps as usize)?;
-        let shape = self.parts.latent_shape(n, h, w);
+        let mut sched = ScmScheduler::new(&core.scheduler, req.num_inference_steps as usize)?;
+        let shape = core.parts.latent_shape(n, h, w);
         let sigma_data = sched.sigma_data();
         let mut latents = noise
-            .randn(&shape, &self.device)?
+            .randn(&shape, &core.device)?
             .affine(f64::from(sigma_data), 0.0)?;
         let cfg = transformer.config();
         let g = sprint_guidance(
@@ -411,16 +359,16 @@ impl SanaSprintPipeline {
             cfg.guidance_embeds_scale,
             transformer.dtype(),
         );
-        let guidance = Tensor::new(&[g], &self.device)?;
+        let guidance = Tensor::new(&[g], &core.device)?;
         let total = req.num_inference_steps;
         let mut denoised = None;
         for i in 0..sched.num_steps() {
             let inp = sched.step_input();
             let x_in = sched.model_input(&latents, inp)?;
-            let tau = Tensor::new(&[inp.scm_timestep], &self.device)?;
+            let tau = Tensor::new(&[inp.scm_timestep], &core.device)?;
             let v = transformer.forward(&x_in, &tau, Some(&guidance), &text)?;
             let f = sched.trigflow_output(&x_in, &v, inp)?;
-            let z = noise.randn(&shape, &self.device)?;
+            let z = noise.randn(&shape, &core.device)?;
             let (prev, x0) = sched.step(&f, &latents, &z)?;
             latents = prev;
             denoised = Some(x0);
@@ -430,7 +378,7 @@ impl SanaSprintPipeline {
             denoised.ok_or_else(|| PipelineError::InvalidRequest("no denoising steps".into()))?;
         // latents = denoised / sigma_data
         let latents = x0.broadcast_div(&Tensor::new(sigma_data, x0.device())?)?;
-        self.parts.decode_to_images(&latents, req, opts)
+        core.parts.decode_to_images(&latents, req, opts)
     }
 }
 
@@ -440,7 +388,7 @@ impl ImagePipeline for SanaSprintPipeline {
         req: &GenerateRequest,
         observer: &mut dyn StepObserver,
     ) -> Result<Vec<image::RgbImage>, PipelineError> {
-        let mut g = seeded_noise(req.seed, &self.device)?;
+        let mut g = seeded_noise(req.seed, &self.core.device)?;
         self.generate_with_noise(req, g.as_mut(), RunOptions::default(), observer)
     }
 }
@@ -578,19 +526,5 @@ mod tests {
         assert_eq!(sprint_guidance(4.5, 0.1, DType::BF16), 0.449_218_75);
         // f32 reference runs: f32(5)·f32(0.1) in f32.
         assert_eq!(sprint_guidance(5.0, 0.1, DType::F32), 5.0f32 * 0.1f32);
-    }
-
-    #[test]
-    fn injected_noise_checks_shape_and_order() {
-        let dev = Device::Cpu;
-        let a = Tensor::zeros((1, 2), DType::F32, &dev).unwrap();
-        let b = Tensor::ones((1, 3), DType::F32, &dev).unwrap();
-        let mut src = InjectedNoise::new([a, b]);
-        assert_eq!(src.randn(&[1, 2], &dev).unwrap().dims(), &[1, 2]);
-        assert!(
-            src.randn(&[1, 2], &dev).is_err(),
-            "second draw has another shape"
-        );
-        assert!(src.randn(&[1, 3], &dev).is_err(), "queue is empty");
     }
 }

@@ -17,7 +17,8 @@ use candle_nn::{
 use image::RgbImage;
 use serde::Deserialize;
 
-use super::processor::{ClassDefaults, Processor};
+use super::input::ModelInput;
+use super::processor::ClassDefaults;
 use super::{load_error, SafetyChecker, SafetyError};
 
 /// Concept table sizes diffusers hard-codes in `StableDiffusionSafetyChecker.__init__`.
@@ -294,16 +295,13 @@ pub fn has_nsfw_concept(
 
 /// The v1 checker.
 pub struct ClipChecker {
-    processor: Processor,
+    input: ModelInput,
     tower: VisionTower,
     visual_projection: Linear,
     concept_embeds: Tensor,
     special_care_embeds: Tensor,
     concept_w: Vec<f32>,
     special_w: Vec<f32>,
-    image_size: usize,
-    device: Device,
-    dtype: DType,
 }
 
 /// `F.normalize(x, dim=-1)`: `x / max(||x||, 1e-12)`, in f32.
@@ -319,9 +317,8 @@ impl ClipChecker {
         preprocessor_json: &str,
         vb: VarBuilder,
     ) -> Result<Self, SafetyError> {
-        let processor = Processor::from_json(preprocessor_json, ClassDefaults::CLIP)
-            .map_err(SafetyError::Load)?;
         let c = &cfg.vision_config;
+        let input = ModelInput::new(preprocessor_json, ClassDefaults::CLIP, c.image_size, &vb)?;
         // Hub checkpoints (transformers 4 `CLIPVisionModel` wrapping `CLIPVisionTransformer`) nest the
         // tower as `vision_model.vision_model.*`; transformers 5 flattened the class (its
         // `PrefixChange(prefix_to_remove="vision_model")` converts on load) and saves `vision_model.*`.
@@ -348,41 +345,24 @@ impl ClipChecker {
                 .to_vec1::<f32>()?)
         };
         Ok(Self {
-            processor,
+            input,
             tower,
             visual_projection,
             concept_embeds,
             special_care_embeds,
             concept_w: host("concept_embeds_weights", N_CONCEPTS)?,
             special_w: host("special_care_embeds_weights", N_SPECIAL)?,
-            image_size: c.image_size,
-            device: vb.device().clone(),
-            dtype: vb.dtype(),
         })
     }
 
     /// `pixel_values` `(B, 3, 224, 224)` f32 exactly as the CLIP feature extractor makes them.
     pub fn pixel_values(&self, images: &[RgbImage]) -> Result<Tensor, SafetyError> {
-        let (data, (h, w)) = self
-            .processor
-            .pixel_values(images)
-            .map_err(SafetyError::Input)?;
-        if (h, w) != (self.image_size, self.image_size) {
-            return Err(SafetyError::Input(format!(
-                "processor yields {w}x{h}, the model expects {0}x{0}",
-                self.image_size
-            )));
-        }
-        Ok(Tensor::from_vec(
-            data,
-            (images.len(), 3, h, w),
-            &Device::Cpu,
-        )?)
+        self.input.pixel_values(images)
     }
 
     /// `image_embeds = visual_projection(pooled_output)`, f32 `(B, projection_dim)`.
     pub fn image_embeds(&self, pixel_values: &Tensor) -> Result<Tensor, SafetyError> {
-        let x = pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let x = self.input.to_model(pixel_values)?;
         let pooled = self.tower.forward(&x)?;
         Ok(self
             .visual_projection

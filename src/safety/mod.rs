@@ -11,6 +11,7 @@
 //! ([`processor`]), so flags near the decision boundary agree with the Python service.
 
 pub mod clip;
+mod input;
 pub mod processor;
 pub mod resize;
 pub mod vit;

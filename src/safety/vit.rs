@@ -15,7 +15,8 @@ use candle_transformers::models::vit;
 use image::RgbImage;
 use serde::Deserialize;
 
-use super::processor::{ClassDefaults, Processor};
+use super::input::ModelInput;
+use super::processor::ClassDefaults;
 use super::{load_error, SafetyChecker, SafetyError};
 
 fn default_act() -> candle_nn::Activation {
@@ -104,12 +105,9 @@ impl VitConfig {
 
 /// The v2 checker: processor + ViT classifier on one device.
 pub struct VitChecker {
-    processor: Processor,
+    input: ModelInput,
     model: vit::Model,
     nsfw_index: usize,
-    image_size: usize,
-    device: Device,
-    dtype: DType,
 }
 
 impl VitChecker {
@@ -119,45 +117,25 @@ impl VitChecker {
         preprocessor_json: &str,
         vb: VarBuilder,
     ) -> Result<Self, SafetyError> {
-        let processor = Processor::from_json(preprocessor_json, ClassDefaults::VIT)
-            .map_err(SafetyError::Load)?;
+        let input = ModelInput::new(preprocessor_json, ClassDefaults::VIT, cfg.image_size, &vb)?;
         let nsfw_index = cfg.nsfw_index()?;
-        let model = vit::Model::new(&cfg.candle(), cfg.id2label.len(), vb.clone())
+        let model = vit::Model::new(&cfg.candle(), cfg.id2label.len(), vb)
             .map_err(|e| load_error("ViT weights", e))?;
         Ok(Self {
-            processor,
+            input,
             model,
             nsfw_index,
-            image_size: cfg.image_size,
-            device: vb.device().clone(),
-            dtype: vb.dtype(),
         })
     }
 
     /// `pixel_values` `(B, 3, 224, 224)` f32 exactly as `ViTImageProcessor` makes them.
     pub fn pixel_values(&self, images: &[RgbImage]) -> Result<Tensor, SafetyError> {
-        let (data, (h, w)) = self
-            .processor
-            .pixel_values(images)
-            .map_err(SafetyError::Input)?;
-        if (h, w) != (self.image_size, self.image_size) {
-            // The position table has image_size/patch² entries; other sizes need interpolation transformers
-            // only does on request.
-            return Err(SafetyError::Input(format!(
-                "processor yields {w}x{h}, the model expects {0}x{0}",
-                self.image_size
-            )));
-        }
-        Ok(Tensor::from_vec(
-            data,
-            (images.len(), 3, h, w),
-            &Device::Cpu,
-        )?)
+        self.input.pixel_values(images)
     }
 
     /// Classifier logits `(B, num_labels)` in f32 for preprocessed `pixel_values`.
     pub fn logits(&self, pixel_values: &Tensor) -> Result<Tensor, SafetyError> {
-        let x = pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let x = self.input.to_model(pixel_values)?;
         Ok(self.model.forward(&x)?.to_dtype(DType::F32)?)
     }
 
