@@ -133,12 +133,16 @@ struct ServeArgs {
     /// Endpoint clients download from (URLs are signed for it); default: --s3-endpoint.
     #[arg(long, env = "FLEET_S3_PUBLIC_ENDPOINT")]
     s3_public_endpoint: Option<String>,
+    /// S3 region (SigV4 signing scope); Garage uses "garage".
     #[arg(long, env = "FLEET_S3_REGION", default_value = "garage")]
     s3_region: String,
+    /// S3 access key id (required by `serve`).
     #[arg(long, env = "FLEET_S3_ACCESS_KEY_ID")]
     s3_access_key_id: Option<String>,
+    /// S3 secret access key (required by `serve`; redacted in logs).
     #[arg(long, env = "FLEET_S3_SECRET_ACCESS_KEY", hide_env_values = true)]
     s3_secret_access_key: Option<String>,
+    /// Bucket the images are uploaded to.
     #[arg(long, env = "FLEET_S3_BUCKET", default_value = "fleet")]
     s3_bucket: String,
     /// Serve `{base}/{key}` URLs instead of presigned ones (publicly readable bucket).
