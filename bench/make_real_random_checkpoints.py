@@ -11,6 +11,8 @@ spells out) with random weights on the GPU, casts to bf16 and save_pretrained()s
 The tokenizer is the tiny fixture's (tests/fixtures/tiny/sana/tokenizer, vocab 816 < 256000): its ids are valid
 for the real Gemma vocabulary, but its complex-human-instruction length differs from the real tokenizer's,
 so the positive prompt is shorter than the real ~510 tokens (sana-bench prints the length).
+Overrides for a CPU dry run of the layout: SANA_CFG_DIR (a directory with the same six JSON names, e.g. the tiny
+configs) and SANA_INIT_DEVICE=cpu.
 """
 import json, os, shutil, sys, time
 import torch

@@ -4,13 +4,14 @@
 //! Both pipelines are loaded in bf16 through [`load_pipelines`] from two diffusers-layout directories
 //! (random weights at the real configs, written by `bench/make_real_random_checkpoints.py`). Every case:
 //! one untimed warm-up, one warm-up that also samples device memory, then the median of up to
-//! `SANA_BENCH_RUNS` (default 5) runs, each between two `synchronize()` calls (fewer runs when a run is so
-//! slow that five would pass `SANA_BENCH_CASE_BUDGET_S`, default 60 s; the table says how many ran).
+//! `SANA_BENCH_RUNS` (default 5) runs, each between two `synchronize()` calls (only as many as fit in
+//! `SANA_BENCH_CASE_BUDGET_S`, default 60 s, at the second warm-up's time, at least one; the table says how
+//! many ran).
 //!
 //! What each of our cases includes:
 //! - pipeline cases: `ImagePipeline::generate` (seeded GPU noise), i.e. tokenisation + Gemma-2 encoding
-//!   (prompt with the complex human instruction, plus the negative prompt for base) + denoising + VAE decode
-//!   + resize/crop + conversion to 8-bit RGB on the host. Diffusers is given prompt embeddings, so the
+//!   (prompt with the complex human instruction, plus the negative prompt for base), denoising, VAE decode,
+//!   resize/crop and conversion to 8-bit RGB on the host. Diffusers is given prompt embeddings, so the
 //!   column "ours − text" subtracts the median of the matching text-encoding case, timed apart.
 //! - `gemma2 encode pos(510)+neg(300)`: `Gemma2Encoder::forward` on random ids of 510 and 300 tokens, all
 //!   attended (the diffusers case), no tokeniser.
@@ -37,6 +38,19 @@ use fleet::pipelines::dcae::{DcAeConfig, DcAeDecoder};
 use fleet::pipelines::loader::{self, ModelRepo, ModelSource, WeightVariant};
 use fleet::pipelines::transformer::SanaTransformer2DModel;
 use fleet::pipelines::{load_pipelines, GenerateRequest, NoProgress, PipelinesConfig};
+
+/// Diffusers' medians and peaks by case name: `(ms, peak GiB)`.
+type DiffusersRows = HashMap<String, (f64, f64)>;
+
+/// A pipeline case: name, endpoint, width, height, images, text-encoding case to subtract.
+type PipelineCase = (
+    &'static str,
+    EndpointKind,
+    u32,
+    u32,
+    u32,
+    Option<&'static str>,
+);
 
 const GIB: f64 = (1u64 << 30) as f64;
 const PROMPT: &str =
@@ -207,7 +221,7 @@ fn request(kind: EndpointKind, width: u32, height: u32, n: u32) -> GenerateReque
     }
 }
 
-fn diffusers_rows(path: Option<&Path>) -> anyhow::Result<(String, HashMap<String, (f64, f64)>)> {
+fn diffusers_rows(path: Option<&Path>) -> anyhow::Result<(String, DiffusersRows)> {
     let Some(path) = path else {
         return Ok(("(no diffusers JSON given)".into(), HashMap::new()));
     };
@@ -341,7 +355,7 @@ fn main() -> anyhow::Result<()> {
     // Pipelines (through the worker's entry point, seeded GPU noise).
     let pn = Some("ours: text encode, tokenizer + pos + neg");
     let p = Some("ours: text encode, tokenizer + pos");
-    let cases: [(&str, EndpointKind, u32, u32, u32, Option<&'static str>); 6] = [
+    let cases: [PipelineCase; 6] = [
         (
             "base 1024x1024 18 steps CFG n=1 (no text enc)",
             EndpointKind::Base,
