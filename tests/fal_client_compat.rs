@@ -49,28 +49,11 @@ fn tiny(name: &str) -> String {
 
 /// The worker binary on the test topology with the tiny checkpoints (as in `tests/worker_process.rs`).
 fn spawn_worker(topology: &Topology) -> Child {
-    let s3 = common::s3_config();
-    Command::new(env!("CARGO_BIN_EXE_worker"))
+    common::worker_binary(topology)
         .args(["--worker-id", "fal-compat", "--device", "cpu"])
         .args(["--base-model", &tiny("sana")])
         .args(["--sprint-model", &tiny("sana_sprint")])
         .args(["--safety-model", &tiny("nsfw_vit")])
-        .args(["--topology-prefix", &topology.prefix])
-        .args(["--results-max-age", &topology.results_max_age])
-        .args(["--delivery-limit", &topology.delivery_limit.to_string()])
-        .env("FLEET_AMQP_URL", common::amqp_url())
-        .env("FLEET_S3_ENDPOINT", &s3.endpoint)
-        .env("FLEET_S3_REGION", &s3.region)
-        .env("FLEET_S3_ACCESS_KEY_ID", &s3.access_key_id)
-        .env("FLEET_S3_SECRET_ACCESS_KEY", &s3.secret_access_key)
-        .env("FLEET_S3_BUCKET", &s3.bucket)
-        .stdout(Stdio::null())
-        .stderr(if std::env::var_os("FLEET_TEST_WORKER_LOGS").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn the worker binary")
 }

@@ -7,10 +7,10 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 
 use std::time::Duration;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use common::EventLog;
 use fleet::events::EventKind;
@@ -30,16 +30,9 @@ fn tiny(name: &str) -> String {
 
 /// Starts the worker binary on a test topology with the tiny checkpoints.
 fn spawn_worker(topology: &Topology, worker_id: &str, extra: &[&str]) -> Child {
-    let s3 = common::s3_config();
-    Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args([
-            "--worker-id",
-            worker_id,
-            "--device",
-            "cpu",
-            "--retry-backoff-ms",
-            "0",
-        ])
+    common::worker_binary(topology)
+        .args(["--worker-id", worker_id, "--device", "cpu"])
+        .args(["--retry-backoff-ms", "0"])
         .args([
             "--base-model",
             &tiny("sana"),
@@ -52,28 +45,7 @@ fn spawn_worker(topology: &Topology, worker_id: &str, extra: &[&str]) -> Child {
             "--safety-checker",
             "v2",
         ])
-        .args([
-            "--topology-prefix",
-            &topology.prefix,
-            "--results-max-age",
-            &topology.results_max_age,
-        ])
-        .args(["--delivery-limit", &topology.delivery_limit.to_string()])
         .args(extra)
-        .env("FLEET_AMQP_URL", common::amqp_url())
-        .env("FLEET_S3_ENDPOINT", &s3.endpoint)
-        .env("FLEET_S3_REGION", &s3.region)
-        .env("FLEET_S3_ACCESS_KEY_ID", &s3.access_key_id)
-        .env("FLEET_S3_SECRET_ACCESS_KEY", &s3.secret_access_key)
-        .env("FLEET_S3_BUCKET", &s3.bucket)
-        .stdout(Stdio::null())
-        // Worker logs only when asked for: FLEET_TEST_WORKER_LOGS=1.
-        .stderr(if std::env::var_os("FLEET_TEST_WORKER_LOGS").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn the worker binary")
 }

@@ -30,7 +30,7 @@ use image::RgbImage;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde_json::{json, Value};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// Generous bound for one tiny CPU job (or a start-up) on a shared 2-core machine.
 const WAIT: Duration = Duration::from_secs(180);
@@ -148,45 +148,28 @@ fn spawn_worker(
     checker: (&str, &Path),
     capture_stderr: bool,
 ) -> Child {
-    let s3 = common::s3_config();
-    let stderr = if capture_stderr {
-        Stdio::piped()
-    } else if std::env::var_os("FLEET_TEST_WORKER_LOGS").is_some() {
-        Stdio::inherit()
-    } else {
-        Stdio::null()
-    };
-    Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args([
-            "--worker-id",
-            worker_id,
-            "--device",
-            "cpu",
-            "--dtype",
-            "f32",
-        ])
-        .args(["--retry-backoff-ms", "0", "--endpoints", "sprint"])
-        .arg("--sprint-model")
-        .arg(tiny("sana_sprint"))
-        .arg("--base-model")
-        .arg(tiny("sana"))
-        .args(["--safety-checker", checker.0])
-        .arg("--safety-model")
-        .arg(checker.1)
-        .args(["--topology-prefix", &topology.prefix])
-        .args(["--results-max-age", &topology.results_max_age])
-        .args(["--delivery-limit", &topology.delivery_limit.to_string()])
-        .env("FLEET_AMQP_URL", common::amqp_url())
-        .env("FLEET_S3_ENDPOINT", &s3.endpoint)
-        .env("FLEET_S3_REGION", &s3.region)
-        .env("FLEET_S3_ACCESS_KEY_ID", &s3.access_key_id)
-        .env("FLEET_S3_SECRET_ACCESS_KEY", &s3.secret_access_key)
-        .env("FLEET_S3_BUCKET", &s3.bucket)
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the worker binary")
+    let mut cmd = common::worker_binary(topology);
+    if capture_stderr {
+        cmd.stderr(Stdio::piped());
+    }
+    cmd.args([
+        "--worker-id",
+        worker_id,
+        "--device",
+        "cpu",
+        "--dtype",
+        "f32",
+    ])
+    .args(["--retry-backoff-ms", "0", "--endpoints", "sprint"])
+    .arg("--sprint-model")
+    .arg(tiny("sana_sprint"))
+    .arg("--base-model")
+    .arg(tiny("sana"))
+    .args(["--safety-checker", checker.0])
+    .arg("--safety-model")
+    .arg(checker.1)
+    .spawn()
+    .expect("spawn the worker binary")
 }
 
 /// SIGTERM, then waits (bounded) for the drain; the worker must exit 0.

@@ -48,6 +48,31 @@ pub fn s3_config() -> StorageConfig {
     }
 }
 
+/// The real `worker` binary wired to `topology`, the test broker and the test S3 server, with stdout
+/// discarded and stderr shown only when `FLEET_TEST_WORKER_LOGS` is set; killed when dropped. Callers add
+/// the model, device and behaviour flags (and may override stderr) before spawning.
+pub fn worker_binary(topology: &Topology) -> tokio::process::Command {
+    let s3 = s3_config();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"));
+    cmd.args(["--topology-prefix", &topology.prefix])
+        .args(["--results-max-age", &topology.results_max_age])
+        .args(["--delivery-limit", &topology.delivery_limit.to_string()])
+        .env("FLEET_AMQP_URL", amqp_url())
+        .env("FLEET_S3_ENDPOINT", &s3.endpoint)
+        .env("FLEET_S3_REGION", &s3.region)
+        .env("FLEET_S3_ACCESS_KEY_ID", &s3.access_key_id)
+        .env("FLEET_S3_SECRET_ACCESS_KEY", &s3.secret_access_key)
+        .env("FLEET_S3_BUCKET", &s3.bucket)
+        .stdout(std::process::Stdio::null())
+        .stderr(if std::env::var_os("FLEET_TEST_WORKER_LOGS").is_some() {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        })
+        .kill_on_drop(true);
+    cmd
+}
+
 /// Settings of every test topology (a redeclare must use the same arguments): prefix left empty.
 pub fn test_topology_settings() -> Topology {
     Topology {
