@@ -216,6 +216,22 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_survive_json_exactly() {
+        // Seen in CI: without serde_json's `float_roundtrip`, 1795603706.5057933 came back as ...505793.
+        let input = validate(EndpointKind::Base, &json!({"prompt": "x"}), || 1).unwrap();
+        let msg = JobMessage {
+            request_id: "r".into(),
+            endpoint: EndpointKind::Base,
+            submitted_at: 1795603706.5057933,
+            deadline: Some(1795603706.5057933 + 0.1),
+            input,
+        };
+        let back: JobMessage = serde_json::from_str(&serde_json::to_string(&msg).unwrap()).unwrap();
+        assert_eq!(back.submitted_at.to_bits(), msg.submitted_at.to_bits());
+        assert_eq!(back, msg);
+    }
+
+    #[test]
     fn events_round_trip_and_route() {
         let e = Event::failed("r2", EndpointKind::Base, ErrorType::ValidationError, "bad");
         assert_eq!(e.routing_key(), "base.failed");
