@@ -188,7 +188,8 @@ async fn cli_submits_over_amqp_waits_for_urls_and_prints_the_stream() {
     );
 
     let worker = FakeWorker::new(&conn, &topology).await;
-    let job = worker.take(EndpointKind::Sprint).await.expect("job");
+    // The ingress publishes `queued` before the job, so the job may not be in the queue yet: wait for it.
+    let job = worker.wait_job(&conn, EndpointKind::Sprint).await;
     assert_eq!(job.request_id, request_id);
     worker.start(&job).await;
     worker.step(&job, 1, 2).await;
