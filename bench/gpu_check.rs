@@ -22,6 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use fleet::job::EndpointKind;
 use fleet::pipelines::image_ops::psnr;
 use fleet::pipelines::loader::ModelSource;
+use fleet::pipelines::ops;
 use fleet::pipelines::rng::TorchCudaGenerator;
 use fleet::pipelines::rng_cuda::{CudaTorchGenerator, DeviceShape};
 use fleet::pipelines::sana::{
@@ -350,6 +351,165 @@ fn seeded(pipes: &mut Pipelines, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// ‖a − b‖ / ‖b‖ in f64 on the host.
+fn rel_l2(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
+    let a: Vec<f64> = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let b: Vec<f64> = b.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    anyhow::ensure!(a.len() == b.len(), "length {} vs {}", a.len(), b.len());
+    let (mut num, mut den) = (0.0, 0.0);
+    for (x, y) in a.iter().zip(&b) {
+        num += (x - y) * (x - y);
+        den += y * y;
+    }
+    let r = (num / den.max(1e-300)).sqrt();
+    anyhow::ensure!(r.is_finite(), "non-finite output");
+    Ok(r)
+}
+
+/// Runs `f` once on the fused kernels and once on the portable bodies (same device, same inputs).
+fn fused_vs_portable(
+    f: &dyn Fn() -> candle_core::Result<Tensor>,
+) -> anyhow::Result<(Tensor, Tensor)> {
+    ops::force_portable(false);
+    let fused = f()?;
+    ops::force_portable(true);
+    let portable = f();
+    ops::force_portable(false);
+    Ok((fused, portable?))
+}
+
+/// Each fused op against the portable path at the real model shapes (Sana 1600M block, DC-AE f32c32).
+/// Bounds: bf16 1e-2 (the portable path rounds to bf16 after every op, the kernels once, in f32 inside);
+/// f32 1e-5 (summation order).
+fn fused_op_cases(device: &Device, dtype: DType, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let bound = if dtype == DType::BF16 { 1e-2 } else { 1e-5 };
+    let rnd = |shape: &[usize], std: f64| -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)
+    };
+    let mut check =
+        |name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| -> anyhow::Result<()> {
+            let (a, b) = fused_vs_portable(f)?;
+            anyhow::ensure!(
+                a.dims() == b.dims(),
+                "{name}: {:?} vs {:?}",
+                a.dims(),
+                b.dims()
+            );
+            let r = rel_l2(&a, &b)?;
+            row(
+                rows,
+                format!("fused {name} {dtype:?} vs portable"),
+                format!("rel L2 {r:.2e} (bound {bound:.0e})"),
+                Some(r <= bound),
+            );
+            Ok(())
+        };
+    // Transformer GLUMBConv middle, (2, 32, 32, 2·5600).
+    let x = rnd(&[2, 32, 32, 11200], 1.0)?;
+    let ib = rnd(&[11200], 1.0)?;
+    let dw = ops::DepthwiseWeight::new(rnd(&[11200, 1, 3, 3], 0.3)?);
+    let db = rnd(&[11200], 1.0)?;
+    check("glu_depthwise (2,32,32,11200)", &|| {
+        ops::glu_depthwise(&x, &ib, &dw, &db)
+    })?;
+    // DC-AE multiscale 5×5 on (1, 128, 128, 3·512).
+    let x5 = rnd(&[1, 128, 128, 1536], 1.0)?;
+    let dw5 = ops::DepthwiseWeight::new(rnd(&[1536, 1, 5, 5], 0.2)?);
+    check("depthwise 5x5 (1,128,128,1536)", &|| {
+        ops::depthwise_conv(&x5, &dw5, None)
+    })?;
+    // Linear attention: transformer (2, 1024, 70, 32); DC-AE interleaved q|k|v (1, 16384, 32, 3·32).
+    let (q, k, v) = (
+        rnd(&[2, 1024, 70, 32], 1.0)?,
+        rnd(&[2, 1024, 70, 32], 1.0)?,
+        rnd(&[2, 1024, 70, 32], 1.0)?,
+    );
+    check("linear attention (2,1024,70,32)", &|| {
+        ops::relu_linear_attention_tokens(&q, &k, &v, 1e-15)
+    })?;
+    let all = rnd(&[1, 16384, 32, 96], 1.0)?;
+    check("linear attention q|k|v views (1,16384,32,3·32)", &|| {
+        ops::relu_linear_attention_tokens(
+            &all.narrow(3, 0, 32)?,
+            &all.narrow(3, 32, 32)?,
+            &all.narrow(3, 64, 32)?,
+            1e-15,
+        )
+    })?;
+    // AdaLN: LayerNorm + modulate, gated residual on (2, 1024, 2240).
+    let h = (rnd(&[2, 1024, 2240], 3.0)? + 0.5)?;
+    let y = rnd(&[2, 1024, 2240], 1.0)?;
+    let table = rnd(&[6, 2240], 0.2)?;
+    let temb = rnd(&[2, 6 * 2240], 0.2)?;
+    check("layer_norm_modulate (2,1024,2240)", &|| {
+        ops::layer_norm_modulate(&h, &table, &temb, 0, 1, 1e-6)
+    })?;
+    check("gated_residual (2,1024,2240)", &|| {
+        ops::gated_residual(&h, &y, &table, &temb, 2)
+    })?;
+    // DC-AE ResBlock norm + residual, NCHW (1, 128, 1024, 1024).
+    let hn = rnd(&[1, 128, 1024, 1024], 1.0)?;
+    let res = rnd(&[1, 128, 1024, 1024], 1.0)?;
+    let w = rnd(&[128], 1.0)?;
+    let b = rnd(&[128], 1.0)?;
+    check("rms_norm_nchw + residual (1,128,1024,1024)", &|| {
+        ops::rms_norm_nchw(&hn, &w, &b, Some(&res), 1e-5)
+    })?;
+    Ok(())
+}
+
+/// One real-size transformer forward (B=2, 1024², bf16) and one DC-AE decode 1024², fused against portable
+/// on the same random weights (`make_real_random_checkpoints.py` output). bf16 through 20 blocks / the whole
+/// decoder: bound 3e-2 (reported alongside).
+fn real_size_fused_vs_portable(
+    base_dir: &Path,
+    device: &Device,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    use fleet::pipelines::dcae::{DcAeConfig, DcAeDecoder};
+    use fleet::pipelines::loader::{self, ModelRepo, ModelSource, WeightVariant};
+    use fleet::pipelines::transformer::SanaTransformer2DModel;
+    let mut repo = ModelRepo::open(&ModelSource::new(base_dir.display().to_string()))?;
+    let tr = SanaTransformer2DModel::load_component(
+        &repo.component("transformer", WeightVariant::Default)?,
+        DType::BF16,
+        device,
+    )?;
+    let x = Tensor::randn(0f32, 1f32, (2, 32, 32, 32), device)?.to_dtype(DType::BF16)?;
+    let emb = Tensor::randn(0f32, 1f32, (2, 300, 2304), device)?.to_dtype(DType::BF16)?;
+    let mask_row: Vec<u32> = (0..300).map(|i| u32::from(i < 40)).collect();
+    let mask = Tensor::from_vec(mask_row, (1, 300), device)?.repeat((2, 1))?;
+    let ts = Tensor::new(&[999f32, 500f32], device)?;
+    let (a, b) = fused_vs_portable(&|| {
+        let ctx = tr.prepare_text(&emb, &mask)?;
+        tr.forward(&x, &ts, None, &ctx)
+    })?;
+    let r = rel_l2(&a, &b)?;
+    row(
+        rows,
+        "real-size transformer fwd B=2 1024² bf16 fused vs portable",
+        format!("rel L2 {r:.2e} (bound 3e-2)"),
+        Some(r <= 3e-2),
+    );
+    drop(tr);
+    let v_files = repo.component("vae", WeightVariant::Default)?;
+    let vae_cfg = DcAeConfig::from_json_file(&v_files.config)?;
+    let vae = DcAeDecoder::load(
+        loader::var_builder(&v_files.weights, DType::BF16, device)?,
+        &vae_cfg,
+    )?;
+    let lat = Tensor::randn(0f32, 1f32, (1, 32, 32, 32), device)?.to_dtype(DType::BF16)?;
+    let (a, b) = fused_vs_portable(&|| vae.decode(&lat))?;
+    let r = rel_l2(&a, &b)?;
+    row(
+        rows,
+        "real-size DC-AE decode 1024² bf16 fused vs portable",
+        format!("rel L2 {r:.2e} (bound 3e-2)"),
+        Some(r <= 3e-2),
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let root = std::env::args()
         .nth(1)
@@ -382,6 +542,16 @@ fn main() -> anyhow::Result<()> {
     }
     if let Err(e) = randn_timing(cuda, &device, &mut rows) {
         errors.push(format!("randn timing: {e:#}"));
+    }
+    for dtype in [DType::BF16, DType::F32] {
+        if let Err(e) = fused_op_cases(&device, dtype, &mut rows) {
+            errors.push(format!("fused ops {dtype:?}: {e:#}"));
+        }
+    }
+    if let Some(real) = std::env::args().nth(3).map(PathBuf::from) {
+        if let Err(e) = real_size_fused_vs_portable(&real, &device, &mut rows) {
+            errors.push(format!("real-size fused vs portable: {e:#}"));
+        }
     }
     for dtype in [DType::F32, DType::BF16] {
         let t = Instant::now();

@@ -23,7 +23,13 @@
 //! during the second warm-up) against the total: device-wide usage, CUDA context and the stream-ordered
 //! pool included. The diffusers column is `torch.cuda.max_memory_allocated` (live tensors only).
 //!
-//! Usage: `sana-bench BASE_DIR SPRINT_DIR [DIFFUSERS_JSON]`.
+//! Usage: `sana-bench BASE_DIR SPRINT_DIR [DIFFUSERS_JSON [DIFFUSERS_COMPILED_JSON]]`.
+//!
+//! Environment: `SANA_BENCH_ONLY="a|b"` runs only the cases whose name contains one of the parts;
+//! `SANA_BENCH_JSON=path` writes the results as JSON (a list of cases with `case`, `ours_ms`,
+//! `diffusers_ms`, `diffusers_compiled_ms`, `ratio`, `ratio_compiled`, `peak_gib`, `diffusers_peak_gib`);
+//! `SANA_BENCH_PROFILE=fwd|decode` loads only that component, runs it twice, then once more between
+//! `cuProfilerStart`/`cuProfilerStop` (for `ncu --profile-from-start off`) and exits.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -135,6 +141,11 @@ impl Bench {
         text_case: Option<&'static str>,
         mut f: impl FnMut() -> anyhow::Result<()>,
     ) {
+        if let Ok(only) = std::env::var("SANA_BENCH_ONLY") {
+            if !only.split('|').any(|k| !k.is_empty() && name.contains(k)) {
+                return;
+            }
+        }
         match self.measure(&mut f) {
             Ok((ms, runs, peak)) => {
                 println!(
@@ -271,6 +282,9 @@ fn main() -> anyhow::Result<()> {
         errors: Vec::new(),
     };
     let before = used_bytes(&cuda)?;
+    if let Ok(which) = std::env::var("SANA_BENCH_PROFILE") {
+        return profile(&which, &args[1], &device);
+    }
 
     let t = Instant::now();
     let mut pipes = load_pipelines(&PipelinesConfig {
@@ -422,13 +436,15 @@ fn main() -> anyhow::Result<()> {
     }
 
     let (dinfo, dref) = diffusers_rows(args.get(3).map(Path::new))?;
+    let (cinfo, cref) = diffusers_rows(args.get(4).map(Path::new))?;
     println!("\n## sana-bench on {card} (bf16, random weights at the real configs)\n");
     println!(
-        "ours: resident after loading both pipelines +{:.2} GiB; {dinfo}\n",
+        "ours: resident after loading both pipelines +{:.2} GiB; {dinfo}; compiled {cinfo}\n",
         resident as f64 / GIB
     );
-    println!("| case | ours ms (runs) | ours − text ms | diffusers ms | ratio ours/diffusers | ours peak GiB (device) | diffusers peak GiB (allocated) |");
-    println!("|---|---|---|---|---|---|---|");
+    let mut json_rows = Vec::new();
+    println!("| case | ours ms (runs) | ours − text ms | diffusers ms | ratio ours/diffusers | diffusers compiled ms | ratio ours/compiled | ours peak GiB (device) | diffusers peak GiB (allocated) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in &bench.rows {
         let text_ms = r.text_case.and_then(|c| bench.median_of(c));
         let cmp_ms = match (r.text_case, text_ms) {
@@ -450,13 +466,50 @@ fn main() -> anyhow::Result<()> {
             (Some((d, pk)), None) => (format!("{d:.1}"), format!("{pk:.2}"), "n/a".into()),
             (None, _) => ("–".into(), "–".into(), "–".into()),
         };
+        let compiled = cref.get(&r.case).map(|(c, _)| *c);
+        let ratio_c = match (compiled, cmp_ms) {
+            (Some(c), Some(o)) => Some(o / c),
+            _ => None,
+        };
         let peak = r
             .peak
             .map_or("–".into(), |p| format!("{:.2}", p as f64 / GIB));
+        let opt =
+            |v: Option<f64>, prec: usize| v.map_or("–".to_string(), |x| format!("{x:.prec$}"));
         println!(
-            "| {} | {:.1} ({}) | {minus_text} | {d_ms} | {ratio} | {peak} | {d_peak} |",
-            r.case, r.ms, r.runs
+            "| {} | {:.1} ({}) | {minus_text} | {d_ms} | {ratio} | {} | {} | {peak} | {d_peak} |",
+            r.case,
+            r.ms,
+            r.runs,
+            opt(compiled, 1),
+            opt(ratio_c, 2)
         );
+        let diff = dref.get(&r.case);
+        json_rows.push(serde_json::json!({
+            "case": r.case,
+            "ours_ms": cmp_ms,
+            "ours_total_ms": r.ms,
+            "runs": r.runs,
+            "diffusers_ms": diff.map(|d| d.0),
+            "diffusers_compiled_ms": compiled,
+            "ratio": match (diff, cmp_ms) { (Some(d), Some(o)) => Some(o / d.0), _ => None },
+            "ratio_compiled": ratio_c,
+            "peak_gib": r.peak.map(|p| p as f64 / GIB),
+            "diffusers_peak_gib": diff.map(|d| d.1),
+        }));
+    }
+    if let Ok(path) = std::env::var("SANA_BENCH_JSON") {
+        let doc = serde_json::json!({
+            "card": card,
+            "date": std::env::var("SANA_BENCH_DATE").unwrap_or_default(),
+            "ours_resident_gib": resident as f64 / GIB,
+            "diffusers": dinfo,
+            "diffusers_compiled": cinfo,
+            "cases": json_rows,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {path}"))?;
+        println!("wrote {path}");
     }
     for e in &bench.errors {
         println!("ERROR {e}");
@@ -464,5 +517,59 @@ fn main() -> anyhow::Result<()> {
     if !bench.errors.is_empty() {
         std::process::exit(1);
     }
+    Ok(())
+}
+
+/// One component call between `cuProfilerStart` and `cuProfilerStop`, after two warm-up calls.
+fn profile(which: &str, base_dir: &str, device: &Device) -> anyhow::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let mut repo = ModelRepo::open(&ModelSource::new(base_dir.to_string()))?;
+    let mut run: Box<dyn FnMut() -> anyhow::Result<()>> = match which {
+        "decode" => {
+            let v_files = repo.component("vae", WeightVariant::Default)?;
+            let vae_cfg = DcAeConfig::from_json_file(&v_files.config)?;
+            let vae = DcAeDecoder::load(
+                loader::var_builder(&v_files.weights, DType::BF16, device)?,
+                &vae_cfg,
+            )?;
+            let lat = Tensor::randn(0f32, 1f32, (1, 32, 32, 32), device)?.to_dtype(DType::BF16)?;
+            let inv = 1.0 / vae_cfg.scaling_factor;
+            Box::new(move || {
+                vae.decode(&lat.affine(inv, 0.0)?)?;
+                Ok(())
+            })
+        }
+        "fwd" => {
+            let tr = SanaTransformer2DModel::load_component(
+                &repo.component("transformer", WeightVariant::Default)?,
+                DType::BF16,
+                device,
+            )?;
+            let x = Tensor::randn(0f32, 1f32, (2, 32, 32, 32), device)?.to_dtype(DType::BF16)?;
+            let emb = Tensor::randn(0f32, 1f32, (1, 300, 2304), device)?
+                .to_dtype(DType::BF16)?
+                .repeat((2, 1, 1))?;
+            let mask_row: Vec<u32> = (0..300).map(|i| u32::from(i < 40)).collect();
+            let mask = Tensor::from_vec(mask_row, (1, 300), device)?.repeat((2, 1))?;
+            let ts = Tensor::new(&[999f32, 999f32], device)?;
+            Box::new(move || {
+                let ctx = tr.prepare_text(&emb, &mask)?;
+                tr.forward(&x, &ts, None, &ctx)?;
+                Ok(())
+            })
+        }
+        other => bail!("SANA_BENCH_PROFILE={other}: expected fwd or decode"),
+    };
+    for _ in 0..2 {
+        run()?;
+    }
+    device.synchronize()?;
+    unsafe { sys::cuProfilerStart() }.result()?;
+    let t = Instant::now();
+    run()?;
+    device.synchronize()?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    unsafe { sys::cuProfilerStop() }.result()?;
+    println!("profiled one {which}: {ms:.1} ms wall");
     Ok(())
 }

@@ -9,6 +9,8 @@
 pub mod dcae;
 pub mod gemma2;
 pub mod image_ops;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod loader;
 pub mod ops;
 pub mod param_count;

@@ -2,9 +2,288 @@
 //!
 //! Each op is one function so a fused CUDA kernel can later replace the body without touching the
 //! model code (sana-port-spec §6.2). The bodies here are the portable reference path: plain candle ops,
-//! correct on every device, used by the CPU parity tests. Layout is channels-last `(B, H, W, C)`.
+//! correct on every device, used by the CPU parity tests. With the `cuda` feature, a CUDA tensor in bf16 or
+//! f32 goes to our fused kernels instead ([`super::kernels`], compared with these bodies by `gpu-check`).
+//! Layout is channels-last `(B, H, W, C)` unless a function says otherwise.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Result, Tensor, D};
+
+static PORTABLE_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// Routes every op through the portable bodies, also on CUDA (process-wide). For `gpu-check` and the
+/// benchmarks, which compare the fused kernels with the reference path on the same device.
+pub fn force_portable(on: bool) {
+    PORTABLE_ONLY.store(on, Ordering::SeqCst);
+}
+
+/// Whether `t` takes the fused CUDA path.
+#[cfg(feature = "cuda")]
+fn fused(t: &Tensor) -> bool {
+    !PORTABLE_ONLY.load(Ordering::Relaxed)
+        && t.device().is_cuda()
+        && super::kernels::supports(t.dtype())
+}
+
+/// A depthwise conv weight `(C, 1, k, k)` as PyTorch stores it, and its `(k, k, C)` transpose (one
+/// C-vector per tap), made on first use and kept: the layout both the portable body and the kernel read.
+#[derive(Debug, Clone)]
+pub struct DepthwiseWeight {
+    weight: Tensor,
+    taps: Arc<OnceLock<Tensor>>,
+}
+
+impl DepthwiseWeight {
+    pub fn new(weight: Tensor) -> Self {
+        Self {
+            weight,
+            taps: Arc::new(OnceLock::new()),
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// `(k, k, C)` in the weight's dtype, contiguous.
+    pub fn taps(&self) -> Result<Tensor> {
+        if let Some(t) = self.taps.get() {
+            return Ok(t.clone());
+        }
+        let (c, one, kh, kw) = self.weight.dims4()?;
+        if one != 1 || kh != kw || kh % 2 == 0 {
+            candle_core::bail!(
+                "depthwise weight {:?} is not (C, 1, k, k) with odd k",
+                self.weight.dims()
+            );
+        }
+        let taps = self
+            .weight
+            .reshape((c, kh, kw))?
+            .permute((1, 2, 0))?
+            .contiguous()?;
+        Ok(self.taps.get_or_init(|| taps).clone())
+    }
+}
+
+/// [`depthwise_conv2d_nhwc`] with a prepared weight: the fused kernel on CUDA.
+pub fn depthwise_conv(
+    x: &Tensor,
+    weight: &DepthwiseWeight,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x) {
+        let taps = weight.taps()?.to_dtype(x.dtype())?;
+        let bias = bias.map(|b| b.to_dtype(x.dtype())).transpose()?;
+        return super::kernels::dwconv_nhwc(
+            &x.contiguous()?,
+            &taps,
+            bias.as_ref(),
+            None,
+            false,
+            false,
+        );
+    }
+    depthwise_conv2d_nhwc(x, weight.weight(), bias)
+}
+
+/// The middle of GLUMBConv, channels-last: `y = depthwise(silu(x + in_bias)) + bias`, then the channel
+/// halves `value · silu(gate)` (`torch.chunk(2)`: value first). `x`: `(B, H, W, 2·hidden)`, the 1×1
+/// expansion without its bias. Returns `(B, H, W, hidden)`. One kernel on CUDA.
+pub fn glu_depthwise(
+    x: &Tensor,
+    in_bias: &Tensor,
+    weight: &DepthwiseWeight,
+    bias: &Tensor,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x) {
+        let dt = x.dtype();
+        let taps = weight.taps()?.to_dtype(dt)?;
+        return super::kernels::dwconv_nhwc(
+            &x.contiguous()?,
+            &taps,
+            Some(&bias.to_dtype(dt)?),
+            Some(&in_bias.to_dtype(dt)?),
+            true,
+            true,
+        );
+    }
+    let hidden = x.dim(D::Minus1)? / 2;
+    let y = x.broadcast_add(in_bias)?.silu()?;
+    let y = depthwise_conv2d_nhwc(&y, weight.weight(), Some(bias))?;
+    let value = y.narrow(D::Minus1, 0, hidden)?;
+    let gate = y.narrow(D::Minus1, hidden, hidden)?;
+    value * gate.silu()?
+}
+
+/// ReLU linear attention on token-major views `(B, N, G, d)` (any strides, unit stride on `d`: heads
+/// split by a reshape, or q|k|v groups narrowed out of one tensor). Returns `(B, N, G·d)` in the inputs'
+/// dtype; f32 inside, as [`relu_linear_attention`]. One fused pass on CUDA, no casts or copies.
+pub fn relu_linear_attention_tokens(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(q) && q.dim(3)? <= 64 {
+        return super::kernels::relu_linear_attention_tokens(q, k, v, eps);
+    }
+    let (b, n, g, d) = q.dims4()?;
+    let o = relu_linear_attention(
+        &q.transpose(1, 2)?,
+        &k.transpose(1, 2)?,
+        &v.transpose(1, 2)?,
+        eps,
+    )?;
+    o.to_dtype(q.dtype())?
+        .transpose(1, 2)?
+        .reshape((b, n, g * d))
+}
+
+/// LayerNorm over the last dim without affine, computed two-pass in f32 (no `E[x²]−mean²`
+/// cancellation on large residual streams) and returned in `x`'s dtype, like `nn.LayerNorm` on bf16.
+pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
+}
+
+/// Row `i` of the AdaLN modulation: `table[i] + temb6[:, i]` as `(B, 1, D)`.
+/// `table`: `(6, D)`; `temb6`: `(B, 6·D)`.
+pub fn modulation_row(table: &Tensor, temb6: &Tensor, i: usize) -> Result<Tensor> {
+    let (b, d6) = temb6.dims2()?;
+    let d = d6 / 6;
+    table
+        .unsqueeze(0)?
+        .broadcast_add(&temb6.reshape((b, 6, d))?)?
+        .narrow(1, i, 1)
+}
+
+/// `LayerNorm(x) · (1 + scale) + shift` with `shift`/`scale` rows `shift_i`/`scale_i` of the modulation
+/// ([`modulation_row`]). `x`: `(B, N, D)`. One kernel on CUDA.
+pub fn layer_norm_modulate(
+    x: &Tensor,
+    table: &Tensor,
+    temb6: &Tensor,
+    shift_i: usize,
+    scale_i: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x) {
+        let dt = x.dtype();
+        return super::kernels::layer_norm_modulate(
+            &x.contiguous()?,
+            &table.to_dtype(dt)?.contiguous()?,
+            &temb6.to_dtype(dt)?.contiguous()?,
+            shift_i,
+            scale_i,
+            eps,
+        );
+    }
+    let shift = modulation_row(table, temb6, shift_i)?;
+    let scale = modulation_row(table, temb6, scale_i)?;
+    layer_norm_no_affine(x, eps)?
+        .broadcast_mul(&(scale + 1.0)?)?
+        .broadcast_add(&shift)
+}
+
+/// `x + y · gate` with `gate` row `gate_i` of the modulation. `x`, `y`: `(B, N, D)`. One kernel on CUDA.
+pub fn gated_residual(
+    x: &Tensor,
+    y: &Tensor,
+    table: &Tensor,
+    temb6: &Tensor,
+    gate_i: usize,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x) {
+        let dt = x.dtype();
+        return super::kernels::gated_residual(
+            &x.contiguous()?,
+            &y.contiguous()?,
+            &table.to_dtype(dt)?.contiguous()?,
+            &temb6.to_dtype(dt)?.contiguous()?,
+            gate_i,
+        );
+    }
+    x + y.broadcast_mul(&modulation_row(table, temb6, gate_i)?)?
+}
+
+/// `a.matmul(b)` for f32 operands whose values are bf16 numbers (bf16 activations cast up): on CUDA through
+/// the TF32 tensor cores, which is exact here (bf16 → tf32 loses no bits; products and sums stay f32, as in
+/// the fused SDPA kernels diffusers uses). candle's switch is process-wide, so it is set around this one call.
+pub fn matmul_bf16_valued(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(a) && a.dtype() == DType::F32 {
+        let before = candle_core::cuda::gemm_reduced_precision_f32();
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        let out = a.matmul(b);
+        candle_core::cuda::set_gemm_reduced_precision_f32(before);
+        return out;
+    }
+    a.matmul(b)
+}
+
+/// `softmax(scores · scale + mask_bias)` over the last dim, cast to `dtype`: f32 `scores` `(B, H, N, T)`,
+/// additive f32 `mask_bias` `(B, 1, 1, T)`. One kernel on CUDA (scale, mask, softmax and cast fused).
+pub fn masked_softmax(
+    scores: &Tensor,
+    mask_bias: &Tensor,
+    scale: f64,
+    dtype: DType,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(scores) && scores.dtype() == DType::F32 && super::kernels::supports(dtype) {
+        return super::kernels::masked_softmax(
+            &scores.contiguous()?,
+            &mask_bias.contiguous()?,
+            scale,
+            dtype,
+        );
+    }
+    let s = (scores * scale)?.broadcast_add(mask_bias)?;
+    candle_nn::ops::softmax_last_dim(&s)?.to_dtype(dtype)
+}
+
+/// diffusers `RMSNorm(C, eps, weight, bias)` over the channels of an NCHW tensor
+/// (`norm(h.movedim(1, -1)).movedim(-1, 1)`), plus `residual` when given. One kernel on CUDA, with no
+/// layout copies; the portable body goes through channels-last and candle's `rms_norm`.
+pub fn rms_norm_nchw(
+    h: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    eps: f32,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(h) {
+        let dt = h.dtype();
+        let residual = residual.map(|r| r.contiguous()).transpose()?;
+        return super::kernels::rms_norm_nchw(
+            &h.contiguous()?,
+            &weight.to_dtype(dt)?,
+            Some(&bias.to_dtype(dt)?),
+            residual.as_ref(),
+            eps,
+        );
+    }
+    let hl = h.permute((0, 2, 3, 1))?.contiguous()?;
+    let y = candle_nn::ops::rms_norm(&hl, weight, eps)?.broadcast_add(bias)?;
+    let y = y.permute((0, 3, 1, 2))?.contiguous()?;
+    match residual {
+        Some(r) => y + r,
+        None => Ok(y),
+    }
+}
 
 /// Depthwise 2-D convolution, stride 1, "same" zero padding (`k / 2`), channels-last.
 ///

@@ -471,6 +471,11 @@ impl Pipelines {
 /// Loads the configured pipelines. The text encoder is loaded once, from the base source when present
 /// (else the Sprint one), and shared: the Sprint checkpoint's own `text_encoder/` is never read.
 pub fn load_pipelines(cfg: &PipelinesConfig) -> Result<Pipelines, PipelineError> {
+    // Our kernels compile (NVRTC) and load here, not on the first request.
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = &cfg.device {
+        super::kernels::preload(dev)?;
+    }
     let mut files = Vec::new();
     let mut base_repo = cfg.base.as_ref().map(ModelRepo::open).transpose()?;
     let mut sprint_repo = cfg.sprint.as_ref().map(ModelRepo::open).transpose()?;

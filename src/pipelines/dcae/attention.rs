@@ -15,7 +15,9 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::blocks::{check_norm_type, ChannelRmsNorm, GluMbConv};
-use crate::pipelines::ops::{depthwise_conv2d_nhwc, relu_linear_attention};
+#[cfg(test)]
+use crate::pipelines::ops::relu_linear_attention;
+use crate::pipelines::ops::{depthwise_conv, relu_linear_attention_tokens, DepthwiseWeight};
 
 /// `SanaMultiscaleLinearAttention.eps` (default 1e-15, also used by the quadratic branch).
 const ATTN_EPS: f64 = 1e-15;
@@ -24,8 +26,8 @@ const ATTN_EPS: f64 = 1e-15;
 /// `3·heads` groups of `head_dim` channels (no bias), on `(B, H, W, 3·inner)`.
 #[derive(Debug, Clone)]
 struct MultiscaleProjection {
-    proj_in: Tensor,  // (3·inner, 1, k, k)
-    proj_out: Tensor, // (3·inner, head_dim, 1, 1)
+    proj_in: DepthwiseWeight, // (3·inner, 1, k, k)
+    proj_out: Tensor,         // (3·inner, head_dim, 1, 1)
     head_dim: usize,
 }
 
@@ -36,14 +38,14 @@ impl MultiscaleProjection {
         }
         let ch = 3 * inner;
         Ok(Self {
-            proj_in: vb.pp("proj_in").get((ch, 1, kernel, kernel), "weight")?,
+            proj_in: DepthwiseWeight::new(vb.pp("proj_in").get((ch, 1, kernel, kernel), "weight")?),
             proj_out: vb.pp("proj_out").get((ch, head_dim, 1, 1), "weight")?,
             head_dim,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = depthwise_conv2d_nhwc(x, &self.proj_in, None)?;
+        let y = depthwise_conv(x, &self.proj_in, None)?;
         let (b, h, w, ch) = y.dims4()?;
         let d = self.head_dim;
         let groups = ch / d;
@@ -129,24 +131,22 @@ impl MultiscaleLinearAttention {
             scales.push(proj.forward(&qkv)?);
         }
         let all = Tensor::cat(&scales, D::Minus1)?; // (B, H, W, 3·inner·(1+S))
-        let all = if use_linear {
-            all.to_dtype(DType::F32)?
-        } else {
-            all
-        };
-        // torch: (B, 6C, H, W).reshape(B, G, 3d, HW).chunk(3, dim=2): group g owns channels [3d·g, 3d·(g+1)).
+                                                    // torch: (B, 6C, H, W).reshape(B, G, 3d, HW).chunk(3, dim=2): group g owns channels [3d·g, 3d·(g+1)).
         let groups = all.dim(D::Minus1)? / (3 * d);
-        let all = all.reshape((b, n, groups, 3 * d))?;
-        let part = |i: usize| -> Result<Tensor> { all.narrow(3, i * d, d)?.transpose(1, 2) }; // (B, G, N, d)
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-
         let out = if use_linear {
-            relu_linear_attention(&q, &k, &v, ATTN_EPS)?.to_dtype(dtype)?
+            // (B, N, G, d) views of q, k, v; f32 inside the op, (B, N, G·d) in the model dtype out:
+            // channel g·d + c, as torch's reshape of (B, G, d, N) to (B, G·d, H, W).
+            let all = all.reshape((b, n, groups, 3 * d))?;
+            let part = |i: usize| all.narrow(3, i * d, d);
+            relu_linear_attention_tokens(&part(0)?, &part(1)?, &part(2)?, ATTN_EPS)?
+                .to_dtype(dtype)?
+                .reshape((b * n, groups * d))?
         } else {
-            quadratic_attention(&q, &k, &v)?
+            let all = all.reshape((b, n, groups, 3 * d))?;
+            let part = |i: usize| -> Result<Tensor> { all.narrow(3, i * d, d)?.transpose(1, 2) }; // (B, G, N, d)
+            let out = quadratic_attention(&part(0)?, &part(1)?, &part(2)?)?;
+            out.transpose(1, 2)?.reshape((b * n, groups * d))?
         };
-        // (B, G, N, d) -> (B, N, G·d): channel g·d + c, as torch's reshape of (B, G, d, N) to (B, G·d, H, W).
-        let out = out.transpose(1, 2)?.reshape((b * n, groups * d))?;
         let out = out.matmul(&self.to_out.t()?)?.reshape((b, h, w, c))?;
         self.norm_out.forward(&out)? + x
     }

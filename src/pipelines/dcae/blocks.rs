@@ -8,10 +8,10 @@
 //! (`[out, in, kh, kw]`) and reshaped in `forward`, so loading through the shape-only
 //! `param_count` VarBuilder allocates nothing.
 
-use candle_core::{bail, Module, Result, Tensor, D};
+use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
-use crate::pipelines::ops::depthwise_conv2d_nhwc;
+use crate::pipelines::ops::{glu_depthwise, rms_norm_nchw, DepthwiseWeight};
 
 /// eps of every `RMSNorm` in the DC-AE decoder (`get_normalization`, `GLUMBConv`, `norm_out`).
 pub const RMS_EPS: f32 = 1e-5;
@@ -121,7 +121,12 @@ impl ChannelRmsNorm {
 
     /// Same norm on an NCHW tensor (diffusers `norm(x.movedim(1, -1)).movedim(-1, 1)`).
     pub fn forward_nchw(&self, x: &Tensor) -> Result<Tensor> {
-        to_channels_first(&self.forward(&to_channels_last(x)?)?)
+        rms_norm_nchw(x, &self.weight, &self.bias, None, RMS_EPS)
+    }
+
+    /// [`Self::forward_nchw`] plus `residual`, one kernel on CUDA.
+    pub fn forward_nchw_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        rms_norm_nchw(x, &self.weight, &self.bias, Some(residual), RMS_EPS)
     }
 }
 
@@ -161,7 +166,7 @@ impl ResBlock {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.act.apply(&self.conv1.forward(x)?)?;
         let h = self.conv2.forward(&h)?;
-        self.norm.forward_nchw(&h)? + x
+        self.norm.forward_nchw_residual(&h, x)
     }
 }
 
@@ -219,11 +224,10 @@ impl DcUpBlock2d {
 pub struct GluMbConv {
     conv_inverted_w: Tensor,
     conv_inverted_b: Tensor,
-    conv_depth_w: Tensor,
+    conv_depth_w: DepthwiseWeight,
     conv_depth_b: Tensor,
     conv_point_w: Tensor,
     norm: ChannelRmsNorm,
-    hidden: usize,
 }
 
 impl GluMbConv {
@@ -234,24 +238,24 @@ impl GluMbConv {
         Ok(Self {
             conv_inverted_w: inv.get((2 * hidden, channels, 1, 1), "weight")?,
             conv_inverted_b: inv.get(2 * hidden, "bias")?,
-            conv_depth_w: depth.get((2 * hidden, 1, 3, 3), "weight")?,
+            conv_depth_w: DepthwiseWeight::new(depth.get((2 * hidden, 1, 3, 3), "weight")?),
             conv_depth_b: depth.get(2 * hidden, "bias")?,
             conv_point_w: vb
                 .pp("conv_point")
                 .get((channels, hidden, 1, 1), "weight")?,
             norm: ChannelRmsNorm::load(vb.pp("norm"), channels)?,
-            hidden,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h =
-            conv1x1_channels_last(x, &self.conv_inverted_w, Some(&self.conv_inverted_b))?.silu()?;
-        let h = depthwise_conv2d_nhwc(&h, &self.conv_depth_w, Some(&self.conv_depth_b))?;
-        // torch.chunk(2, dim=channels): first half is the value, second half the gate.
-        let a = h.narrow(D::Minus1, 0, self.hidden)?;
-        let gate = h.narrow(D::Minus1, self.hidden, self.hidden)?;
-        let h = (a * gate.silu()?)?;
+        // 1×1 expansion (bias added inside the fused op) -> silu -> depthwise 3×3 + bias -> a · silu(gate).
+        let h = conv1x1_channels_last(x, &self.conv_inverted_w, None)?;
+        let h = glu_depthwise(
+            &h,
+            &self.conv_inverted_b,
+            &self.conv_depth_w,
+            &self.conv_depth_b,
+        )?;
         let h = conv1x1_channels_last(&h, &self.conv_point_w, None)?;
         self.norm.forward(&h)? + x
     }

@@ -9,27 +9,20 @@
 //! with its full name. The 1×1 convolutions are loaded as `(out, in, 1, 1)` and used as per-token
 //! linears; the depthwise 3×3 runs channels-last through [`crate::pipelines::ops`].
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
 
 use super::TransformerConfig;
-use crate::pipelines::ops::{depthwise_conv2d_nhwc, relu_linear_attention};
+pub use crate::pipelines::ops::layer_norm_no_affine;
+use crate::pipelines::ops::{
+    gated_residual, glu_depthwise, layer_norm_modulate, masked_softmax, matmul_bf16_valued,
+    modulation_row, relu_linear_attention_tokens, DepthwiseWeight,
+};
 
 /// `Attention(eps=1e-5)` default, used by the `rms_norm_across_heads` q/k norms.
 const QK_NORM_EPS: f32 = 1e-5;
 /// Denominator guard of `SanaLinearAttnProcessor2_0`.
 const LINEAR_ATTN_EPS: f64 = 1e-15;
-
-/// LayerNorm over the last dim without affine, computed two-pass in f32 (no `E[x²]−mean²`
-/// cancellation on large residual streams) and returned in `x`'s dtype, like `nn.LayerNorm` on bf16.
-pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
-}
 
 /// `h * (1 + scale) + shift` with `scale`, `shift` of shape `(B, 1, D)`.
 pub fn modulate(h: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
@@ -53,6 +46,12 @@ fn conv1x1_as_linear(vb: VarBuilder, c_in: usize, c_out: usize, bias: bool) -> R
         None
     };
     Ok(Linear::new(w, b))
+}
+
+/// `(B, L, heads·d)` -> `(B, L, heads, d)` (a view).
+fn token_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, l, dim) = x.dims3()?;
+    x.reshape((b, l, heads, dim / heads))
 }
 
 /// `(B, L, heads·d)` -> `(B, heads, L, d)` (a strided view).
@@ -126,14 +125,14 @@ impl LinearSelfAttention {
             q = rms_norm(&q, &n.q, QK_NORM_EPS)?;
             k = rms_norm(&k, &n.k, QK_NORM_EPS)?;
         }
-        // (B, N, D) -> (B, heads, N, d); the op applies ReLU and works in f32.
+        // (B, N, D) -> (B, N, heads, d); the op applies ReLU, works in f32 and returns (B, N, D).
         let (q, k, v) = (
-            split_heads(&q, self.heads)?,
-            split_heads(&k, self.heads)?,
-            split_heads(&v, self.heads)?,
+            token_heads(&q, self.heads)?,
+            token_heads(&k, self.heads)?,
+            token_heads(&v, self.heads)?,
         );
-        let o = relu_linear_attention(&q, &k, &v, LINEAR_ATTN_EPS)?; // (B, heads, N, d) f32
-        self.to_out.forward(&merge_heads(&o)?.to_dtype(dtype)?)
+        let o = relu_linear_attention_tokens(&q, &k, &v, LINEAR_ATTN_EPS)?;
+        self.to_out.forward(&o.to_dtype(dtype)?)
     }
 }
 
@@ -202,8 +201,13 @@ impl CrossAttention {
             .to_dtype(DType::F32)?
             .contiguous()?; // (B, heads, N, d)
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&kv.k_t)? * scale)?.broadcast_add(mask_bias)?; // (B, heads, N, T)
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        // q and k_t hold bf16 values when the model runs in bf16: the f32 product is exact in TF32.
+        let scores = if dtype == DType::BF16 {
+            matmul_bf16_valued(&q, &kv.k_t)?
+        } else {
+            q.matmul(&kv.k_t)?
+        }; // (B, heads, N, T)
+        let probs = masked_softmax(&scores, mask_bias, scale, dtype)?;
         let o = probs.matmul(&kv.v)?; // (B, heads, N, d)
         self.to_out.forward(&merge_heads(&o)?)
     }
@@ -212,8 +216,10 @@ impl CrossAttention {
 /// `ff`: GLUMBConv(D, D, mlp_ratio, norm_type=None, residual_connection=False), channels-last.
 #[derive(Debug, Clone)]
 struct GluMbConv {
+    /// The 1×1 expansion without its bias; the bias goes into the fused depthwise op.
     conv_inverted: Linear,
-    depth_weight: Tensor,
+    conv_inverted_bias: Tensor,
+    depth_weight: DepthwiseWeight,
     depth_bias: Tensor,
     conv_point: Linear,
     hidden: usize,
@@ -224,9 +230,15 @@ impl GluMbConv {
         let dim = cfg.inner_dim();
         let hidden = cfg.ff_hidden();
         let depth = vb.pp("conv_depth");
+        let inverted = conv1x1_as_linear(vb.pp("conv_inverted"), dim, 2 * hidden, true)?;
+        let conv_inverted_bias = inverted
+            .bias()
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("conv_inverted has no bias".into()))?;
         Ok(Self {
-            conv_inverted: conv1x1_as_linear(vb.pp("conv_inverted"), dim, 2 * hidden, true)?,
-            depth_weight: depth.get((2 * hidden, 1, 3, 3), "weight")?,
+            conv_inverted: Linear::new(inverted.weight().clone(), None),
+            conv_inverted_bias,
+            depth_weight: DepthwiseWeight::new(depth.get((2 * hidden, 1, 3, 3), "weight")?),
             depth_bias: depth.get(2 * hidden, "bias")?,
             conv_point: conv1x1_as_linear(vb.pp("conv_point"), hidden, dim, false)?,
             hidden,
@@ -236,13 +248,16 @@ impl GluMbConv {
     /// `h`: `(B, N, D)` with `N = height·width` (row-major tokens). Returns `(B, N, D)`.
     fn forward(&self, h: &Tensor, height: usize, width: usize) -> Result<Tensor> {
         let (b, n, _) = h.dims3()?;
-        let y = self.conv_inverted.forward(h)?.silu()?; // (B, N, 2·hidden)
+        let y = self.conv_inverted.forward(h)?; // (B, N, 2·hidden), bias not yet added
         let y = y.reshape((b, height, width, 2 * self.hidden))?;
-        let y = depthwise_conv2d_nhwc(&y, &self.depth_weight, Some(&self.depth_bias))?;
-        // torch.chunk(2, dim=channels): first half is the value, second half the gate.
-        let value = y.narrow(3, 0, self.hidden)?;
-        let gate = y.narrow(3, self.hidden, self.hidden)?;
-        let glu = (value * gate.silu()?)?.reshape((b, n, self.hidden))?;
+        // silu(y + bias) -> depthwise 3×3 + bias -> value · silu(gate) (torch.chunk: value first).
+        let glu = glu_depthwise(
+            &y,
+            &self.conv_inverted_bias,
+            &self.depth_weight,
+            &self.depth_bias,
+        )?
+        .reshape((b, n, self.hidden))?;
         self.conv_point.forward(&glu)
     }
 }
@@ -294,32 +309,27 @@ impl SanaTransformerBlock {
         height: usize,
         width: usize,
     ) -> Result<Tensor> {
-        let (b, _, dim) = x.dims3()?;
-        // (1, 6, D) + (B, 6, D) -> six (B, 1, D) slices.
-        let mods = self
-            .scale_shift_table
-            .unsqueeze(0)?
-            .broadcast_add(&temb6.reshape((b, 6, dim))?)?;
-        let m = |i: usize| mods.narrow(1, i, 1);
-        let (shift_msa, scale_msa, gate_msa) = (m(0)?, m(1)?, m(2)?);
-        let (shift_mlp, scale_mlp, gate_mlp) = (m(3)?, m(4)?, m(5)?);
-
-        let h = modulate(
-            &layer_norm_no_affine(x, self.norm_eps)?,
-            &shift_msa,
-            &scale_msa,
-        )?;
-        let x = (x + self.attn1.forward(&h)?.broadcast_mul(&gate_msa)?)?;
+        // Rows of the AdaLN modulation `scale_shift_table + temb6`: shift/scale/gate for attention
+        // (0, 1, 2) then for the feed-forward (3, 4, 5); the fused ops read them in place.
+        let table = &self.scale_shift_table;
+        let h = layer_norm_modulate(x, table, temb6, 0, 1, self.norm_eps)?;
+        let x = gated_residual(x, &self.attn1.forward(&h)?, table, temb6, 2)?;
 
         // Cross-attention reads the un-normalised stream and has no gate.
         let x = (&x + self.attn2.forward(&x, kv, mask_bias)?)?;
 
-        let mut h = layer_norm_no_affine(&x, self.norm_eps)?;
-        if let Some((w, bias)) = &self.norm2_affine {
-            h = h.broadcast_mul(w)?.broadcast_add(bias)?;
-        }
-        let h = modulate(&h, &shift_mlp, &scale_mlp)?;
+        let h = match &self.norm2_affine {
+            None => layer_norm_modulate(&x, table, temb6, 3, 4, self.norm_eps)?,
+            Some((w, bias)) => {
+                let h = layer_norm_no_affine(&x, self.norm_eps)?
+                    .broadcast_mul(w)?
+                    .broadcast_add(bias)?;
+                let shift = modulation_row(table, temb6, 3)?;
+                let scale = modulation_row(table, temb6, 4)?;
+                modulate(&h, &shift, &scale)?
+            }
+        };
         let ff = self.ff.forward(&h, height, width)?;
-        x + ff.broadcast_mul(&gate_mlp)?
+        gated_residual(&x, &ff, table, temb6, 5)
     }
 }
