@@ -455,6 +455,17 @@ fn fused_op_cases(device: &Device, dtype: DType, rows: &mut Vec<Row>) -> anyhow:
     check("rms_norm_nchw + residual (1,128,1024,1024)", &|| {
         ops::rms_norm_nchw(&hn, &w, &b, Some(&res), 1e-5)
     })?;
+    // DC-AE dense 3×3 conv + bias + SiLU through cuDNN, (1, 256, 256, 256) -> 256.
+    let xc = rnd(&[1, 256, 256, 256], 1.0)?;
+    let conv = ops::Conv2dLayer::new(rnd(&[256, 256, 3, 3], 0.02)?, Some(rnd(&[256], 1.0)?), 1);
+    check("conv3x3+bias+silu cuDNN (1,256,256,256)", &|| {
+        conv.forward_act(&xc, true)
+    })?;
+    // Linear bias + residual (2, 1024, 2240).
+    let lin = candle_nn::Linear::new(rnd(&[2240, 2240], 0.02)?, Some(rnd(&[2240], 1.0)?));
+    check("linear bias+residual (2,1024,2240)", &|| {
+        ops::linear(&lin, &y, Some(&h))
+    })?;
     Ok(())
 }
 

@@ -522,7 +522,6 @@ fn main() -> anyhow::Result<()> {
 
 /// One component call between `cuProfilerStart` and `cuProfilerStop`, after two warm-up calls.
 fn profile(which: &str, base_dir: &str, device: &Device) -> anyhow::Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
     let mut repo = ModelRepo::open(&ModelSource::new(base_dir.to_string()))?;
     let mut run: Box<dyn FnMut() -> anyhow::Result<()>> = match which {
         "decode" => {
@@ -564,12 +563,23 @@ fn profile(which: &str, base_dir: &str, device: &Device) -> anyhow::Result<()> {
         run()?;
     }
     device.synchronize()?;
-    unsafe { sys::cuProfilerStart() }.result()?;
+    // The runtime API's profiler switches (libcudart, linked by candle); ncu honours either API's.
+    extern "C" {
+        fn cudaProfilerStart() -> i32;
+        fn cudaProfilerStop() -> i32;
+    }
+    anyhow::ensure!(
+        unsafe { cudaProfilerStart() } == 0,
+        "cudaProfilerStart failed"
+    );
     let t = Instant::now();
     run()?;
     device.synchronize()?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
-    unsafe { sys::cuProfilerStop() }.result()?;
+    anyhow::ensure!(
+        unsafe { cudaProfilerStop() } == 0,
+        "cudaProfilerStop failed"
+    );
     println!("profiled one {which}: {ms:.1} ms wall");
     Ok(())
 }

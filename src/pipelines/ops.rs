@@ -218,6 +218,131 @@ pub fn gated_residual(
     x + y.broadcast_mul(&modulation_row(table, temb6, gate_i)?)?
 }
 
+/// A dense 2-D convolution layer (stride 1, dilation 1), NCHW, with optional bias, weight as PyTorch
+/// stores it `(Cout, Cin, kh, kw)`. On CUDA: cuDNN with tensor-op math plus one fused bias(+SiLU) pass
+/// ([`super::kernels::conv2d_nchw`]); elsewhere candle's `conv2d`.
+#[derive(Debug, Clone)]
+pub struct Conv2dLayer {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    padding: usize,
+}
+
+impl Conv2dLayer {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, padding: usize) -> Self {
+        Self {
+            weight,
+            bias,
+            padding,
+        }
+    }
+
+    /// Loads `weight` (and `bias`) of a `k×k` conv under `vb`, padding `k / 2`.
+    pub fn load(
+        vb: candle_nn::VarBuilder,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = vb.get((cout, cin, k, k), "weight")?;
+        let bias = if bias {
+            Some(vb.get(cout, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self::new(weight, bias, k / 2))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, false)
+    }
+
+    /// `silu(conv(x) + bias)` when `silu`, else `conv(x) + bias`.
+    pub fn forward_act(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if fused(x) && self.weight.dtype() == x.dtype() {
+            return super::kernels::conv2d_nchw(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                self.padding,
+                silu,
+            );
+        }
+        let y = x.conv2d(&self.weight, self.padding, 1, 1, 1)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+            None => y,
+        };
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+/// `x @ wᵀ + b` of a candle `Linear`, plus `residual` when given. On CUDA the bias (and residual) go in one
+/// vectorised pass after the GEMM instead of candle's strided broadcast add.
+pub fn linear(lin: &candle_nn::Linear, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    use candle_nn::Module;
+    #[cfg(feature = "cuda")]
+    if fused(x) {
+        if let Some(b) = lin.bias() {
+            let y = candle_nn::Linear::new(lin.weight().clone(), None).forward(x)?;
+            return super::kernels::add_bias_rows(y, &b.to_dtype(x.dtype())?, residual);
+        }
+    }
+    let y = lin.forward(x)?;
+    match residual {
+        Some(r) => r + y,
+        None => Ok(y),
+    }
+}
+
+/// `(B, L, heads·d)` → `(B, heads, L, d)` contiguous in `dtype` (split heads + cast, one pass on CUDA).
+pub fn split_heads_as(x: &Tensor, heads: usize, dtype: DType) -> Result<Tensor> {
+    let (b, l, dim) = x.dims3()?;
+    let x4 = x.reshape((b, l, heads, dim / heads))?;
+    #[cfg(feature = "cuda")]
+    if fused(x) && (dim / heads) % 8 == 0 {
+        return super::kernels::permute0213(&x4.contiguous()?, dtype);
+    }
+    x4.transpose(1, 2)?.to_dtype(dtype)?.contiguous()
+}
+
+/// `(B, heads, L, d)` → `(B, L, heads·d)` contiguous (merge heads, one pass on CUDA).
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, l, d) = x.dims4()?;
+    #[cfg(feature = "cuda")]
+    if fused(x) && d % 8 == 0 {
+        return super::kernels::permute0213(&x.contiguous()?, x.dtype())?.reshape((b, l, h * d));
+    }
+    x.transpose(1, 2)?.reshape((b, l, h * d))
+}
+
+/// `torch.repeat_interleave(x, r, dim=1)` on `(B, C, H, W)`: channel `c·r + k` is input channel `c`.
+pub fn repeat_interleave_channels(x: &Tensor, r: usize) -> Result<Tensor> {
+    if r == 1 {
+        return Ok(x.clone());
+    }
+    let (b, c, h, w) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, c, r, h, w))?
+        .reshape((b, c * r, h, w))
+}
+
+/// `DCUpBlock2d`'s shortcut and residual: `main + pixel_shuffle(repeat_interleave(x, r, dim=1), 2)`, NCHW.
+/// One pass on CUDA (no repeated or shuffled copies).
+pub fn up_shortcut_add(main: &Tensor, x: &Tensor, r: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x) {
+        return super::kernels::up_shortcut_add(&main.contiguous()?, &x.contiguous()?, r);
+    }
+    main + candle_nn::ops::pixel_shuffle(&repeat_interleave_channels(x, r)?, 2)?
+}
+
 /// `a.matmul(b)` for f32 operands whose values are bf16 numbers (bf16 activations cast up): on CUDA through
 /// the TF32 tensor cores, which is exact here (bf16 → tf32 loses no bits; products and sums stay f32, as in
 /// the fused SDPA kernels diffusers uses). candle's switch is process-wide, so it is set around this one call.

@@ -135,13 +135,19 @@ impl DenoiserParts {
                 .affine(f64::from(inv), 0.0)?
                 .to_dtype(dtype)?
         };
-        let image = self.vae.decode(&z)?;
-        let image = if opts.use_resolution_binning {
-            image_ops::resize_and_crop(&image, req.height as usize, req.width as usize)?
-        } else {
-            image
-        };
-        image_ops::to_rgb_images(&image)
+        // One image at a time: the decoder's activations dominate peak memory (at 1024² about 2 GiB per
+        // image), so n images cost one image's peak, not n; the decoder fills the GPU at batch 1.
+        let mut out = Vec::with_capacity(z.dim(0)?);
+        for i in 0..z.dim(0)? {
+            let image = self.vae.decode(&z.narrow(0, i, 1)?)?;
+            let image = if opts.use_resolution_binning {
+                image_ops::resize_and_crop(&image, req.height as usize, req.width as usize)?
+            } else {
+                image
+            };
+            out.extend(image_ops::to_rgb_images(&image)?);
+        }
+        Ok(out)
     }
 }
 

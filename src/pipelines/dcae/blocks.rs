@@ -8,10 +8,12 @@
 //! (`[out, in, kh, kw]`) and reshaped in `forward`, so loading through the shape-only
 //! `param_count` VarBuilder allocates nothing.
 
-use candle_core::{bail, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{bail, Result, Tensor};
+use candle_nn::VarBuilder;
 
-use crate::pipelines::ops::{glu_depthwise, rms_norm_nchw, DepthwiseWeight};
+use crate::pipelines::ops::{
+    glu_depthwise, rms_norm_nchw, up_shortcut_add, Conv2dLayer, DepthwiseWeight,
+};
 
 /// eps of every `RMSNorm` in the DC-AE decoder (`get_normalization`, `GLUMBConv`, `norm_out`).
 pub const RMS_EPS: f32 = 1e-5;
@@ -26,16 +28,7 @@ pub fn to_channels_first(x: &Tensor) -> Result<Tensor> {
     x.permute((0, 3, 1, 2))?.contiguous()
 }
 
-/// `torch.repeat_interleave(x, r, dim=1)` on `(B, C, H, W)`: channel `c·r + k` is input channel `c`.
-pub fn repeat_interleave_channels(x: &Tensor, r: usize) -> Result<Tensor> {
-    if r == 1 {
-        return Ok(x.clone());
-    }
-    let (b, c, h, w) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, c, r, h, w))?
-        .reshape((b, c * r, h, w))
-}
+pub use crate::pipelines::ops::repeat_interleave_channels;
 
 /// A 1×1 convolution applied channels-last: `x` is `(..., Cin)`, `weight` `(Cout, Cin, 1, 1)`.
 pub fn conv1x1_channels_last(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -130,24 +123,16 @@ impl ChannelRmsNorm {
     }
 }
 
-fn conv3x3(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    if bias {
-        candle_nn::conv2d(cin, cout, 3, cfg, vb)
-    } else {
-        candle_nn::conv2d_no_bias(cin, cout, 3, cfg, vb)
-    }
+fn conv3x3(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> Result<Conv2dLayer> {
+    Conv2dLayer::load(vb, cin, cout, 3, bias)
 }
 
 /// diffusers `ResBlock(C, C, norm_type="rms_norm", act_fn)`: conv3×3(+b) → act → conv3×3 (no bias)
 /// → channel RMSNorm (weight + bias) → + residual. NCHW in and out.
 #[derive(Debug, Clone)]
 pub struct ResBlock {
-    conv1: Conv2d,
-    conv2: Conv2d,
+    conv1: Conv2dLayer,
+    conv2: Conv2dLayer,
     norm: ChannelRmsNorm,
     act: Activation,
 }
@@ -164,7 +149,11 @@ impl ResBlock {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.act.apply(&self.conv1.forward(x)?)?;
+        let h = match self.act {
+            // conv + bias + SiLU in one pass after cuDNN on CUDA.
+            Activation::Silu => self.conv1.forward_act(x, true)?,
+            act => act.apply(&self.conv1.forward(x)?)?,
+        };
         let h = self.conv2.forward(&h)?;
         self.norm.forward_nchw_residual(&h, x)
     }
@@ -175,7 +164,7 @@ impl ResBlock {
 /// `pixel_shuffle(repeat_interleave(x, 4·Cout/Cin, dim=1), 2)`. NCHW in and out.
 #[derive(Debug, Clone)]
 pub struct DcUpBlock2d {
-    conv: Conv2d,
+    conv: Conv2dLayer,
     interpolate: bool,
     /// `Some(repeats)` when the shortcut branch is on.
     shortcut_repeats: Option<usize>,
@@ -211,7 +200,7 @@ impl DcUpBlock2d {
             candle_nn::ops::pixel_shuffle(&self.conv.forward(x)?, 2)?
         };
         match self.shortcut_repeats {
-            Some(r) => main + candle_nn::ops::pixel_shuffle(&repeat_interleave_channels(x, r)?, 2)?,
+            Some(r) => up_shortcut_add(&main, x, r),
             None => Ok(main),
         }
     }

@@ -17,8 +17,10 @@ mod config;
 mod tests;
 mod tiling;
 
-use candle_core::{bail, DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{bail, DType, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::pipelines::ops::Conv2dLayer;
 
 pub use attention::{EfficientVitBlock, MultiscaleLinearAttention};
 pub use blocks::{Activation, ChannelRmsNorm, DcUpBlock2d, GluMbConv, ResBlock};
@@ -64,14 +66,14 @@ impl UpStage {
 /// `decoder.conv_out`: a plain 3×3 conv, or a shortcut-free `DCUpBlock2d` when stage 0 has no layers.
 #[derive(Debug, Clone)]
 enum ConvOut {
-    Conv(Conv2d),
+    Conv(Conv2dLayer),
     Up(DcUpBlock2d),
 }
 
 /// The `AutoencoderDC` decoder.
 #[derive(Debug, Clone)]
 pub struct DcAeDecoder {
-    conv_in: Conv2d,
+    conv_in: Conv2dLayer,
     /// `Some(block_out_channels[-1] / latent_channels)` when `decoder_in_shortcut`.
     in_shortcut_repeats: Option<usize>,
     /// Indexed like diffusers' `up_blocks`; executed from the last to the first.
@@ -113,11 +115,7 @@ impl DcAeDecoder {
             }
         };
         let c_last = chans[n - 1];
-        let pad1 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let conv_in = candle_nn::conv2d(cfg.latent_channels, c_last, 3, pad1, vb.pp("conv_in"))?;
+        let conv_in = Conv2dLayer::load(vb.pp("conv_in"), cfg.latent_channels, c_last, 3, true)?;
         let in_shortcut_repeats = if cfg.decoder_in_shortcut {
             let r = c_last / cfg.latent_channels;
             if r * cfg.latent_channels != c_last {
@@ -178,12 +176,12 @@ impl DcAeDecoder {
             chans[1]
         };
         let conv_out = if layers[0] > 0 {
-            ConvOut::Conv(candle_nn::conv2d(
+            ConvOut::Conv(Conv2dLayer::load(
+                vb.pp("conv_out"),
                 channels,
                 cfg.in_channels,
                 3,
-                pad1,
-                vb.pp("conv_out"),
+                true,
             )?)
         } else {
             ConvOut::Up(DcUpBlock2d::load(

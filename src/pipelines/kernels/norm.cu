@@ -125,3 +125,120 @@ extern "C" __global__ void masked_softmax_f32(const float* s, const float* mask,
                                               int rows_per_batch, int Tn, float scale) {
     masked_softmax<float>(s, mask, out, rows, rows_per_batch, Tn, scale);
 }
+
+// In place on an NCHW tensor: x[b, c, p] = act(x[b, c, p] + bias[c]), act = identity or SiLU. The conv
+// bias (and the ResBlock's SiLU) after cuDNN, in one vectorised pass (candle's broadcast add of a
+// (1, C, 1, 1) bias walks strided indices). HW % V == 0 for the vector form.
+template <typename T, int V>
+__device__ __forceinline__ void bias_act_nchw(T* __restrict__ x, const T* __restrict__ bias, long long total,
+                                              int C, long long HW, int silu) {
+    long long idx = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * V;
+    if (idx >= total) return;
+    int c = (int)((idx / HW) % C);
+    float b = bias ? to_f32(bias[c]) : 0.f;
+    float v[V];
+    Vec<T, V>::load(x + idx, v);
+#pragma unroll
+    for (int e = 0; e < V; e++) {
+        float t = v[e] + b;
+        v[e] = silu ? silu_f(t) : t;
+    }
+    Vec<T, V>::store(x + idx, v);
+}
+
+extern "C" __global__ void bias_act_nchw_bf16_v8(bf16_t* x, const bf16_t* bias, long long total, int C, long long HW, int silu) {
+    bias_act_nchw<bf16_t, 8>(x, bias, total, C, HW, silu);
+}
+extern "C" __global__ void bias_act_nchw_bf16_v1(bf16_t* x, const bf16_t* bias, long long total, int C, long long HW, int silu) {
+    bias_act_nchw<bf16_t, 1>(x, bias, total, C, HW, silu);
+}
+extern "C" __global__ void bias_act_nchw_f32_v4(float* x, const float* bias, long long total, int C, long long HW, int silu) {
+    bias_act_nchw<float, 4>(x, bias, total, C, HW, silu);
+}
+extern "C" __global__ void bias_act_nchw_f32_v1(float* x, const float* bias, long long total, int C, long long HW, int silu) {
+    bias_act_nchw<float, 1>(x, bias, total, C, HW, silu);
+}
+
+// Row-broadcast bias (+ residual) on a contiguous (rows, N) tensor: out[r, n] = y[r, n] + bias[n] (+ res[r, n]).
+// The bias of every linear layer (candle: matmul, then a strided broadcast add), and the residual after it.
+template <typename T, int V>
+__device__ __forceinline__ void bias_rows(const T* __restrict__ y, const T* __restrict__ bias,
+                                          const T* __restrict__ res, T* __restrict__ out, long long total, int N) {
+    long long idx = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * V;
+    if (idx >= total) return;
+    int n = (int)(idx % N);
+    float v[V], b[V], r[V];
+    Vec<T, V>::load(y + idx, v);
+    Vec<T, V>::load(bias + n, b);
+    if (res) Vec<T, V>::load(res + idx, r);
+#pragma unroll
+    for (int e = 0; e < V; e++) v[e] = v[e] + b[e] + (res ? r[e] : 0.f);
+    Vec<T, V>::store(out + idx, v);
+}
+
+#define BIAS_ROWS(NAME, T, V)                                                                            \
+    extern "C" __global__ void NAME(const T* y, const T* bias, const T* res, T* out, long long total, int N) { \
+        bias_rows<T, V>(y, bias, res, out, total, N);                                                     \
+    }
+BIAS_ROWS(bias_rows_bf16_v8, bf16_t, 8)
+BIAS_ROWS(bias_rows_bf16_v1, bf16_t, 1)
+BIAS_ROWS(bias_rows_f32_v4, float, 4)
+BIAS_ROWS(bias_rows_f32_v1, float, 1)
+
+// (P, A, C, D) -> (P, C, A, D), contiguous in and out, with a dtype change on the way: split or merge
+// heads (`(B, N, H, d) <-> (B, H, N, d)`) in one coalesced pass, V elements of D per thread.
+template <typename Ti, typename To, int V>
+__device__ __forceinline__ void permute0213(const Ti* __restrict__ in, To* __restrict__ out, int P, int A,
+                                            int C, int D) {
+    long long idx = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * V;
+    long long total = (long long)P * A * C * D;
+    if (idx >= total) return;
+    int d0 = (int)(idx % D);
+    long long r = idx / D;
+    int a = (int)(r % A);
+    r /= A;
+    int c = (int)(r % C);
+    long long p = r / C;
+    float v[V];
+    Vec<Ti, V>::load(in + ((p * A + a) * C + c) * D + d0, v);
+    Vec<To, V>::store(out + idx, v);
+}
+
+extern "C" __global__ void permute0213_bf16_f32_v4(const bf16_t* in, float* out, int P, int A, int C, int D) {
+    permute0213<bf16_t, float, 4>(in, out, P, A, C, D);
+}
+extern "C" __global__ void permute0213_bf16_bf16_v8(const bf16_t* in, bf16_t* out, int P, int A, int C, int D) {
+    permute0213<bf16_t, bf16_t, 8>(in, out, P, A, C, D);
+}
+extern "C" __global__ void permute0213_f32_f32_v4(const float* in, float* out, int P, int A, int C, int D) {
+    permute0213<float, float, 4>(in, out, P, A, C, D);
+}
+
+// DCUpBlock2d's shortcut fused with its residual add, NCHW:
+//   out = main + pixel_shuffle(repeat_interleave(x, r, dim=1), 2)
+// out/main (B, Co, 2H, 2W), x (B, Ci, H, W), Ci·r = 4·Co: out channel o at (2i+a, 2j+b) reads input channel
+// (4o + 2a + b) / r at (i, j). One pass instead of two layout copies and an add.
+template <typename T>
+__device__ __forceinline__ void up_shortcut_add(const T* __restrict__ main_, const T* __restrict__ x,
+                                                T* __restrict__ out, int B, int Co, int Ci, int H, int W, int r) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int W2 = 2 * W, H2 = 2 * H;
+    long long total = (long long)B * Co * H2 * W2;
+    if (idx >= total) return;
+    int col = (int)(idx % W2);
+    long long t = idx / W2;
+    int row = (int)(t % H2);
+    t /= H2;
+    int o = (int)(t % Co);
+    int b = (int)(t / Co);
+    int src = (4 * o + 2 * (row & 1) + (col & 1)) / r;
+    float s = to_f32(x[(((long long)b * Ci + src) * H + (row >> 1)) * W + (col >> 1)]);
+    out[idx] = from_f32<T>(to_f32(main_[idx]) + s);
+}
+
+extern "C" __global__ void up_shortcut_add_bf16(const bf16_t* m, const bf16_t* x, bf16_t* out, int B, int Co, int Ci, int H, int W, int r) {
+    up_shortcut_add<bf16_t>(m, x, out, B, Co, Ci, H, W, r);
+}
+extern "C" __global__ void up_shortcut_add_f32(const float* m, const float* x, float* out, int B, int Co, int Ci, int H, int W, int r) {
+    up_shortcut_add<float>(m, x, out, B, Co, Ci, H, W, r);
+}

@@ -15,8 +15,8 @@ use candle_nn::{Linear, Module, VarBuilder};
 use super::TransformerConfig;
 pub use crate::pipelines::ops::layer_norm_no_affine;
 use crate::pipelines::ops::{
-    gated_residual, glu_depthwise, layer_norm_modulate, masked_softmax, matmul_bf16_valued,
-    modulation_row, relu_linear_attention_tokens, DepthwiseWeight,
+    gated_residual, glu_depthwise, layer_norm_modulate, linear, masked_softmax, matmul_bf16_valued,
+    merge_heads, modulation_row, relu_linear_attention_tokens, split_heads_as, DepthwiseWeight,
 };
 
 /// `Attention(eps=1e-5)` default, used by the `rms_norm_across_heads` q/k norms.
@@ -52,18 +52,6 @@ fn conv1x1_as_linear(vb: VarBuilder, c_in: usize, c_out: usize, bias: bool) -> R
 fn token_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, l, dim) = x.dims3()?;
     x.reshape((b, l, heads, dim / heads))
-}
-
-/// `(B, L, heads·d)` -> `(B, heads, L, d)` (a strided view).
-fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, l, dim) = x.dims3()?;
-    x.reshape((b, l, heads, dim / heads))?.transpose(1, 2)
-}
-
-/// `(B, heads, L, d)` -> `(B, L, heads·d)`.
-fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, h, l, d) = x.dims4()?;
-    x.transpose(1, 2)?.reshape((b, l, h * d))
 }
 
 /// Sprint's `norm_q` / `norm_k`: RMSNorm over all heads at once (`rms_norm_across_heads`).
@@ -132,7 +120,7 @@ impl LinearSelfAttention {
             token_heads(&v, self.heads)?,
         );
         let o = relu_linear_attention_tokens(&q, &k, &v, LINEAR_ATTN_EPS)?;
-        self.to_out.forward(&o.to_dtype(dtype)?)
+        linear(&self.to_out, &o.to_dtype(dtype)?, None)
     }
 }
 
@@ -176,30 +164,28 @@ impl CrossAttention {
 
     /// `text`: `(B, T, cross_attention_dim)` (after caption projection + norm).
     fn text_kv(&self, text: &Tensor) -> Result<CrossKv> {
-        let mut k = self.to_k.forward(text)?;
-        let v = self.to_v.forward(text)?;
+        let mut k = linear(&self.to_k, text, None)?;
+        let v = linear(&self.to_v, text, None)?;
         if let Some(n) = &self.qk_norm {
             k = rms_norm(&k, &n.k, QK_NORM_EPS)?;
         }
         // (B, T, inner) -> (B, heads, d, T)
-        let k_t = split_heads(&k, self.heads)?
-            .to_dtype(DType::F32)?
+        let k_t = split_heads_as(&k, self.heads, DType::F32)?
             .transpose(2, 3)?
             .contiguous()?;
-        let v = split_heads(&v, self.heads)?.contiguous()?;
+        let v = split_heads_as(&v, self.heads, v.dtype())?;
         Ok(CrossKv { k_t, v })
     }
 
-    /// `x`: `(B, N, D)`; `mask_bias`: `(B, 1, 1, T)` f32. Returns `(B, N, D)`.
-    fn forward(&self, x: &Tensor, kv: &CrossKv, mask_bias: &Tensor) -> Result<Tensor> {
+    /// `x`: `(B, N, D)`; `mask_bias`: `(B, 1, 1, T)` f32. Returns `x + attn(x)` `(B, N, D)` (the
+    /// block's ungated residual, fused into the output projection).
+    fn forward_residual(&self, x: &Tensor, kv: &CrossKv, mask_bias: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let mut q = self.to_q.forward(x)?;
+        let mut q = linear(&self.to_q, x, None)?;
         if let Some(n) = &self.qk_norm {
             q = rms_norm(&q, &n.q, QK_NORM_EPS)?;
         }
-        let q = split_heads(&q, self.heads)?
-            .to_dtype(DType::F32)?
-            .contiguous()?; // (B, heads, N, d)
+        let q = split_heads_as(&q, self.heads, DType::F32)?; // (B, heads, N, d)
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         // q and k_t hold bf16 values when the model runs in bf16: the f32 product is exact in TF32.
         let scores = if dtype == DType::BF16 {
@@ -209,7 +195,7 @@ impl CrossAttention {
         }; // (B, heads, N, T)
         let probs = masked_softmax(&scores, mask_bias, scale, dtype)?;
         let o = probs.matmul(&kv.v)?; // (B, heads, N, d)
-        self.to_out.forward(&merge_heads(&o)?)
+        linear(&self.to_out, &merge_heads(&o)?, Some(x))
     }
 }
 
@@ -316,7 +302,7 @@ impl SanaTransformerBlock {
         let x = gated_residual(x, &self.attn1.forward(&h)?, table, temb6, 2)?;
 
         // Cross-attention reads the un-normalised stream and has no gate.
-        let x = (&x + self.attn2.forward(&x, kv, mask_bias)?)?;
+        let x = self.attn2.forward_residual(&x, kv, mask_bias)?;
 
         let h = match &self.norm2_affine {
             None => layer_norm_modulate(&x, table, temb6, 3, 4, self.norm_eps)?,
