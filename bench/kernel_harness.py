@@ -156,6 +156,8 @@ def linear_attn_case(mod, name, B, N, G, d, interleaved, dtype=torch.bfloat16):
     partial = torch.empty(B * G * nchunks * P, device=dev, dtype=torch.float32)
     kv = torch.empty(B * G * P, device=dev, dtype=torch.float32)
     out = torch.full((B, N, G, d), float("nan"), device=dev, dtype=dtype)
+    if d == 32:
+        tag = tag + "_d32"
     f1 = mod.get_function(f"la_kv_partial_{tag}")
     f2 = mod.get_function("la_kv_reduce")
     f3 = mod.get_function(f"la_apply_{tag}")
@@ -279,6 +281,7 @@ def main():
     linear_attn_case(la, "linear attn DC-AE (1,16384,32,3·32)", 1, 16384, 32, 32, True)
     linear_attn_case(la, "linear attn DC-AE (1,1024,64,3·32)", 1, 1024, 64, 32, True)
     linear_attn_case(la, "linear attn odd (1,37,3,5) f32", 1, 37, 3, 5, False, dtype=torch.float32)
+    linear_attn_case(la, "linear attn d32 ragged (1,77,3,32) f32", 1, 77, 3, 32, False, dtype=torch.float32)
     norm_cases(nm)
     softmax_case(nm)
     print()

@@ -347,7 +347,12 @@ fn linear_attention_typed<T: CudaDType + WithDType + DeviceRepr>(
     if token_strides(NAME, k)? != st || token_strides(NAME, v)? != st {
         bail!("{NAME}: q, k, v must share strides");
     }
-    let (suffix, _) = tag(q.dtype())?;
+    let (dt, _) = tag(q.dtype())?;
+    let suffix = if d == 32 {
+        format!("{dt}_d32")
+    } else {
+        dt.to_string()
+    };
     let bg = b * g;
     let p = d * (d + 1);
     // Enough blocks to fill the card (≈ 4 per SM on 132 SMs), chunks a multiple of the 32-token tile.
@@ -736,9 +741,19 @@ fn bias_act_nchw_inplace<T: CudaDType + WithDType + DeviceRepr>(
 
 /// `y + bias` (row broadcast over the last dim), plus `residual` when given, into a new tensor.
 pub fn add_bias_rows(y: Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    bias_rows_act(y, bias, residual, false)
+}
+
+/// [`add_bias_rows`] followed by SiLU when `silu`.
+pub fn bias_rows_act(
+    y: Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    silu: bool,
+) -> Result<Tensor> {
     match y.dtype() {
-        DType::BF16 => bias_rows_typed::<half::bf16>(y, bias, residual),
-        DType::F32 => bias_rows_typed::<f32>(y, bias, residual),
+        DType::BF16 => bias_rows_typed::<half::bf16>(y, bias, residual, silu),
+        DType::F32 => bias_rows_typed::<f32>(y, bias, residual, silu),
         other => bail!("add_bias_rows: no kernel for {other:?}"),
     }
 }
@@ -747,6 +762,7 @@ fn bias_rows_typed<T: CudaDType + WithDType + DeviceRepr>(
     y: Tensor,
     bias: &Tensor,
     residual: Option<&Tensor>,
+    silu: bool,
 ) -> Result<Tensor> {
     let dims = y.dims().to_vec();
     let n = *dims.last().unwrap_or(&0);
@@ -778,7 +794,7 @@ fn bias_rows_typed<T: CudaDType + WithDType + DeviceRepr>(
         Some((s, l)) => Some(view::<T>(s, l)?),
         None => None,
     };
-    let (tot, ni) = (total as i64, n as i32);
+    let (tot, ni, si) = (total as i64, n as i32, i32::from(silu));
     let mut lb = stream_f.launch_builder(&f);
     lb.arg(&yv);
     lb.arg(&bv);
@@ -789,6 +805,7 @@ fn bias_rows_typed<T: CudaDType + WithDType + DeviceRepr>(
     lb.arg(&mut out);
     lb.arg(&tot);
     lb.arg(&ni);
+    lb.arg(&si);
     unsafe { lb.launch(grid_1d(total / v)) }.w()?;
     drop(lb);
     Ok(wrap(out, &dev, dims))

@@ -103,12 +103,14 @@ pub fn glu_depthwise(
     if fused(x) {
         let dt = x.dtype();
         let taps = weight.taps()?.to_dtype(dt)?;
+        // silu(x + in_bias) once per element (bf16, as diffusers rounds it), then depthwise + bias + GLU.
+        let y = super::kernels::bias_rows_act(x.contiguous()?, &in_bias.to_dtype(dt)?, None, true)?;
         return super::kernels::dwconv_nhwc(
-            &x.contiguous()?,
+            &y,
             &taps,
             Some(&bias.to_dtype(dt)?),
-            Some(&in_bias.to_dtype(dt)?),
-            true,
+            None,
+            false,
             true,
         );
     }

@@ -11,10 +11,14 @@
 #define LA_THREADS 256
 #define LA_MAXP 17 /* ceil(64·65 / 256): head dims up to 64 */
 
-template <typename T>
+// DT > 0: the head dim as a compile-time constant (32 for every Sana model): index arithmetic folds and
+// the token loop unrolls. DT = 0: any d ≤ 64 at run time.
+template <typename T, int DT>
 __device__ __forceinline__ void la_kv_partial(const T* __restrict__ k, const T* __restrict__ v,
-                                              float* __restrict__ partial, int G, int N, int d,
+                                              float* __restrict__ partial, int G, int N, int d_rt,
                                               long long sb, long long sn, long long sg, int chunk) {
+    constexpr int MAXP = DT > 0 ? (DT * (DT + 1) + LA_THREADS - 1) / LA_THREADS : LA_MAXP;
+    const int d = DT > 0 ? DT : d_rt;
     __shared__ float ks[LA_TILE][64];
     __shared__ float vs[LA_TILE][65];
     const int bg = blockIdx.x, c = blockIdx.y, nchunks = gridDim.y;
@@ -22,9 +26,9 @@ __device__ __forceinline__ void la_kv_partial(const T* __restrict__ k, const T* 
     const int P = d * (d + 1);
     const T* kb = k + b * sb + g * sg;
     const T* vb = v + b * sb + g * sg;
-    float acc[LA_MAXP];
+    float acc[MAXP];
 #pragma unroll
-    for (int r = 0; r < LA_MAXP; r++) acc[r] = 0.f;
+    for (int r = 0; r < MAXP; r++) acc[r] = 0.f;
     const int n0 = c * chunk, n1 = min(N, n0 + chunk);
     for (int t0 = n0; t0 < n1; t0 += LA_TILE) {
         __syncthreads();
@@ -42,19 +46,24 @@ __device__ __forceinline__ void la_kv_partial(const T* __restrict__ k, const T* 
         __syncthreads();
         const int tn_max = min(LA_TILE, n1 - t0);
 #pragma unroll
-        for (int r = 0; r < LA_MAXP; r++) {
+        for (int r = 0; r < MAXP; r++) {
             int p = threadIdx.x + r * LA_THREADS;
             if (p < P) {
                 int i = p / (d + 1), j = p % (d + 1);
                 float a = acc[r];
-                for (int tn = 0; tn < tn_max; tn++) a = fmaf(ks[tn][i], vs[tn][j], a);
+                if (tn_max == LA_TILE) {
+#pragma unroll 8
+                    for (int tn = 0; tn < LA_TILE; tn++) a = fmaf(ks[tn][i], vs[tn][j], a);
+                } else {
+                    for (int tn = 0; tn < tn_max; tn++) a = fmaf(ks[tn][i], vs[tn][j], a);
+                }
                 acc[r] = a;
             }
         }
     }
     float* dst = partial + ((long long)bg * nchunks + c) * P;
 #pragma unroll
-    for (int r = 0; r < LA_MAXP; r++) {
+    for (int r = 0; r < MAXP; r++) {
         int p = threadIdx.x + r * LA_THREADS;
         if (p < P) dst[p] = acc[r];
     }
@@ -74,10 +83,11 @@ extern "C" __global__ void la_kv_reduce(const float* __restrict__ partial, float
 
 #define LA_APPLY_TOK 64
 
-template <typename T>
+template <typename T, int DT>
 __device__ __forceinline__ void la_apply(const T* __restrict__ q, const float* __restrict__ kv,
-                                         T* __restrict__ out, int G, int N, int d, long long sb,
+                                         T* __restrict__ out, int G, int N, int d_rt, long long sb,
                                          long long sn, long long sg, float eps) {
+    const int d = DT > 0 ? DT : d_rt;
     __shared__ float kvs[64 * 65];
     __shared__ float qs[LA_APPLY_TOK][65];
     const int bg = blockIdx.x, b = bg / G, g = bg % G;
@@ -94,6 +104,7 @@ __device__ __forceinline__ void la_apply(const T* __restrict__ q, const float* _
         int tn = i / d, e = i % d, n = n0 + tn;
         if (n >= N) continue;
         float num = 0.f, den = 0.f;
+#pragma unroll 8
         for (int j = 0; j < d; j++) {
             float qj = qs[tn][j];
             num = fmaf(qj, kvs[j * (d + 1) + e], num);
@@ -103,17 +114,19 @@ __device__ __forceinline__ void la_apply(const T* __restrict__ q, const float* _
     }
 }
 
-#define LINEAR_ATTN(SUFFIX, T)                                                                     \
+#define LINEAR_ATTN(SUFFIX, T, DT)                                                                 \
     extern "C" __global__ void la_kv_partial_##SUFFIX(const T* k, const T* v, float* partial,     \
                                                       int G, int N, int d, long long sb,           \
                                                       long long sn, long long sg, int chunk) {     \
-        la_kv_partial<T>(k, v, partial, G, N, d, sb, sn, sg, chunk);                               \
+        la_kv_partial<T, DT>(k, v, partial, G, N, d, sb, sn, sg, chunk);                           \
     }                                                                                              \
     extern "C" __global__ void la_apply_##SUFFIX(const T* q, const float* kv, T* out, int G, int N, \
                                                  int d, long long sb, long long sn, long long sg,  \
                                                  float eps) {                                      \
-        la_apply<T>(q, kv, out, G, N, d, sb, sn, sg, eps);                                         \
+        la_apply<T, DT>(q, kv, out, G, N, d, sb, sn, sg, eps);                                     \
     }
 
-LINEAR_ATTN(bf16, bf16_t)
-LINEAR_ATTN(f32, float)
+LINEAR_ATTN(bf16, bf16_t, 0)
+LINEAR_ATTN(f32, float, 0)
+LINEAR_ATTN(bf16_d32, bf16_t, 32)
+LINEAR_ATTN(f32_d32, float, 32)

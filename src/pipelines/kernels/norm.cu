@@ -159,11 +159,14 @@ extern "C" __global__ void bias_act_nchw_f32_v1(float* x, const float* bias, lon
     bias_act_nchw<float, 1>(x, bias, total, C, HW, silu);
 }
 
-// Row-broadcast bias (+ residual) on a contiguous (rows, N) tensor: out[r, n] = y[r, n] + bias[n] (+ res[r, n]).
-// The bias of every linear layer (candle: matmul, then a strided broadcast add), and the residual after it.
+// Row-broadcast bias (+ residual) on a contiguous (rows, N) tensor: out[r, n] = act(y[r, n] + bias[n] (+ res[r, n])),
+// act = identity or SiLU. The bias of every linear layer (candle: matmul, then a strided broadcast add), the
+// residual after it, and GLUMBConv's `silu(expand(x) + b)` before its depthwise conv (applied once per
+// element here rather than k² times inside the conv, where the SFU's exp and reciprocal were the limit).
 template <typename T, int V>
 __device__ __forceinline__ void bias_rows(const T* __restrict__ y, const T* __restrict__ bias,
-                                          const T* __restrict__ res, T* __restrict__ out, long long total, int N) {
+                                          const T* __restrict__ res, T* __restrict__ out, long long total, int N,
+                                          int silu) {
     long long idx = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * V;
     if (idx >= total) return;
     int n = (int)(idx % N);
@@ -172,13 +175,17 @@ __device__ __forceinline__ void bias_rows(const T* __restrict__ y, const T* __re
     Vec<T, V>::load(bias + n, b);
     if (res) Vec<T, V>::load(res + idx, r);
 #pragma unroll
-    for (int e = 0; e < V; e++) v[e] = v[e] + b[e] + (res ? r[e] : 0.f);
+    for (int e = 0; e < V; e++) {
+        float t = v[e] + b[e] + (res ? r[e] : 0.f);
+        v[e] = silu ? silu_f(t) : t;
+    }
     Vec<T, V>::store(out + idx, v);
 }
 
 #define BIAS_ROWS(NAME, T, V)                                                                            \
-    extern "C" __global__ void NAME(const T* y, const T* bias, const T* res, T* out, long long total, int N) { \
-        bias_rows<T, V>(y, bias, res, out, total, N);                                                     \
+    extern "C" __global__ void NAME(const T* y, const T* bias, const T* res, T* out, long long total, int N, \
+                                    int silu) {                                                          \
+        bias_rows<T, V>(y, bias, res, out, total, N, silu);                                               \
     }
 BIAS_ROWS(bias_rows_bf16_v8, bf16_t, 8)
 BIAS_ROWS(bias_rows_bf16_v1, bf16_t, 1)
