@@ -12,10 +12,10 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::ingress::SubmitMessage;
-use crate::events::{ErrorType, Event, EventKind};
-use crate::queue::{
-    connect, subscribe_raw, subscribe_results, Publisher, QueueError, StreamItem, StreamOffset,
-    Topology,
+use fleet::events::{ErrorType, Event, EventBody};
+use fleet::queue::{
+    connect_declared, subscribe_raw, subscribe_results, Publisher, QueueError, StreamItem,
+    StreamOffset, Topology,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -52,15 +52,7 @@ pub async fn submit(
     out: &mut (dyn Write + Send),
     progress: &mut (dyn Write + Send),
 ) -> Result<Option<Event>, ClientError> {
-    let conn = connect(amqp_url).await?;
-    let declare = conn
-        .create_channel()
-        .await
-        .map_err(|source| QueueError::Broker {
-            op: "create channel",
-            source,
-        })?;
-    topology.declare(&declare).await?;
+    let conn = connect_declared(amqp_url, topology).await?;
     let mut stream = if args.wait {
         Some(subscribe_results(&conn, topology, StreamOffset::Next).await?)
     } else {
@@ -86,26 +78,14 @@ pub async fn submit(
         if ev.request_id != request_id {
             continue;
         }
-        match ev.event {
-            EventKind::Queued => writeln!(progress, "queued")?,
-            EventKind::Started => writeln!(
-                progress,
-                "started{}",
-                ev.worker
-                    .as_ref()
-                    .map(|w| format!(" on {w}"))
-                    .unwrap_or_default()
-            )?,
-            EventKind::Progress => {
-                if let (Some(step), Some(total)) = (ev.step, ev.total) {
-                    writeln!(progress, "step {step}/{total}")?;
-                }
-            }
-            EventKind::Completed => {
-                let urls = ev
-                    .result
-                    .as_ref()
-                    .and_then(|r| r["images"].as_array().cloned())
+        match &ev.body {
+            EventBody::Queued(_) => writeln!(progress, "queued")?,
+            EventBody::Started(started) => writeln!(progress, "started on {}", started.worker)?,
+            EventBody::Progress(p) => writeln!(progress, "step {}/{}", p.step, p.total)?,
+            EventBody::Completed(done) => {
+                let urls = done.result["images"]
+                    .as_array()
+                    .cloned()
                     .unwrap_or_default();
                 for image in urls {
                     if let Some(url) = image["url"].as_str() {
@@ -114,15 +94,14 @@ pub async fn submit(
                 }
                 return Ok(Some(ev));
             }
-            EventKind::Failed | EventKind::Cancelled => {
-                let error_type = ev.error_type.unwrap_or(ErrorType::InternalError);
-                if let Some(detail) = &ev.detail {
+            EventBody::Failed(failure) | EventBody::Cancelled(failure) => {
+                if let Some(detail) = &failure.detail {
                     writeln!(progress, "{detail}")?;
                 }
                 return Err(ClientError::Failed {
                     request_id,
-                    error_type,
-                    error: ev.error.clone().unwrap_or_else(|| "failed".into()),
+                    error_type: failure.error_type,
+                    error: failure.error.clone(),
                 });
             }
         }
@@ -147,15 +126,7 @@ pub async fn results(
     follow: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<u64, ClientError> {
-    let conn = connect(amqp_url).await?;
-    let declare = conn
-        .create_channel()
-        .await
-        .map_err(|source| QueueError::Broker {
-            op: "create channel",
-            source,
-        })?;
-    topology.declare(&declare).await?;
+    let conn = connect_declared(amqp_url, topology).await?;
     let mut stream = subscribe_raw(&conn, topology, from).await?;
     let marker = uuid::Uuid::new_v4().to_string();
     if !follow {
@@ -182,13 +153,21 @@ pub async fn results(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::EndpointKind;
+    use fleet::events::Started;
+    use fleet::job::EndpointKind;
 
     #[test]
     fn lines_carry_the_offset() {
         let line = event_line(
             42,
-            &Event::new("r", EndpointKind::Sprint, EventKind::Started),
+            &Event::new(
+                "r",
+                EndpointKind::Sprint,
+                EventBody::Started(Started {
+                    worker: "w".into(),
+                    attempt: 1,
+                }),
+            ),
         );
         let v: Value = serde_json::from_str(&line).expect("json");
         assert_eq!(v["offset"], 42);

@@ -21,9 +21,9 @@ use lapin::{BasicProperties, Connection};
 use tokio_util::sync::CancellationToken;
 
 use super::deadlines::{retry_or_fail, run_deadlines, RequestWatch};
-use crate::events::{ErrorType, Event, JobMessage};
-use crate::job::EndpointKind;
-use crate::queue::{
+use fleet::events::{ErrorType, Event, JobMessage};
+use fleet::job::EndpointKind;
+use fleet::queue::{
     self, header_str, message_id, Publisher, QueueError, Topology, HEADER_ENDPOINT,
 };
 
@@ -61,10 +61,7 @@ pub async fn run(
         _ = shutdown.cancelled() => return Ok(()),
         _ = watch.caught_up() => {}
     }
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(QueueError::broker("create channel"))?;
+    let channel = queue::open_channel(conn).await?;
     let mut consumer = queue::consume(&channel, &topology.dead_watch_queue(), "", PREFETCH).await?;
     tracing::info!(queue = %topology.dead_watch_queue(), "watching dead-lettered jobs");
     let result = loop {
@@ -180,7 +177,7 @@ mod tests {
 
     #[test]
     fn identifies_jobs_by_body_or_properties() {
-        let input = crate::job::validate(
+        let input = fleet::job::validate(
             EndpointKind::Base,
             &serde_json::json!({"prompt": "p"}),
             || 1,

@@ -27,9 +27,9 @@ use lapin::Connection;
 use tokio::sync::{oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::events::{now_unix, ErrorType, Event, EventKind};
-use crate::job::EndpointKind;
-use crate::queue::{subscribe_raw, Publisher, QueueError, StreamItem, StreamOffset, Topology};
+use fleet::events::{now_unix, ErrorType, Event, EventBody};
+use fleet::job::EndpointKind;
+use fleet::queue::{subscribe_raw, Publisher, QueueError, StreamItem, StreamOffset, Topology};
 
 /// Time past a deadline before the dispatcher declares it missed. A worker checks the deadline right
 /// before publishing `started`; the grace keeps that `started` (and small clock skew between hosts) ahead
@@ -73,9 +73,9 @@ pub(crate) struct Index {
 impl Index {
     /// Applies one event; true when it brought the earliest pending deadline forward.
     pub(crate) fn apply(&mut self, ev: &Event) -> bool {
-        match ev.event {
-            EventKind::Queued => {
-                let Some(deadline) = ev.deadline.and_then(micros) else {
+        match &ev.body {
+            EventBody::Queued(queued) => {
+                let Some(deadline) = queued.deadline.and_then(micros) else {
                     return false;
                 };
                 if self.seen.contains_key(&ev.request_id)
@@ -89,12 +89,12 @@ impl Index {
                     .insert(ev.request_id.clone(), (deadline, ev.endpoint));
                 earlier
             }
-            EventKind::Started | EventKind::Progress => {
+            EventBody::Started(_) | EventBody::Progress(_) => {
                 self.seen.entry(ev.request_id.clone()).or_insert(false);
                 self.forget(&ev.request_id);
                 false
             }
-            EventKind::Completed | EventKind::Failed | EventKind::Cancelled => {
+            EventBody::Completed(_) | EventBody::Failed(_) | EventBody::Cancelled(_) => {
                 self.seen.insert(ev.request_id.clone(), true);
                 self.forget(&ev.request_id);
                 false
@@ -320,16 +320,18 @@ pub(crate) async fn retry_or_fail(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleet::events::EventKind;
 
     fn queued(id: &str, deadline: Option<f64>) -> Event {
-        Event {
-            deadline,
-            ..Event::new(id, EndpointKind::Sprint, EventKind::Queued)
+        let mut ev = ev(id, EventKind::Queued);
+        if let EventBody::Queued(queued) = &mut ev.body {
+            queued.deadline = deadline;
         }
+        ev
     }
 
     fn ev(id: &str, kind: EventKind) -> Event {
-        Event::new(id, EndpointKind::Sprint, kind)
+        fleet::events::testing::event(id, EndpointKind::Sprint, kind)
     }
 
     #[test]

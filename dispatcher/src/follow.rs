@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
 use super::state::{Applied, Outcome, RequestView, SharedRegistry};
-use crate::events::{now_unix, Event};
-use crate::job::EndpointKind;
-use crate::queue::{subscribe_raw, Publisher, QueueError, StreamItem, StreamOffset, Topology};
+use fleet::events::{now_unix, Event};
+use fleet::job::EndpointKind;
+use fleet::queue::{subscribe_raw, Publisher, QueueError, StreamItem, StreamOffset, Topology};
 
 /// Settings of webhook delivery.
 #[derive(Debug, Clone)]
@@ -183,8 +183,15 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatcher::state::Registry;
-    use crate::events::{ErrorType, EventKind};
+    use crate::state::Registry;
+    use fleet::events::{Completed, ErrorType, EventBody, EventKind};
+
+    fn completed_body() -> Completed {
+        match fleet::events::testing::body(EndpointKind::Sprint, EventKind::Completed) {
+            EventBody::Completed(c) => c,
+            other => unreachable!("testing::body(Completed) gave {other:?}"),
+        }
+    }
 
     #[test]
     fn webhook_bodies_follow_fal() {
@@ -192,10 +199,14 @@ mod tests {
         let k = EndpointKind::Sprint;
         reg.apply(
             1,
-            &Event {
-                result: Some(json!({"seed": 1})),
-                ..Event::new("ok", k, EventKind::Completed)
-            },
+            &Event::new(
+                "ok",
+                k,
+                EventBody::Completed(Completed {
+                    result: json!({"seed": 1}),
+                    ..completed_body()
+                }),
+            ),
         );
         reg.apply(
             2,

@@ -12,70 +12,23 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-use super::http::AppState;
-use super::state::{Outcome, Registry, Status};
-use super::submit::{submit, Priority, SubmitError, SubmitOptions};
-use crate::events::{ErrorType, Event, EventKind};
-use crate::job::EndpointKind;
-
-pub const REQUEST_ID_HEADER: &str = "x-fal-request-id";
-pub const BILLABLE_UNITS_HEADER: &str = "x-fal-billable-units";
-/// fal clients do not retry a 504 that carries this header (a timeout the user asked for).
-pub const TIMEOUT_TYPE_HEADER: &str = "x-fal-request-timeout-type";
-
-fn set_header(resp: &mut Response, name: &'static str, value: HeaderValue) {
-    resp.headers_mut()
-        .insert(HeaderName::from_static(name), value);
-}
-
-/// Sets `x-fal-request-id` (left out when `id` is not a valid header value).
-fn set_request_id(resp: &mut Response, id: &str) {
-    if let Ok(v) = HeaderValue::from_str(id) {
-        set_header(resp, REQUEST_ID_HEADER, v);
-    }
-}
-
-/// A JSON response with optional `x-fal-request-id`.
-pub fn json_response(status: StatusCode, body: &Value, request_id: Option<&str>) -> Response {
-    let mut resp = (status, axum::Json(body.clone())).into_response();
-    if let Some(id) = request_id {
-        set_request_id(&mut resp, id);
-    }
-    resp
-}
-
-fn detail(status: StatusCode, msg: &str) -> Response {
-    json_response(status, &json!({ "detail": msg }), None)
-}
-
-/// The 404 of an unknown `request_id`.
-fn request_not_found(id: &str) -> Response {
-    json_response(
-        StatusCode::NOT_FOUND,
-        &json!({"detail": "Request not found"}),
-        Some(id),
-    )
-}
+use crate::app::AppState;
+use crate::reply::{
+    json_response, set_header, set_request_id, ApiError, BILLABLE_UNITS_HEADER, TIMEOUT_TYPE_HEADER,
+};
+use crate::state::{Outcome, Registry, Status};
+use crate::submit::{submit, Priority, SubmitError, SubmitOptions};
+use fleet::events::{ErrorType, Event};
+use fleet::job::EndpointKind;
 
 /// The `{request_id}` path segment.
 fn request_id(params: &HashMap<String, String>) -> String {
     params.get("request_id").cloned().unwrap_or_default()
-}
-
-/// A 422 with `x-fal-billable-units: 0`.
-fn rejected(body: &Value) -> Response {
-    let mut resp = json_response(StatusCode::UNPROCESSABLE_ENTITY, body, None);
-    set_header(
-        &mut resp,
-        BILLABLE_UNITS_HEADER,
-        HeaderValue::from_static("0"),
-    );
-    resp
 }
 
 /// One bad location outside the body schema (headers, malformed JSON).
@@ -91,7 +44,7 @@ impl BadInput {
     fn response(self) -> Response {
         let detail =
             json!({"loc": self.loc, "msg": self.msg, "type": self.kind, "input": self.input});
-        rejected(&json!({ "detail": [detail] }))
+        ApiError::Invalid(json!({ "detail": [detail] })).into_response()
     }
 }
 
@@ -244,16 +197,12 @@ async fn submit_kind(
         Ok(a) => a,
         Err(SubmitError::Invalid(err)) => {
             metrics.submission(kind, "http", "invalid");
-            return rejected(&err.to_body());
+            return ApiError::Invalid(err.to_body()).into_response();
         }
         Err(SubmitError::Broker(e)) => {
             metrics.submission(kind, "http", "error");
             tracing::error!(error = %e, "submit failed at the broker");
-            return json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"detail": "The queue is unavailable; try again later", "error_type": "internal_error"}),
-                None,
-            );
+            return ApiError::QueueUnavailable.into_response();
         }
     };
     metrics.submission(kind, "http", "accepted");
@@ -297,7 +246,7 @@ pub async fn status(
     {
         Some((Status::Completed, body)) => json_response(StatusCode::OK, &body, Some(&id)),
         Some((_, body)) => json_response(StatusCode::ACCEPTED, &body, Some(&id)),
-        None => request_not_found(&id),
+        None => ApiError::RequestNotFound(id).into_response(),
     }
 }
 
@@ -311,7 +260,7 @@ pub async fn status_stream(
     let base = app_base(&state, &headers);
     let logs = wants_logs(&q);
     if state.registry().read(|r| r.get(&id).is_none()) {
-        return request_not_found(&id);
+        return ApiError::RequestNotFound(id).into_response();
     }
     let registry = state.registry().clone();
     let mut changes = registry.subscribe();
@@ -343,7 +292,7 @@ pub async fn result(
 ) -> Response {
     let id = request_id(&params);
     let Some(view) = state.registry().read(|r| r.get(&id).cloned()) else {
-        return request_not_found(&id);
+        return ApiError::RequestNotFound(id).into_response();
     };
     let (status, body, units) = match &view.outcome {
         None => (
@@ -401,11 +350,7 @@ pub async fn cancel(
         .registry()
         .read(|r| r.get(&id).map(|v| (v.endpoint, v.is_terminal())))
     else {
-        return json_response(
-            StatusCode::NOT_FOUND,
-            &json!({"status": "NOT_FOUND"}),
-            Some(&id),
-        );
+        return ApiError::CancelNotFound(id).into_response();
     };
     if terminal {
         return json_response(
@@ -415,18 +360,10 @@ pub async fn cancel(
         );
     }
     // Queued: workers skip a cancelled id, so it never runs. Running: the worker stops between steps.
-    let event = Event {
-        error: Some("Request cancelled by the client".into()),
-        error_type: Some(ErrorType::ClientCancelled),
-        billable_units: Some(0),
-        ..Event::new(id.clone(), kind, EventKind::Cancelled)
-    };
+    let event = Event::cancelled(id.clone(), kind);
     if let Err(e) = state.bus().publish_event(&event).await {
         tracing::error!(request_id = id, error = %e, "publishing the cancellation failed");
-        return detail(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "The queue is unavailable; try again later",
-        );
+        return ApiError::QueueUnavailable.into_response();
     }
     let timeout = state.config().read_your_writes_timeout;
     state
@@ -486,5 +423,5 @@ pub async fn openapi(State(state): State<AppState>) -> Response {
 }
 
 pub async fn not_found() -> Response {
-    detail(StatusCode::NOT_FOUND, "Not Found")
+    ApiError::NoRoute.into_response()
 }

@@ -9,132 +9,19 @@
 //! retry blindly).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
-use serde_json::json;
-use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::handlers;
-use super::metrics::Metrics;
-use super::state::SharedRegistry;
-use super::submit::Bus;
-
-/// HTTP settings. `Debug` redacts the API keys.
-#[derive(Clone)]
-pub struct HttpConfig {
-    pub owner: String,
-    pub app: String,
-    /// Public origin for `response_url` etc. (`https://api.example.com`); derived from `Host` when unset.
-    pub public_url: Option<String>,
-    /// Accepted `Authorization: Key …` values; empty = no auth.
-    pub api_keys: Vec<String>,
-    pub max_concurrency: usize,
-    pub admission_timeout: Duration,
-    /// How long submit/cancel wait to read their own event back from the stream.
-    pub read_your_writes_timeout: Duration,
-    /// Whether the server speaks TLS (for derived URLs).
-    pub https: bool,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            owner: "local".into(),
-            app: "sana".into(),
-            public_url: None,
-            api_keys: Vec::new(),
-            max_concurrency: 256,
-            admission_timeout: Duration::from_secs(30),
-            read_your_writes_timeout: Duration::from_secs(5),
-            https: false,
-        }
-    }
-}
-
-impl std::fmt::Debug for HttpConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpConfig")
-            .field("owner", &self.owner)
-            .field("app", &self.app)
-            .field("public_url", &self.public_url)
-            .field(
-                "api_keys",
-                &format_args!("[{} redacted]", self.api_keys.len()),
-            )
-            .field("max_concurrency", &self.max_concurrency)
-            .field("admission_timeout", &self.admission_timeout)
-            .field("read_your_writes_timeout", &self.read_your_writes_timeout)
-            .field("https", &self.https)
-            .finish()
-    }
-}
-
-struct Inner {
-    cfg: HttpConfig,
-    registry: SharedRegistry,
-    bus: Arc<dyn Bus>,
-    metrics: Arc<Metrics>,
-    ready: watch::Receiver<bool>,
-    limiter: Semaphore,
-}
-
-/// Shared by every handler.
-#[derive(Clone)]
-pub struct AppState(Arc<Inner>);
-
-impl AppState {
-    pub fn new(
-        cfg: HttpConfig,
-        registry: SharedRegistry,
-        bus: Arc<dyn Bus>,
-        metrics: Arc<Metrics>,
-        ready: watch::Receiver<bool>,
-    ) -> Self {
-        let limiter = Semaphore::new(cfg.max_concurrency.max(1));
-        AppState(Arc::new(Inner {
-            cfg,
-            registry,
-            bus,
-            metrics,
-            ready,
-            limiter,
-        }))
-    }
-
-    pub fn config(&self) -> &HttpConfig {
-        &self.0.cfg
-    }
-
-    pub fn registry(&self) -> &SharedRegistry {
-        &self.0.registry
-    }
-
-    pub fn bus(&self) -> &dyn Bus {
-        self.0.bus.as_ref()
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.0.metrics
-    }
-
-    pub fn is_ready(&self) -> bool {
-        *self.0.ready.borrow()
-    }
-
-    /// Waits until the replay is complete or `timeout` passes.
-    pub async fn wait_ready(&self, timeout: Duration) {
-        let mut rx = self.0.ready.clone();
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|r| *r)).await;
-    }
-}
+pub use crate::app::{AppState, HttpConfig};
+use crate::handlers;
+use crate::reply::ApiError;
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
@@ -199,16 +86,7 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
     if ok {
         return next.run(req).await;
     }
-    let mut resp = handlers::json_response(
-        StatusCode::UNAUTHORIZED,
-        &json!({"detail": "Missing or invalid API key; send `Authorization: Key <key>`"}),
-        None,
-    );
-    resp.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        axum::http::HeaderValue::from_static("Key"),
-    );
-    resp
+    ApiError::Unauthorized.into_response()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -221,20 +99,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The semaphore at the door.
 async fn limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let timeout = state.config().admission_timeout;
-    match tokio::time::timeout(timeout, state.0.limiter.acquire()).await {
+    match tokio::time::timeout(timeout, state.limiter().acquire()).await {
         Ok(Ok(_permit)) => next.run(req).await,
-        Ok(Err(_)) | Err(_) => {
-            let mut resp = handlers::json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"detail": "Too many concurrent requests; try again later"}),
-                None,
-            );
-            resp.headers_mut().insert(
-                header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
-            );
-            resp
-        }
+        Ok(Err(_)) | Err(_) => ApiError::Overloaded.into_response(),
     }
 }
 

@@ -14,8 +14,10 @@ use tower::ServiceExt;
 use super::http::{router, AppState, HttpConfig};
 use super::metrics::Metrics;
 use super::submit::testing::MemoryBus;
-use crate::events::{ErrorType, Event, EventKind};
-use crate::job::EndpointKind;
+use fleet::events::{
+    testing, Completed, ErrorType, Event, EventBody, EventKind, Progress, Started,
+};
+use fleet::job::EndpointKind;
 
 struct Harness {
     app: Router,
@@ -232,18 +234,27 @@ async fn submit_status_result_lifecycle() {
 
     h.bus.registry.apply(
         100,
-        &Event {
-            worker: Some("w".into()),
-            ..Event::new(id.clone(), EndpointKind::Sprint, EventKind::Started)
-        },
+        &Event::new(
+            id.clone(),
+            EndpointKind::Sprint,
+            EventBody::Started(Started {
+                worker: "w".into(),
+                attempt: 1,
+            }),
+        ),
     );
     h.bus.registry.apply(
         101,
-        &Event {
-            step: Some(1),
-            total: Some(2),
-            ..Event::new(id.clone(), EndpointKind::Sprint, EventKind::Progress)
-        },
+        &Event::new(
+            id.clone(),
+            EndpointKind::Sprint,
+            EventBody::Progress(Progress {
+                worker: "w".into(),
+                step: 1,
+                total: 2,
+                message: None,
+            }),
+        ),
     );
     let (code, _, s) = call(&h.app, Method::GET, &status_uri, None, &[]).await;
     assert_eq!(
@@ -283,12 +294,17 @@ async fn submit_status_result_lifecycle() {
         json!({"images": [{"url": "http://s3/x.jpeg", "width": 1024, "height": 1024}], "seed": 3});
     h.bus.registry.apply(
         102,
-        &Event {
-            result: Some(result.clone()),
-            billable_units: Some(1),
-            inference_time: Some(0.25),
-            ..Event::new(id.clone(), EndpointKind::Sprint, EventKind::Completed)
-        },
+        &Event::new(
+            id.clone(),
+            EndpointKind::Sprint,
+            EventBody::Completed(Completed {
+                worker: "w".into(),
+                attempt: 1,
+                result: result.clone(),
+                billable_units: 1,
+                inference_time: 0.25,
+            }),
+        ),
     );
     let (code, _, s) = call(&h.app, Method::GET, &status_uri, None, &[]).await;
     assert_eq!(
@@ -356,7 +372,7 @@ async fn cancel_and_failures_map_to_error_statuses() {
         .cloned()
         .expect("event");
     assert_eq!(
-        (cancelled.event, cancelled.error_type),
+        (cancelled.kind(), cancelled.error_type()),
         (EventKind::Cancelled, Some(ErrorType::ClientCancelled))
     );
     let (code, headers, r) = call(
@@ -576,15 +592,22 @@ async fn status_stream_sends_each_change_until_completed() {
     assert_eq!(next_status().await["status"], "IN_QUEUE");
     h.bus.registry.apply(
         10,
-        &Event::new(id.clone(), EndpointKind::Sprint, EventKind::Started),
+        &testing::event(&id, EndpointKind::Sprint, EventKind::Started),
     );
     assert_eq!(next_status().await["status"], "IN_PROGRESS");
     h.bus.registry.apply(
         11,
-        &Event {
-            result: Some(json!({"images": []})),
-            ..Event::new(id.clone(), EndpointKind::Sprint, EventKind::Completed)
-        },
+        &Event::new(
+            id.clone(),
+            EndpointKind::Sprint,
+            EventBody::Completed(Completed {
+                worker: "w".into(),
+                attempt: 1,
+                result: json!({"images": []}),
+                billable_units: 0,
+                inference_time: 0.0,
+            }),
+        ),
     );
     let last = next_status().await;
     assert_eq!(last["status"], "COMPLETED");

@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
 use super::submit::{submit, validation_failed, Bus, Priority, SubmitError, SubmitOptions};
-use crate::events::{ErrorType, Event};
-use crate::job::{EndpointKind, FieldError, ValidationError};
-use crate::queue::{consume, message_id, QueueError, Topology};
+use fleet::events::{ErrorType, Event};
+use fleet::job::{EndpointKind, FieldError, ValidationError};
+use fleet::queue::{consume, message_id, open_channel, QueueError, Topology};
 
 /// The body of a `fleet.submit` message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,13 +46,7 @@ pub async fn run(
     prefetch: u16,
     shutdown: CancellationToken,
 ) -> Result<(), QueueError> {
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(|source| QueueError::Broker {
-            op: "create channel",
-            source,
-        })?;
+    let channel = open_channel(conn).await?;
     let tag = format!("dispatcher-{}", uuid::Uuid::new_v4());
     let mut consumer = consume(&channel, &topology.submit_queue(), &tag, prefetch).await?;
     tracing::info!(
@@ -162,7 +156,7 @@ async fn publish_rejection(
 ) -> Result<(), QueueError> {
     metrics.submission(kind, "amqp", "invalid");
     let event: Event = validation_failed(request_id, kind, err);
-    debug_assert_eq!(event.error_type, Some(ErrorType::ValidationError));
+    debug_assert_eq!(event.error_type(), Some(ErrorType::ValidationError));
     bus.publish_event(&event).await
 }
 

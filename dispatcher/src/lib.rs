@@ -4,10 +4,13 @@
 //! It owns no state of its own: every request's view is rebuilt from the `fleet.results` stream
 //! (`state`, fed by `follow`), so it can be killed, restarted or run several times side by side.
 //! Submissions (`submit`, used by `handlers` and `ingress`) publish a `queued` event and then the job,
-//! both confirmed by the broker, before the client gets an answer. `client` holds the CLI's
-//! `submit`/`results` commands. `deadletter` and `deadlines` close requests whose job the broker
-//! dropped or whose start deadline passed. The `dispatcher` binary only parses flags and calls [`serve`].
+//! both confirmed by the broker, before the client gets an answer. `http` is the door (router, key
+//! check, admission limit) in front of `handlers`; both share `app` (settings and state), and every error
+//! answer comes from `reply`. `client` holds the CLI's `submit`/`results` commands. `deadletter` and
+//! `deadlines` close requests whose job the broker dropped or whose start deadline passed. The
+//! `dispatcher` binary only parses flags and calls [`serve`].
 
+pub mod app;
 pub mod client;
 pub mod deadletter;
 pub mod deadlines;
@@ -19,6 +22,7 @@ mod http_tests;
 pub mod ingress;
 pub mod metrics;
 pub mod openapi;
+pub mod reply;
 pub mod state;
 pub mod submit;
 
@@ -28,7 +32,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::queue::{connect, Publisher, QueueError, Topology};
+use fleet::queue::{connect_declared, Publisher, QueueError, Topology};
+use fleet::telemetry::redact_url;
 use follow::{Follower, WebhookConfig};
 use http::{AppState, HttpConfig, ListenConfig};
 use metrics::Metrics;
@@ -61,20 +66,6 @@ impl std::fmt::Debug for ServeConfig {
     }
 }
 
-/// `amqp://user:secret@host` → `amqp://user:***@host`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_string();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_string(),
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum DispatcherError {
     #[error(transparent)]
@@ -94,15 +85,7 @@ pub async fn serve(
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<(), DispatcherError> {
     tracing::info!(config = ?cfg, "dispatcher starting");
-    let conn = connect(&cfg.amqp_url).await?;
-    let declare_channel = conn
-        .create_channel()
-        .await
-        .map_err(|source| QueueError::Broker {
-            op: "create channel",
-            source,
-        })?;
-    cfg.topology.declare(&declare_channel).await?;
+    let conn = connect_declared(&cfg.amqp_url, &cfg.topology).await?;
     let publisher = Publisher::new(&conn, cfg.topology.clone()).await?;
     let registry = SharedRegistry::new();
     let metrics = Arc::new(Metrics::new()?);
@@ -189,30 +172,6 @@ pub async fn serve(
         tracing::debug!(error = %e, "closing the broker connection");
     }
     f.and(i).and(r).and(h)
-}
-
-/// SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the dispatcher");
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }
 
 #[cfg(test)]

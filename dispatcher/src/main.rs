@@ -2,7 +2,7 @@
 //!
 //! `dispatcher [serve]` runs the HTTP API, the AMQP ingress and the stream follower;
 //! `dispatcher submit` submits over AMQP and follows the result topic; `dispatcher results` prints the
-//! result stream as JSON lines. All logic lives in `fleet::dispatcher`; this file only parses flags.
+//! result stream as JSON lines. All logic lives in the `fleet_dispatcher` library; this file only parses flags.
 //! Once listening, `serve` prints `listening on <scheme>://<addr>` on stdout (logs go to stderr).
 
 use std::net::SocketAddr;
@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use fleet::dispatcher::client::{self, SubmitArgs};
-use fleet::dispatcher::follow::WebhookConfig;
-use fleet::dispatcher::http::{HttpConfig, ListenConfig};
-use fleet::dispatcher::{serve, shutdown_signal, ServeConfig};
 use fleet::queue::{StreamOffset, Topology};
+use fleet::signal::shutdown_signal;
+use fleet_dispatcher::client::{self, SubmitArgs};
+use fleet_dispatcher::follow::WebhookConfig;
+use fleet_dispatcher::http::{HttpConfig, ListenConfig};
+use fleet_dispatcher::{serve, ServeConfig};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 

@@ -10,8 +10,8 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::events::Event;
-use crate::job::EndpointKind;
+use fleet::events::Event;
+use fleet::job::EndpointKind;
 
 pub struct Metrics {
     registry: Registry,
@@ -93,9 +93,9 @@ impl Metrics {
     }
 
     pub fn observe_event(&self, ev: &Event) {
-        let error_type = ev.error_type.map_or("", |e| e.as_str());
+        let error_type = ev.error_type().map_or("", |e| e.as_str());
         self.events
-            .with_label_values(&[ev.endpoint.as_str(), ev.event.as_str(), error_type])
+            .with_label_values(&[ev.endpoint.as_str(), ev.kind().as_str(), error_type])
             .inc();
     }
 
@@ -118,12 +118,12 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{ErrorType, EventKind};
+    use fleet::events::{ErrorType, EventKind};
 
     #[test]
     fn renders_prefixed_low_cardinality_series() {
         let m = Metrics::new().expect("metrics");
-        m.observe_event(&Event::new(
+        m.observe_event(&fleet::events::testing::event(
             "req-123",
             EndpointKind::Sprint,
             EventKind::Queued,

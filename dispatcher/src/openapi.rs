@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use crate::job::{EndpointKind, DEFAULT_SIZE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, SIZE_PRESETS};
+use fleet::job::{EndpointKind, DEFAULT_SIZE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, SIZE_PRESETS};
 
 /// The input schema of one endpoint kind (JSON Schema as OpenAPI 3.1 embeds it).
 pub fn input_schema(kind: EndpointKind) -> Value {

@@ -13,8 +13,8 @@ use std::sync::{Arc, RwLock};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::events::{ErrorType, Event, EventKind};
-use crate::job::{EndpointKind, JobInput};
+use fleet::events::{ErrorType, Event, EventBody};
+use fleet::job::{EndpointKind, JobInput};
 
 /// fal's three statuses; nothing else goes on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,29 +200,26 @@ impl Registry {
         }
         let key = (view.seq, view.request_id.clone());
         let queue = self.queued.entry(view.endpoint).or_default();
-        let applied = match ev.event {
-            EventKind::Queued => {
+        let applied = match &ev.body {
+            EventBody::Queued(queued) => {
                 if !fresh && view.input.is_some() {
                     return Applied::Ignored;
                 }
                 view.submitted_at = ev.at;
-                view.input = ev.input.clone().or(view.input.take());
-                view.webhook_url = ev.webhook_url.clone().or(view.webhook_url.take());
-                view.deadline = ev.deadline.or(view.deadline);
+                view.input = Some(queued.input.clone());
+                view.webhook_url = queued.webhook_url.clone().or(view.webhook_url.take());
+                view.deadline = queued.deadline.or(view.deadline);
                 if view.phase == Phase::Queued {
                     queue.insert(key);
                 }
                 Applied::Updated
             }
-            EventKind::Started => {
+            EventBody::Started(started) => {
                 queue.remove(&key);
                 view.phase = Phase::Running;
-                let mut line = match &ev.worker {
-                    Some(w) => format!("started on {w}"),
-                    None => "started".to_string(),
-                };
-                if let Some(attempt) = ev.attempt.filter(|a| *a > 1) {
-                    line.push_str(&format!(" (attempt {attempt})"));
+                let mut line = format!("started on {}", started.worker);
+                if started.attempt > 1 {
+                    line.push_str(&format!(" (attempt {})", started.attempt));
                 }
                 view.logs.push(LogLine {
                     message: line,
@@ -230,26 +227,30 @@ impl Registry {
                 });
                 Applied::Updated
             }
-            EventKind::Progress => {
+            EventBody::Progress(progress) => {
                 queue.remove(&key);
                 view.phase = Phase::Running;
-                if let (Some(step), Some(total)) = (ev.step, ev.total) {
-                    view.step = Some((step, total));
+                view.step = Some((progress.step, progress.total));
+                view.logs.push(LogLine {
+                    message: format!("step {}/{}", progress.step, progress.total),
+                    at: ev.at,
+                });
+                if let Some(msg) = &progress.message {
                     view.logs.push(LogLine {
-                        message: format!("step {step}/{total}"),
+                        message: msg.clone(),
                         at: ev.at,
                     });
                 }
                 Applied::Updated
             }
-            EventKind::Completed => {
+            EventBody::Completed(done) => {
                 queue.remove(&key);
                 view.phase = Phase::Done;
                 view.finished_at = Some(ev.at);
                 view.outcome = Some(Outcome::Succeeded {
-                    result: ev.result.clone().unwrap_or(Value::Null),
-                    billable_units: ev.billable_units.unwrap_or(0),
-                    inference_time: ev.inference_time,
+                    result: done.result.clone(),
+                    billable_units: done.billable_units,
+                    inference_time: Some(done.inference_time),
                 });
                 view.logs.push(LogLine {
                     message: "completed".into(),
@@ -257,40 +258,22 @@ impl Registry {
                 });
                 Applied::Finished
             }
-            EventKind::Failed | EventKind::Cancelled => {
+            EventBody::Failed(failure) | EventBody::Cancelled(failure) => {
                 queue.remove(&key);
                 view.phase = Phase::Done;
                 view.finished_at = Some(ev.at);
-                let error_type = ev.error_type.unwrap_or(match ev.event {
-                    EventKind::Cancelled => ErrorType::ClientCancelled,
-                    _ => ErrorType::InternalError,
-                });
-                let error = ev.error.clone().unwrap_or_else(|| match error_type {
-                    ErrorType::ClientCancelled => "Request cancelled by the client".to_string(),
-                    ErrorType::RequestTimeout => "Request timed out before it started".to_string(),
-                    ErrorType::RunnerServerError
-                    | ErrorType::InternalError
-                    | ErrorType::BadRequest
-                    | ErrorType::ValidationError => "Request failed".to_string(),
-                });
                 view.logs.push(LogLine {
-                    message: format!("{}: {error}", error_type.as_str()),
+                    message: format!("{}: {}", failure.error_type.as_str(), failure.error),
                     at: ev.at,
                 });
                 view.outcome = Some(Outcome::Failed {
-                    error,
-                    error_type,
-                    detail: ev.detail.clone(),
+                    error: failure.error.clone(),
+                    error_type: failure.error_type,
+                    detail: failure.detail.clone(),
                 });
                 Applied::Finished
             }
         };
-        if let Some(msg) = &ev.message {
-            view.logs.push(LogLine {
-                message: msg.clone(),
-                at: ev.at,
-            });
-        }
         applied
     }
 }
@@ -392,19 +375,40 @@ pub fn iso8601(unix: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::validate;
+    use fleet::events::{Completed, EventKind, Failure, Progress, Queued, Started};
+    use fleet::job::validate;
 
     fn queued(id: &str, kind: EndpointKind) -> Event {
         let input = validate(kind, &json!({"prompt": "a cat"}), || 1).expect("valid input");
-        Event {
-            input: Some(input),
+        let queued = Queued {
+            input,
+            deadline: None,
             webhook_url: Some("http://hook".into()),
-            ..Event::new(id, kind, EventKind::Queued)
-        }
+        };
+        Event::new(id, kind, EventBody::Queued(queued))
     }
 
     fn ev(id: &str, kind: EndpointKind, what: EventKind) -> Event {
-        Event::new(id, kind, what)
+        fleet::events::testing::event(id, kind, what)
+    }
+
+    fn progress(step: u32, total: u32) -> EventBody {
+        EventBody::Progress(Progress {
+            worker: "w1".into(),
+            step,
+            total,
+            message: None,
+        })
+    }
+
+    fn completed(result: Value, billable_units: u64, inference_time: f64) -> EventBody {
+        EventBody::Completed(Completed {
+            worker: "w1".into(),
+            attempt: 1,
+            result,
+            billable_units,
+            inference_time,
+        })
     }
 
     #[test]
@@ -439,40 +443,24 @@ mod tests {
         reg.apply(1, &queued("r", k));
         reg.apply(
             2,
-            &Event {
-                worker: Some("w1".into()),
-                attempt: Some(2),
-                ..ev("r", k, EventKind::Started)
-            },
+            &Event::new(
+                "r",
+                k,
+                EventBody::Started(Started {
+                    worker: "w1".into(),
+                    attempt: 2,
+                }),
+            ),
         );
-        reg.apply(
-            3,
-            &Event {
-                step: Some(1),
-                total: Some(2),
-                ..ev("r", k, EventKind::Progress)
-            },
-        );
-        reg.apply(
-            4,
-            &Event {
-                step: Some(2),
-                total: Some(2),
-                ..ev("r", k, EventKind::Progress)
-            },
-        );
+        reg.apply(3, &Event::new("r", k, progress(1, 2)));
+        reg.apply(4, &Event::new("r", k, progress(2, 2)));
         let view = reg.get("r").expect("view");
         assert_eq!(view.step, Some((2, 2)));
         let msgs: Vec<_> = view.logs.iter().map(|l| l.message.as_str()).collect();
         assert_eq!(msgs, ["started on w1 (attempt 2)", "step 1/2", "step 2/2"]);
         let applied = reg.apply(
             5,
-            &Event {
-                result: Some(json!({"images": []})),
-                billable_units: Some(8),
-                inference_time: Some(0.5),
-                ..ev("r", k, EventKind::Completed)
-            },
+            &Event::new("r", k, completed(json!({"images": []}), 8, 0.5)),
         );
         assert_eq!(applied, Applied::Finished);
         assert_eq!(reg.status("r"), Some(Status::Completed));
@@ -506,13 +494,7 @@ mod tests {
             Applied::Ignored
         );
         assert_eq!(
-            reg.apply(
-                4,
-                &Event {
-                    result: Some(json!({})),
-                    ..ev("r", k, EventKind::Completed)
-                }
-            ),
+            reg.apply(4, &Event::new("r", k, completed(json!({}), 0, 0.0))),
             Applied::Ignored
         );
         assert_eq!(reg.status("r"), Some(Status::Completed));
@@ -528,10 +510,11 @@ mod tests {
     fn failure_keeps_type_and_detail() {
         let mut reg = Registry::new();
         let k = EndpointKind::Base;
-        let failed = Event {
+        let failure = Failure {
             detail: Some(json!([{"loc": ["body", "num_images"]}])),
-            ..Event::failed("v", k, ErrorType::ValidationError, "invalid input")
+            ..Failure::new(ErrorType::ValidationError, "invalid input")
         };
+        let failed = Event::new("v", k, EventBody::Failed(failure));
         // A failure with no `queued` before it (AMQP validation error) still makes a view.
         assert_eq!(reg.apply(7, &failed), Applied::Finished);
         assert_eq!(reg.status("v"), Some(Status::Completed));

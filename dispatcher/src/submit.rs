@@ -9,9 +9,9 @@
 use futures::future::BoxFuture;
 use serde_json::Value;
 
-use crate::events::{now_unix, ErrorType, Event, EventKind, JobMessage};
-use crate::job::{validate, EndpointKind, JobInput, ValidationError};
-use crate::queue::{Publisher, QueueError};
+use fleet::events::{now_unix, ErrorType, Event, EventBody, Failure, JobMessage, Queued};
+use fleet::job::{validate, EndpointKind, JobInput, ValidationError};
+use fleet::queue::{Publisher, QueueError};
 
 /// Where the dispatcher publishes. Both calls return only once the broker confirmed.
 pub trait Bus: Send + Sync + 'static {
@@ -107,11 +107,16 @@ pub async fn submit(
     let submitted_at = now_unix();
     let deadline = opts.start_timeout.map(|s| submitted_at + s);
     let queued = Event {
-        input: Some(input.clone()),
-        deadline,
-        webhook_url: opts.webhook_url,
         at: submitted_at,
-        ..Event::new(request_id.clone(), kind, EventKind::Queued)
+        ..Event::new(
+            request_id.clone(),
+            kind,
+            EventBody::Queued(Queued {
+                input: input.clone(),
+                deadline,
+                webhook_url: opts.webhook_url,
+            }),
+        )
     };
     bus.publish_event(&queued).await?;
     let job = JobMessage {
@@ -140,15 +145,11 @@ pub async fn submit(
 /// The `failed` event of a submission that did not validate (AMQP ingress): billing 0, the FastAPI
 /// `detail[]` attached.
 pub fn validation_failed(request_id: &str, kind: EndpointKind, err: &ValidationError) -> Event {
-    Event {
+    let failure = Failure {
         detail: Some(err.to_body()["detail"].clone()),
-        ..Event::failed(
-            request_id,
-            kind,
-            ErrorType::ValidationError,
-            err.to_string(),
-        )
-    }
+        ..Failure::new(ErrorType::ValidationError, err.to_string())
+    };
+    Event::new(request_id, kind, EventBody::Failed(failure))
 }
 
 #[cfg(test)]
@@ -157,7 +158,7 @@ pub(crate) mod testing {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::dispatcher::state::SharedRegistry;
+    use crate::state::SharedRegistry;
 
     #[derive(Default)]
     pub struct MemoryBus {
@@ -227,9 +228,11 @@ mod tests {
         .expect("accepted");
         let events = bus.events.lock().expect("lock").clone();
         assert_eq!(events.len(), 1);
-        assert_eq!(events[0].event, EventKind::Queued);
-        assert_eq!(events[0].webhook_url.as_deref(), Some("http://h"));
-        let deadline = events[0].deadline.expect("deadline");
+        let EventBody::Queued(queued) = &events[0].body else {
+            panic!("not queued: {:?}", events[0]);
+        };
+        assert_eq!(queued.webhook_url.as_deref(), Some("http://h"));
+        let deadline = queued.deadline.expect("deadline");
         assert!(
             (deadline - events[0].at - 30.0).abs() < 1e-6,
             "deadline is submit time + timeout (±1e-6 s)"
@@ -264,10 +267,13 @@ mod tests {
     fn validation_failure_event_carries_detail() {
         let err = validate(EndpointKind::Base, &json!({}), || 0).expect_err("invalid");
         let ev = validation_failed("r", EndpointKind::Base, &err);
-        assert_eq!(ev.error_type, Some(ErrorType::ValidationError));
-        assert_eq!(ev.billable_units, Some(0));
+        assert_eq!(ev.error_type(), Some(ErrorType::ValidationError));
+        assert_eq!(ev.billable_units(), Some(0));
+        let EventBody::Failed(failure) = ev.body else {
+            panic!("not failed: {ev:?}");
+        };
         assert_eq!(
-            ev.detail.expect("detail")[0]["loc"],
+            failure.detail.expect("detail")[0]["loc"],
             json!(["body", "prompt"])
         );
         assert_eq!("low".parse::<Priority>(), Ok(Priority::Low));

@@ -1,4 +1,7 @@
-//! The Sana (`base`) and Sana-Sprint (`sprint`) text-to-image pipelines on candle.
+//! sana-pipelines: the Sana (`base`) and Sana-Sprint (`sprint`) text-to-image pipelines on candle.
+//!
+//! A library of its own that knows nothing of queues, HTTP or storage: the `fleet-worker` crate drives it,
+//! and anyone can load a checkpoint and call [`ImagePipeline::generate`] without the service.
 //!
 //! The worker reaches every pipeline through one narrow interface, [`ImagePipeline`]: a validated
 //! request in, RGB images at the requested size out, with a per-step observer that reports progress and
@@ -21,12 +24,36 @@ pub use sana::{load_pipelines, Pipelines, PipelinesConfig};
 pub mod text;
 pub mod transformer;
 
-use crate::job::EndpointKind;
+/// Which of the two pipelines a request is for; the service maps its endpoint kinds onto these one to one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PipelineKind {
+    /// Sana 1600M, flow DPM-Solver++ with classifier-free guidance.
+    Base,
+    /// Sana-Sprint 1.6B, TrigFlow SCM, one to a few steps.
+    Sprint,
+}
 
-/// What a pipeline needs to produce images; built by the worker from a validated job.
+impl PipelineKind {
+    pub const ALL: [PipelineKind; 2] = [PipelineKind::Base, PipelineKind::Sprint];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PipelineKind::Base => "base",
+            PipelineKind::Sprint => "sprint",
+        }
+    }
+}
+
+impl std::fmt::Display for PipelineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a pipeline needs to produce images; the worker builds it from a validated job's input.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
-    pub endpoint: EndpointKind,
+    pub endpoint: PipelineKind,
     pub prompt: String,
     pub negative_prompt: String,
     /// Requested output size in pixels (before binning); the returned images have exactly this size.

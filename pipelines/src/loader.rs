@@ -388,7 +388,7 @@ mod tests {
     }
 
     fn fixture_root() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/sana")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny/sana")
     }
 
     #[derive(serde::Deserialize)]

@@ -14,7 +14,7 @@
 //!
 //! ```no_run
 //! # fn main() -> candle_core::Result<()> {
-//! use fleet::pipelines::param_count::ParamCounter;
+//! use sana_pipelines::param_count::ParamCounter;
 //! let counter = ParamCounter::new();
 //! let vb = counter.var_builder(candle_core::DType::BF16, &candle_core::Device::Cpu);
 //! let _w = vb.get((4, 3), "proj.weight")?;

@@ -255,7 +255,7 @@ mod tests {
     /// Compares with draws recorded from torch 2.11 on an H200 (132 SMs) by tools/torch_cuda_randn_reference.py.
     #[test]
     fn matches_recorded_torch_cuda_randn() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_cuda_randn");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/torch_cuda_randn");
         let meta: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.join("torch_cuda_randn.json")).unwrap(),
         )

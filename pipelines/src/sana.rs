@@ -26,7 +26,7 @@ use super::scheduler::{self, DpmSolverConfig, FlowDpmSolver, ScmConfig, ScmSched
 use super::text::TextEncoder;
 use super::transformer::SanaTransformer2DModel;
 use super::{GenerateRequest, ImagePipeline, PipelineError, StepObserver};
-use crate::job::EndpointKind;
+use crate::PipelineKind;
 
 mod noise;
 
@@ -145,7 +145,7 @@ impl DenoiserParts {
     }
 }
 
-fn check_request(req: &GenerateRequest, kind: EndpointKind) -> Result<usize, PipelineError> {
+fn check_request(req: &GenerateRequest, kind: PipelineKind) -> Result<usize, PipelineError> {
     if req.endpoint != kind {
         return Err(PipelineError::InvalidRequest(format!(
             "a {} request sent to the {kind} pipeline",
@@ -235,7 +235,7 @@ impl SanaPipeline {
         observer: &mut dyn StepObserver,
     ) -> Result<Vec<image::RgbImage>, PipelineError> {
         let core = &self.core;
-        let n = check_request(req, EndpointKind::Base)?;
+        let n = check_request(req, PipelineKind::Base)?;
         let (h, w) = core.parts.generation_size(req, opts)?;
         let cfg_on = req.guidance_scale > 1.0;
         let (pos, pos_mask) = core.encode_prompt(&req.prompt, true, n)?;
@@ -341,7 +341,7 @@ impl SanaSprintPipeline {
         observer: &mut dyn StepObserver,
     ) -> Result<Vec<image::RgbImage>, PipelineError> {
         let core = &self.core;
-        let n = check_request(req, EndpointKind::Sprint)?;
+        let n = check_request(req, PipelineKind::Sprint)?;
         let (h, w) = core.parts.generation_size(req, opts)?;
         let (embeds, mask) = core.encode_prompt(&req.prompt, true, n)?;
         let transformer = &core.parts.transformer;
@@ -432,10 +432,10 @@ pub struct Pipelines {
 }
 
 impl Pipelines {
-    pub fn get_mut(&mut self, kind: EndpointKind) -> Option<&mut dyn ImagePipeline> {
+    pub fn get_mut(&mut self, kind: PipelineKind) -> Option<&mut dyn ImagePipeline> {
         match kind {
-            EndpointKind::Base => self.base.as_mut().map(|p| p as &mut dyn ImagePipeline),
-            EndpointKind::Sprint => self.sprint.as_mut().map(|p| p as &mut dyn ImagePipeline),
+            PipelineKind::Base => self.base.as_mut().map(|p| p as &mut dyn ImagePipeline),
+            PipelineKind::Sprint => self.sprint.as_mut().map(|p| p as &mut dyn ImagePipeline),
         }
     }
 
@@ -448,17 +448,17 @@ impl Pipelines {
     }
 
     /// Endpoint kinds that are loaded.
-    pub fn kinds(&self) -> Vec<EndpointKind> {
-        EndpointKind::ALL
+    pub fn kinds(&self) -> Vec<PipelineKind> {
+        PipelineKind::ALL
             .into_iter()
             .filter(|k| self.loaded(*k))
             .collect()
     }
 
-    fn loaded(&self, kind: EndpointKind) -> bool {
+    fn loaded(&self, kind: PipelineKind) -> bool {
         match kind {
-            EndpointKind::Base => self.base.is_some(),
-            EndpointKind::Sprint => self.sprint.is_some(),
+            PipelineKind::Base => self.base.is_some(),
+            PipelineKind::Sprint => self.sprint.is_some(),
         }
     }
 

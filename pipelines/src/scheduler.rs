@@ -67,15 +67,13 @@ mod tests {
 
     #[test]
     fn tiny_fixture_configs_parse() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny");
         let dpm: DpmSolverConfig =
-            crate::pipelines::loader::read_json(&dir.join("sana/scheduler/scheduler_config.json"))
-                .unwrap();
+            crate::loader::read_json(&dir.join("sana/scheduler/scheduler_config.json")).unwrap();
         assert_eq!(dpm, sana_dpm());
-        let scm: ScmConfig = crate::pipelines::loader::read_json(
-            &dir.join("sana_sprint/scheduler/scheduler_config.json"),
-        )
-        .unwrap();
+        let scm: ScmConfig =
+            crate::loader::read_json(&dir.join("sana_sprint/scheduler/scheduler_config.json"))
+                .unwrap();
         assert_eq!(scm, ScmConfig::default());
     }
 }

@@ -235,8 +235,8 @@ fn token_content(v: &serde_json::Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipelines::gemma2::tests::{rel_l2, text_reference, tiny_fixture_encoder, FIXTURES};
-    use crate::pipelines::gemma2::AttnImplementation;
+    use crate::gemma2::tests::{rel_l2, text_reference, tiny_fixture_encoder, FIXTURES};
+    use crate::gemma2::AttnImplementation;
     use candle_core::Result;
 
     fn tiny_text_encoder(attn: AttnImplementation) -> Result<TextEncoder> {

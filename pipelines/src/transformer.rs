@@ -27,8 +27,8 @@ use serde::Deserialize;
 pub use block::{layer_norm_no_affine, modulate, rms_norm, CrossKv, SanaTransformerBlock};
 pub use embed::{timestep_sinusoid, CaptionProjection, TimeEmbed, TimestepEmbedding};
 
-use crate::pipelines::loader::{self, ComponentFiles};
-use crate::pipelines::PipelineError;
+use crate::loader::{self, ComponentFiles};
+use crate::PipelineError;
 
 /// `caption_norm = RMSNorm(inner_dim, eps=1e-5)` upstream (not a config field).
 const CAPTION_NORM_EPS: f32 = 1e-5;

@@ -8,20 +8,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
-use fleet::job::EndpointKind;
-use fleet::pipelines::image_ops::psnr;
-use fleet::pipelines::loader::ModelSource;
-use fleet::pipelines::sana::{
-    load_pipelines, InjectedNoise, Pipelines, PipelinesConfig, RunOptions,
-};
-use fleet::pipelines::{GenerateRequest, NoProgress, PipelineError, StepObserver};
+use sana_pipelines::image_ops::psnr;
+use sana_pipelines::loader::ModelSource;
+use sana_pipelines::sana::{load_pipelines, InjectedNoise, Pipelines, PipelinesConfig, RunOptions};
+use sana_pipelines::{GenerateRequest, NoProgress, PipelineError, PipelineKind, StepObserver};
 
 /// Images must match the diffusers reference to this PSNR (8-bit RGB). The f32 CPU computation differs only
 /// in summation order (matmul/conv blocking, libm), so almost every pixel is identical.
 const MIN_PSNR_DB: f64 = 40.0;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
 /// Both tiny pipelines, loaded once for all tests (loading is the slow part on 2 cores).
@@ -59,7 +56,7 @@ fn load_png(name: &str) -> image::RgbImage {
 fn request(
     meta: &serde_json::Value,
     case: &serde_json::Value,
-    endpoint: EndpointKind,
+    endpoint: PipelineKind,
 ) -> GenerateRequest {
     GenerateRequest {
         endpoint,
@@ -89,7 +86,7 @@ fn check_images(name: &str, got: &[image::RgbImage], case: &serde_json::Value) {
 fn run_base_case(name: &str) {
     let (meta, st) = reference();
     let case = &meta["cases"][name];
-    let req = request(&meta, case, EndpointKind::Base);
+    let req = request(&meta, case, PipelineKind::Base);
     let opts = RunOptions {
         use_resolution_binning: case["use_resolution_binning"].as_bool().unwrap(),
     };
@@ -122,7 +119,7 @@ fn base_two_images_match_diffusers() {
 fn sprint_512_matches_diffusers() {
     let (meta, st) = reference();
     let case = &meta["cases"]["sprint_512"];
-    let req = request(&meta, case, EndpointKind::Sprint);
+    let req = request(&meta, case, PipelineKind::Sprint);
     let noises = &st["sprint_512_noises"];
     let draws = [
         st["sprint_512_latents_init"].clone(),
@@ -165,7 +162,7 @@ fn text_encoder_is_loaded_once_and_shared() {
     assert!(std::sync::Arc::ptr_eq(&base_te, &sprint_te));
     assert_eq!(
         guard.kinds(),
-        vec![EndpointKind::Base, EndpointKind::Sprint]
+        vec![PipelineKind::Base, PipelineKind::Sprint]
     );
 }
 
@@ -184,14 +181,18 @@ impl StepObserver for Recorder {
     }
 }
 
-fn seeded_request(endpoint: EndpointKind, seed: u64) -> GenerateRequest {
+fn seeded_request(endpoint: PipelineKind, seed: u64) -> GenerateRequest {
     GenerateRequest {
         endpoint,
         prompt: "a lighthouse at dusk".into(),
         negative_prompt: String::new(),
         width: 200,
         height: 136,
-        num_inference_steps: endpoint.default_steps().min(4),
+        // The service's default steps (base 18, sprint 2), at most 4.
+        num_inference_steps: match endpoint {
+            PipelineKind::Base => 4,
+            PipelineKind::Sprint => 2,
+        },
         guidance_scale: 5.0,
         seed,
         num_images: 2,
@@ -201,7 +202,7 @@ fn seeded_request(endpoint: EndpointKind, seed: u64) -> GenerateRequest {
 #[test]
 fn seeded_generation_is_deterministic_sized_and_reports_progress() {
     let mut guard = pipelines().lock().unwrap_or_else(|p| p.into_inner());
-    for kind in EndpointKind::ALL {
+    for kind in PipelineKind::ALL {
         let p = guard.get_mut(kind).expect("loaded");
         let req = seeded_request(kind, 7);
         let mut rec = Recorder {
@@ -233,8 +234,8 @@ fn seeded_generation_is_deterministic_sized_and_reports_progress() {
 #[test]
 fn observer_error_cancels_between_steps() {
     let mut guard = pipelines().lock().unwrap_or_else(|p| p.into_inner());
-    let p = guard.get_mut(EndpointKind::Base).unwrap();
-    let mut req = seeded_request(EndpointKind::Base, 1);
+    let p = guard.get_mut(PipelineKind::Base).unwrap();
+    let mut req = seeded_request(PipelineKind::Base, 1);
     req.num_inference_steps = 5;
     let mut rec = Recorder {
         steps: vec![],
@@ -253,13 +254,13 @@ fn observer_error_cancels_between_steps() {
 fn wrong_endpoint_and_unbinnable_sizes_are_rejected() {
     let mut guard = pipelines().lock().unwrap_or_else(|p| p.into_inner());
     let base = guard.base().unwrap();
-    let req = seeded_request(EndpointKind::Sprint, 1);
+    let req = seeded_request(PipelineKind::Sprint, 1);
     let mut noise = InjectedNoise::default();
     let err = base
         .generate_with_noise(&req, &mut noise, RunOptions::default(), &mut NoProgress)
         .unwrap_err();
     assert!(matches!(err, PipelineError::InvalidRequest(_)), "{err:?}");
-    let mut req = seeded_request(EndpointKind::Base, 1);
+    let mut req = seeded_request(PipelineKind::Base, 1);
     req.width = 300; // not a multiple of 32 without binning
     let opts = RunOptions {
         use_resolution_binning: false,

@@ -1,18 +1,18 @@
-//! Sampler parity with diffusers 0.42.1: `FlowDpmSolver` and `ScmScheduler` (src/pipelines/scheduler.rs)
+//! Sampler parity with diffusers 0.42.1: `FlowDpmSolver` and `ScmScheduler` (pipelines/src/scheduler.rs)
 //! against `tests/fixtures/reference/scheduler.{json,safetensors}` (tools/make_tiny_fixtures.py
 //! `ref_scheduler`: full sampler runs with random stand-in model outputs).
 
 use candle_core::{Device, Tensor};
-use fleet::pipelines::scheduler::{DpmSolverConfig, FlowDpmSolver, ScmConfig, ScmScheduler};
+use sana_pipelines::scheduler::{DpmSolverConfig, FlowDpmSolver, ScmConfig, ScmScheduler};
 
 fn sana_dpm() -> DpmSolverConfig {
-    let dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/sana/scheduler");
-    fleet::pipelines::loader::read_json(&dir.join("scheduler_config.json")).unwrap()
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/tiny/sana/scheduler");
+    sana_pipelines::loader::read_json(&dir.join("scheduler_config.json")).unwrap()
 }
 
 fn reference() -> (serde_json::Value, std::collections::HashMap<String, Tensor>) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference");
     let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("scheduler.json")).unwrap())
         .unwrap();
     let st =

@@ -1,4 +1,4 @@
-//! The production [`PipelineFactory`]: the Sana / Sana-Sprint pipelines of `crate::pipelines::sana`
+//! The production [`PipelineFactory`]: the Sana / Sana-Sprint pipelines of `sana_pipelines::sana`
 //! and the NSFW checker of `crate::safety`, each from a Hub repo id (+ revision) or a local directory in
 //! the diffusers layout. Only the pipelines of the served endpoints are loaded; the checker always is
 //! (a worker whose checker cannot load refuses to start: no silent pass-through).
@@ -6,11 +6,11 @@
 use candle_core::{DType, Device};
 
 use super::model::{LoadedModels, PipelineFactory};
-use crate::job::EndpointKind;
-use crate::pipelines::loader::ModelSource;
-use crate::pipelines::sana::{load_pipelines, PipelinesConfig};
-use crate::pipelines::PipelineError;
 use crate::safety::{load_checker, SafetyCheckerVersion};
+use fleet::job::EndpointKind;
+use sana_pipelines::loader::ModelSource;
+use sana_pipelines::sana::{load_pipelines, PipelinesConfig};
+use sana_pipelines::PipelineError;
 
 /// Where the models come from and where they run.
 #[derive(Debug, Clone)]

@@ -12,11 +12,12 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use fleet::job::{self, EndpointKind, OutputFormat};
-use fleet::pipelines::loader::ModelSource;
-use fleet::pipelines::sana::{
+use fleet_worker::generate_request;
+use sana_pipelines::loader::ModelSource;
+use sana_pipelines::sana::{
     load_pipelines, seeded_noise, InjectedNoise, NoiseSource, PipelinesConfig, RunOptions,
 };
-use fleet::pipelines::{GenerateRequest, PipelineError, StepObserver};
+use sana_pipelines::{PipelineError, StepObserver};
 use serde_json::{json, Map, Value};
 
 /// Generate images with one pipeline and write them to a directory.
@@ -202,17 +203,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         t_load.elapsed().as_secs_f64()
     );
 
-    let req = GenerateRequest {
-        endpoint: args.endpoint,
-        prompt: input.prompt.clone(),
-        negative_prompt: input.negative_prompt.clone(),
-        width: input.image_size.width,
-        height: input.image_size.height,
-        num_inference_steps: input.num_inference_steps,
-        guidance_scale: input.guidance_scale,
-        seed: input.seed,
-        num_images: input.num_images,
-    };
+    let req = generate_request(args.endpoint, &input);
     let opts = RunOptions {
         use_resolution_binning: !args.no_resolution_binning,
     };

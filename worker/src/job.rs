@@ -14,15 +14,17 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::model::{GenerateJob, GenerateOutput, ModelError, ModelHandle};
+use super::model::{generate_request, GenerateJob, GenerateOutput, ModelError, ModelHandle};
 use super::tracker::Tracker;
-use crate::events::{now_unix, ErrorType, Event, EventKind, JobMessage};
-use crate::job::{revalidate, EndpointKind, OutputFormat};
-use crate::pipelines::{GenerateRequest, PipelineError};
-use crate::queue::{
+use fleet::events::{
+    now_unix, Completed, ErrorType, Event, EventBody, JobMessage, Progress, Started,
+};
+use fleet::job::{revalidate, EndpointKind, OutputFormat};
+use fleet::queue::{
     delivery_attempt, header_str, message_id, Publisher, QueueError, HEADER_ENDPOINT,
 };
-use crate::storage::{object_key, Storage, StorageError};
+use fleet::storage::{object_key, Storage, StorageError};
+use sana_pipelines::{GenerateRequest, PipelineError};
 
 /// What a job shares with the rest of the worker.
 pub(crate) struct JobContext {
@@ -135,7 +137,9 @@ async fn malformed(ctx: &JobContext, delivery: &Delivery, why: &str) -> Settle {
 }
 
 async fn publish_failed(ctx: &JobContext, mut event: Event) -> Result<(), QueueError> {
-    event.worker = Some(ctx.worker_id.clone());
+    if let EventBody::Failed(failure) = &mut event.body {
+        failure.worker = Some(ctx.worker_id.clone());
+    }
     ctx.publisher.publish_event(&event).await
 }
 
@@ -165,15 +169,15 @@ async fn run(ctx: &JobContext, job: &JobMessage, attempt: u32) -> Settle {
     let input = match revalidate(job.endpoint, &job.input) {
         Ok(input) => input,
         Err(v) => {
-            let event = Event {
-                detail: Some(v.to_body()["detail"].clone()),
-                ..Event::failed(
-                    &job.request_id,
-                    job.endpoint,
-                    ErrorType::ValidationError,
-                    v.to_string(),
-                )
-            };
+            let mut event = Event::failed(
+                &job.request_id,
+                job.endpoint,
+                ErrorType::ValidationError,
+                v.to_string(),
+            );
+            if let EventBody::Failed(failure) = &mut event.body {
+                failure.detail = Some(v.to_body()["detail"].clone());
+            }
             return match publish_failed(ctx, event).await {
                 Ok(()) => Settle::DeadLetter,
                 Err(_) => Settle::Requeue,
@@ -234,25 +238,15 @@ async fn execute(
     attempt: u32,
     cancel: CancellationToken,
 ) -> Result<(), JobError> {
-    let started = Event {
-        worker: Some(ctx.worker_id.clone()),
-        attempt: Some(attempt),
-        ..Event::new(&job.request_id, job.endpoint, EventKind::Started)
-    };
+    let started = EventBody::Started(Started {
+        worker: ctx.worker_id.clone(),
+        attempt,
+    });
+    let started = Event::new(&job.request_id, job.endpoint, started);
     ctx.publisher.publish_event(&started).await?;
 
     let input = &job.input;
-    let request = GenerateRequest {
-        endpoint: job.endpoint,
-        prompt: input.prompt.clone(),
-        negative_prompt: input.negative_prompt.clone(),
-        width: input.image_size.width,
-        height: input.image_size.height,
-        num_inference_steps: input.num_inference_steps,
-        guidance_scale: input.guidance_scale,
-        seed: input.seed,
-        num_images: input.num_images,
-    };
+    let request = generate_request(job.endpoint, input);
     let output = generate_with_progress(ctx, job, request, cancel).await?;
 
     let format = input.output_format;
@@ -287,14 +281,14 @@ async fn execute(
         "prompt": input.prompt,
         "timings": {"inference": output.inference_time},
     });
-    let completed = Event {
-        worker: Some(ctx.worker_id.clone()),
-        attempt: Some(attempt),
-        result: Some(result),
-        billable_units: Some(input.billable_units()),
-        inference_time: Some(output.inference_time),
-        ..Event::new(&job.request_id, job.endpoint, EventKind::Completed)
-    };
+    let completed = EventBody::Completed(Completed {
+        worker: ctx.worker_id.clone(),
+        attempt,
+        result,
+        billable_units: input.billable_units(),
+        inference_time: output.inference_time,
+    });
+    let completed = Event::new(&job.request_id, job.endpoint, completed);
     ctx.publisher.publish_event(&completed).await?;
     tracing::info!(
         inference_time = output.inference_time,
@@ -313,6 +307,7 @@ async fn generate_with_progress(
 ) -> Result<GenerateOutput, JobError> {
     let (progress_tx, mut progress_rx) = mpsc::channel(64);
     let model_job = GenerateJob {
+        endpoint: job.endpoint,
         request,
         check_safety: job.input.enable_safety_checker,
         cancel,
@@ -325,13 +320,13 @@ async fn generate_with_progress(
             // Progress first: every step reported before the reply is published before `completed`.
             biased;
             Some((step, total)) = progress_rx.recv() => {
-                let event = Event {
-                    step: Some(step),
-                    total: Some(total),
-                    worker: Some(ctx.worker_id.clone()),
+                let progress = EventBody::Progress(Progress {
+                    worker: ctx.worker_id.clone(),
+                    step,
+                    total,
                     message: Some(format!("step {step}/{total}")),
-                    ..Event::new(&job.request_id, job.endpoint, EventKind::Progress)
-                };
+                });
+                let event = Event::new(&job.request_id, job.endpoint, progress);
                 ctx.publisher.publish_event(&event).await?;
             }
             result = &mut generation => return Ok(result?),

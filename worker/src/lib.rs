@@ -16,12 +16,14 @@
 pub mod factory;
 mod job;
 pub mod model;
+pub mod safety;
 pub mod tracker;
 
 pub use factory::{SanaFactory, SanaFactoryConfig};
 pub use job::encode;
 pub use model::{
-    GenerateOutput, LoadedModels, ModelError, ModelHandle, PipelineFactory, PipelineSet,
+    generate_request, pipeline_kind, GenerateOutput, LoadedModels, ModelError, ModelHandle,
+    PipelineFactory, PipelineSet,
 };
 
 use std::sync::Arc;
@@ -34,20 +36,26 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::job::EndpointKind;
-use crate::queue::{self, Publisher, QueueError, Topology};
-use crate::storage::{Storage, StorageConfig, StorageError};
-use crate::telemetry::redact_url;
+use fleet::job::EndpointKind;
+use fleet::queue::{self, Publisher, QueueError, Topology};
+use fleet::storage::{Storage, StorageConfig, StorageError};
+use fleet::telemetry::redact_url;
 use job::JobContext;
 use tracker::Tracker;
 
 /// What an idle worker does when its keep-alive runs out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdleAction {
     /// Stop consuming and return; the process exits with status 0 (workers under a launcher).
     Exit,
     /// Drop the models and keep consuming; the next job loads them again (standalone workers).
     Unload,
+}
+
+impl IdleAction {
+    /// Names on the command line and in `FLEET_IDLE_ACTION` (the binary's flags read this table).
+    pub const NAMED: [(&'static str, IdleAction); 2] =
+        [("exit", IdleAction::Exit), ("unload", IdleAction::Unload)];
 }
 
 /// Everything the runtime needs. `Debug` hides the broker password and the S3 secret.
@@ -135,19 +143,11 @@ pub async fn run(
     )?;
     model.load().await?;
 
-    let conn = queue::connect(&config.amqp_url).await?;
-    let setup = conn
-        .create_channel()
-        .await
-        .map_err(QueueError::broker("create channel"))?;
-    config.topology.declare(&setup).await?;
+    let conn = queue::connect_declared(&config.amqp_url, &config.topology).await?;
     let publisher = Publisher::new(&conn, config.topology.clone()).await?;
     let (tracker, mut tracker_task) = Tracker::start(&conn, publisher.clone()).await?;
 
-    let consume_ch = conn
-        .create_channel()
-        .await
-        .map_err(QueueError::broker("create channel"))?;
+    let consume_ch = queue::open_channel(&conn).await?;
     let mut tags = Vec::new();
     let mut consumers = Vec::new();
     for kind in &config.endpoints {
@@ -273,34 +273,6 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Resolves on the first SIGINT or SIGTERM (STYLE: one `shutdown_signal()`).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
     }
 }
 

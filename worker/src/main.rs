@@ -1,5 +1,5 @@
 //! `worker`: consumes jobs from RabbitMQ, runs the Sana pipelines, uploads results to S3 and publishes
-//! lifecycle events (service-contract §6). Thin wiring over `fleet::worker`; `serve` is the default
+//! lifecycle events (service-contract §6). Thin wiring over `fleet_worker`; `serve` is the default
 //! subcommand. Every flag has an environment variable; secrets are never logged.
 
 mod generate;
@@ -8,14 +8,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use candle_core::{DType, Device};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use fleet::job::EndpointKind;
-use fleet::pipelines::loader::ModelSource;
 use fleet::queue::Topology;
-use fleet::safety::SafetyCheckerVersion;
 use fleet::storage::{StorageConfig, MAX_URL_LIFETIME};
 use fleet::telemetry::{init_tracing, LogFormat};
-use fleet::worker::{self, IdleAction, SanaFactory, SanaFactoryConfig, WorkerConfig, WorkerExit};
+use fleet_worker::safety::SafetyCheckerVersion;
+use fleet_worker::{IdleAction, SanaFactory, SanaFactoryConfig, WorkerConfig, WorkerExit};
+use sana_pipelines::loader::ModelSource;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -100,7 +101,8 @@ struct ServeArgs {
     #[arg(long, env = "FLEET_DTYPE", default_value = "auto")]
     dtype: String,
     /// NSFW checker: v2 (Falconsai ViT, fal's default) or v1 (CompVis CLIP).
-    #[arg(long, env = "FLEET_SAFETY_CHECKER", value_enum, default_value_t = SafetyCheckerVersion::V2)]
+    #[arg(long, env = "FLEET_SAFETY_CHECKER", default_value = "v2",
+          value_parser = one_of(&SafetyCheckerVersion::NAMED))]
     safety_checker: SafetyCheckerVersion,
     /// Checker checkpoint: Hub repo id or local directory (default: the version's Hub repo).
     #[arg(long, env = "FLEET_SAFETY_MODEL")]
@@ -115,7 +117,8 @@ struct ServeArgs {
     #[arg(long, env = "FLEET_KEEP_ALIVE", default_value_t = 0)]
     keep_alive: u64,
     /// `exit` (under a launcher) or `unload` (standalone).
-    #[arg(long, env = "FLEET_IDLE_ACTION", value_enum, default_value_t = IdleAction::Unload)]
+    #[arg(long, env = "FLEET_IDLE_ACTION", default_value = "unload",
+          value_parser = one_of(&IdleAction::NAMED))]
     idle_action: IdleAction,
     /// Seconds in-flight jobs may take to finish after SIGTERM before they are requeued.
     #[arg(long, env = "FLEET_DRAIN_GRACE", default_value_t = 60)]
@@ -152,8 +155,23 @@ struct ServeArgs {
     #[arg(long, env = "FLEET_URL_LIFETIME", default_value_t = MAX_URL_LIFETIME.as_secs())]
     url_lifetime: u64,
     /// Log format.
-    #[arg(long, env = "FLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "FLEET_LOG_FORMAT", default_value = "text",
+          value_parser = one_of(&LogFormat::NAMED))]
     log_format: LogFormat,
+}
+
+/// The flag parser of a library enum from its `NAMED` table: one of the names (listed by `--help`),
+/// mapped to its value. The library enums know nothing of clap; the flags live here.
+fn one_of<T: Copy + Send + Sync + 'static>(
+    named: &'static [(&'static str, T)],
+) -> impl TypedValueParser<Value = T> {
+    PossibleValuesParser::new(named.iter().map(|(name, _)| *name)).map(move |chosen| {
+        named
+            .iter()
+            .find(|(name, _)| *name == chosen)
+            .map(|(_, value)| *value)
+            .expect("PossibleValuesParser only passes listed names")
+    })
 }
 
 fn source(id: &str, revision: &Option<String>) -> ModelSource {
@@ -247,11 +265,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        worker::shutdown_signal().await;
+        fleet::signal::shutdown_signal().await;
         tracing::info!("shutdown signal received; draining");
         signal.cancel();
     });
-    let exit = worker::run(config, Box::new(factory), shutdown)
+    let exit = fleet_worker::run(config, Box::new(factory), shutdown)
         .await
         .context("worker failed")?;
     match exit {

@@ -11,9 +11,33 @@ use image::RgbImage;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::job::EndpointKind;
-use crate::pipelines::{GenerateRequest, ImagePipeline, PipelineError, StepObserver};
 use crate::safety::{self, SafetyChecker, SafetyError};
+use fleet::job::{EndpointKind, JobInput};
+use sana_pipelines::{GenerateRequest, ImagePipeline, PipelineError, PipelineKind, StepObserver};
+
+/// The pipeline that serves an endpoint kind: the service's routing key and the model library's
+/// pipelines correspond one to one.
+pub fn pipeline_kind(kind: EndpointKind) -> PipelineKind {
+    match kind {
+        EndpointKind::Base => PipelineKind::Base,
+        EndpointKind::Sprint => PipelineKind::Sprint,
+    }
+}
+
+/// The one translation of a validated job input into a pipeline request (worker jobs, `worker generate`).
+pub fn generate_request(kind: EndpointKind, input: &JobInput) -> GenerateRequest {
+    GenerateRequest {
+        endpoint: pipeline_kind(kind),
+        prompt: input.prompt.clone(),
+        negative_prompt: input.negative_prompt.clone(),
+        width: input.image_size.width,
+        height: input.image_size.height,
+        num_inference_steps: input.num_inference_steps,
+        guidance_scale: input.guidance_scale,
+        seed: input.seed,
+        num_images: input.num_images,
+    }
+}
 
 /// The pipelines of one worker, looked up by endpoint kind (the real set shares one text encoder
 /// between its two pipelines, so it cannot be split into independent boxes).
@@ -28,9 +52,9 @@ impl PipelineSet for HashMap<EndpointKind, Box<dyn ImagePipeline>> {
     }
 }
 
-impl PipelineSet for crate::pipelines::sana::Pipelines {
+impl PipelineSet for sana_pipelines::sana::Pipelines {
     fn pipeline(&mut self, kind: EndpointKind) -> Option<&mut dyn ImagePipeline> {
-        self.get_mut(kind)
+        self.get_mut(pipeline_kind(kind))
     }
 }
 
@@ -87,6 +111,8 @@ pub struct GenerateOutput {
 
 /// One generation request for the model thread.
 pub struct GenerateJob {
+    /// The job's endpoint: which pipeline of the set runs `request`.
+    pub endpoint: EndpointKind,
     pub request: GenerateRequest,
     /// `enable_safety_checker` of the request; false = all flags false, no checker call.
     pub check_safety: bool,
@@ -196,15 +222,12 @@ fn run_job(models: &mut LoadedModels, job: &GenerateJob) -> Result<GenerateOutpu
     if job.cancel.is_cancelled() {
         return Err(PipelineError::Cancelled.into());
     }
-    let pipeline = models
-        .pipelines
-        .pipeline(job.request.endpoint)
-        .ok_or_else(|| {
-            PipelineError::InvalidRequest(format!(
-                "this worker does not serve the {} endpoint",
-                job.request.endpoint
-            ))
-        })?;
+    let pipeline = models.pipelines.pipeline(job.endpoint).ok_or_else(|| {
+        PipelineError::InvalidRequest(format!(
+            "this worker does not serve the {} endpoint",
+            job.endpoint
+        ))
+    })?;
     let mut observer = Observer {
         cancel: &job.cancel,
         progress: &job.progress,

@@ -16,8 +16,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::events::EventKind;
-use crate::queue::{subscribe_raw, Publisher, QueueError, StreamItem, StreamOffset};
+use fleet::events::EventKind;
+use fleet::queue::{subscribe_raw, Publisher, QueueError, StreamItem, StreamOffset};
 
 /// How long [`Tracker::sync`] waits for its marker to come back.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -125,18 +125,19 @@ fn apply(state: &Mutex<State>, item: StreamItem) {
             }
         }
         StreamItem::Event(event) => {
-            if event.event == EventKind::Cancelled {
+            let kind = event.kind();
+            if kind == EventKind::Cancelled {
                 state.cancelled.insert(event.request_id.clone());
                 if let Some(token) = state.running.get(&event.request_id) {
                     token.cancel();
                 }
             }
-            if event.event.is_terminal() {
+            if kind.is_terminal() {
                 // The first terminal event wins (a late `cancelled` after `completed` changes nothing).
                 state
                     .terminal
                     .entry(event.request_id.clone())
-                    .or_insert(event.event);
+                    .or_insert(kind);
             }
         }
     }

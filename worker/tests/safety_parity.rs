@@ -6,14 +6,16 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use fleet::pipelines::loader::ModelSource;
-use fleet::safety::processor::ResizeTarget;
-use fleet::safety::resize::{resize, Filter};
-use fleet::safety::{apply, load_checker, load_clip, load_vit, SafetyCheckerVersion, SafetyError};
+use fleet_worker::safety::processor::ResizeTarget;
+use fleet_worker::safety::resize::{resize, Filter};
+use fleet_worker::safety::{
+    apply, load_checker, load_clip, load_vit, SafetyCheckerVersion, SafetyError,
+};
 use image::RgbImage;
+use sana_pipelines::loader::ModelSource;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
 fn png(name: &str) -> RgbImage {

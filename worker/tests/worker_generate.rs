@@ -1,14 +1,14 @@
-//! `worker generate` (worker/generate.rs) driven directly on the tiny fixtures: flags → validated input →
+//! `worker generate` (worker/src/generate.rs) driven directly on the tiny fixtures: flags → validated input →
 //! pipeline → files. The module is compiled into this test crate the same way the worker binary includes it.
 
-#[path = "../worker/generate.rs"]
+#[path = "../src/generate.rs"]
 mod generate;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use clap::Parser;
-use fleet::pipelines::image_ops::psnr;
+use sana_pipelines::image_ops::psnr;
 
 #[derive(Parser)]
 struct Cli {
@@ -17,7 +17,7 @@ struct Cli {
 }
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
 fn temp_dir() -> PathBuf {

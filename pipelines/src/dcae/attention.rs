@@ -15,7 +15,7 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::blocks::{check_norm_type, ChannelRmsNorm, GluMbConv};
-use crate::pipelines::ops::{depthwise_conv2d_nhwc, relu_linear_attention};
+use crate::ops::{depthwise_conv2d_nhwc, relu_linear_attention};
 
 /// `SanaMultiscaleLinearAttention.eps` (default 1e-15, also used by the quadratic branch).
 const ATTN_EPS: f64 = 1e-15;

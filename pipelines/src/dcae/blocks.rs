@@ -11,7 +11,7 @@
 use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
-use crate::pipelines::ops::depthwise_conv2d_nhwc;
+use crate::ops::depthwise_conv2d_nhwc;
 
 /// eps of every `RMSNorm` in the DC-AE decoder (`get_normalization`, `GLUMBConv`, `norm_out`).
 pub const RMS_EPS: f32 = 1e-5;

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::pipelines::PipelineError;
+use crate::PipelineError;
 
 /// A config value diffusers accepts either as one string (applied to every stage) or as one per stage.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

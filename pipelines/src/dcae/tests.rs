@@ -8,10 +8,10 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::{DcAeConfig, DcAeDecoder, DcAeTiling};
-use crate::pipelines::param_count::ParamCounter;
+use crate::param_count::ParamCounter;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
 fn config(path: PathBuf) -> DcAeConfig {

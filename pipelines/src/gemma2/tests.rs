@@ -2,11 +2,11 @@
 //! fixture checkpoint, and the parameter count of the real gemma-2-2b config.
 
 use super::*;
-use crate::pipelines::param_count::ParamCounter;
+use crate::param_count::ParamCounter;
 use candle_nn::VarMap;
 use std::collections::HashMap;
 
-pub(crate) const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+pub(crate) const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
 
 /// `‖a − b‖₂ / ‖b‖₂` over all elements, in f64.
 pub(crate) fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -211,7 +211,7 @@ fn rms_norm_matches_gemma_formula() -> Result<()> {
 fn real_config_has_2_614_341_888_parameters() -> Result<()> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/real_configs/text_encoder.json"
+        "/../tests/fixtures/real_configs/text_encoder.json"
     );
     let json = std::fs::read_to_string(path).map_err(candle_core::Error::wrap)?;
     let cfg: Config = serde_json::from_str(&json).map_err(candle_core::Error::wrap)?;

@@ -7,8 +7,8 @@ use std::collections::VecDeque;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::pipelines::rng::TorchCudaGenerator;
-use crate::pipelines::PipelineError;
+use crate::rng::TorchCudaGenerator;
+use crate::PipelineError;
 
 /// Where standard-normal draws come from, one call per tensor in diffusers' order.
 pub trait NoiseSource {
@@ -23,14 +23,14 @@ impl NoiseSource for TorchCudaGenerator {
 }
 
 /// The per-request seeded generator for `device`: on a CUDA device (with the `cuda` feature) the draws are
-/// made by the GPU kernel of [`crate::pipelines::rng_cuda`], bit-identical to torch's; elsewhere by the CPU port
+/// made by the GPU kernel of [`crate::rng_cuda`], bit-identical to torch's; elsewhere by the CPU port
 /// [`TorchCudaGenerator`] (H100 launch geometry).
 pub fn seeded_noise(seed: u64, device: &Device) -> Result<Box<dyn NoiseSource>, PipelineError> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(dev) = device {
-        return Ok(Box::new(
-            crate::pipelines::rng_cuda::CudaTorchGenerator::new(seed, dev)?,
-        ));
+        return Ok(Box::new(crate::rng_cuda::CudaTorchGenerator::new(
+            seed, dev,
+        )?));
     }
     let _ = device;
     Ok(Box::new(TorchCudaGenerator::new(seed)))

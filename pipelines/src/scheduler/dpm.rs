@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use super::{cfg_err, check_num_steps, scale};
-use crate::pipelines::PipelineError;
+use crate::PipelineError;
 
 /// Serde mirror of a `DPMSolverMultistepScheduler` `scheduler_config.json` (diffusers
 /// `schedulers/scheduling_dpmsolver_multistep.py::__init__` defaults). Fields Sana never sets to a
@@ -233,11 +233,11 @@ impl FlowDpmSolver {
 }
 
 #[cfg(test)]
-pub(in crate::pipelines::scheduler) mod tests {
+pub(in crate::scheduler) mod tests {
     use super::*;
     use candle_core::Device;
 
-    pub(in crate::pipelines::scheduler) fn sana_dpm() -> DpmSolverConfig {
+    pub(in crate::scheduler) fn sana_dpm() -> DpmSolverConfig {
         serde_json::from_str(
             r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++", "solver_order": 2,
                 "solver_type": "midpoint", "prediction_type": "flow_prediction", "use_flow_sigmas": true,

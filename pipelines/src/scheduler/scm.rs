@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use super::{cfg_err, check_num_steps, scale};
-use crate::pipelines::PipelineError;
+use crate::PipelineError;
 
 /// `max_timesteps` default of `SanaSprintPipeline.__call__`: the literal 1.57080, which is not f32 π/2
 /// (1.5707964) — the difference is visible in τ (spec §4.2), so keep the literal.

@@ -7,13 +7,13 @@
 //! (`Attention` with `qk_norm="rms_norm_across_heads"`, `SanaLinearAttnProcessor2_0`);
 //! docs/sana-port-spec.md §2.2. Safetensors names are used verbatim so a missing weight fails at load
 //! with its full name. The 1×1 convolutions are loaded as `(out, in, 1, 1)` and used as per-token
-//! linears; the depthwise 3×3 runs channels-last through [`crate::pipelines::ops`].
+//! linears; the depthwise 3×3 runs channels-last through [`crate::ops`].
 
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder};
 
 use super::TransformerConfig;
-use crate::pipelines::ops::{depthwise_conv2d_nhwc, relu_linear_attention};
+use crate::ops::{depthwise_conv2d_nhwc, relu_linear_attention};
 
 /// `Attention(eps=1e-5)` default, used by the `rms_norm_across_heads` q/k norms.
 const QK_NORM_EPS: f32 = 1e-5;

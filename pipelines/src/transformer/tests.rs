@@ -9,11 +9,11 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::{SanaTransformer2DModel, Tap, TransformerConfig};
-use crate::pipelines::loader::ComponentFiles;
-use crate::pipelines::param_count::ParamCounter;
+use crate::loader::ComponentFiles;
+use crate::param_count::ParamCounter;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
 /// The tiny Sprint transformer of the fixture contract (HELPERS.md), as test data.

@@ -19,8 +19,8 @@ pub mod vit;
 use candle_core::{DType, Device};
 use image::RgbImage;
 
-use crate::pipelines::loader::{read_config, var_builder, ModelRepo, ModelSource, WeightVariant};
-use crate::pipelines::PipelineError;
+use sana_pipelines::loader::{read_config, var_builder, ModelRepo, ModelSource, WeightVariant};
+use sana_pipelines::PipelineError;
 
 /// Why checking could not produce flags.
 #[derive(Debug, thiserror::Error)]
@@ -65,17 +65,7 @@ pub trait SafetyChecker: Send {
 }
 
 /// fal's `safety_checker_version`.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SafetyCheckerVersion {
     /// CompVis `StableDiffusionSafetyChecker` (CLIP ViT-L/14 concept embeddings).
@@ -86,6 +76,10 @@ pub enum SafetyCheckerVersion {
 }
 
 impl SafetyCheckerVersion {
+    /// Names on the command line and in `FLEET_SAFETY_CHECKER` (fal's values, as in JSON).
+    pub const NAMED: [(&'static str, SafetyCheckerVersion); 2] =
+        [("v1", Self::V1), ("v2", Self::V2)];
+
     /// The Hub repo fal loads for this version.
     pub fn default_source(self) -> ModelSource {
         match self {
@@ -198,12 +192,9 @@ mod tests {
 
     #[test]
     fn version_parses_from_cli_and_json_and_defaults_to_v2() {
-        use clap::ValueEnum;
         assert_eq!(SafetyCheckerVersion::default(), SafetyCheckerVersion::V2);
-        assert_eq!(
-            SafetyCheckerVersion::from_str("v1", true),
-            Ok(SafetyCheckerVersion::V1)
-        );
+        let named = |name| SafetyCheckerVersion::NAMED.iter().find(|(n, _)| *n == name);
+        assert_eq!(named("v1").map(|(_, v)| *v), Some(SafetyCheckerVersion::V1));
         let v: SafetyCheckerVersion = serde_json::from_str("\"v2\"").expect("valid json");
         assert_eq!(v, SafetyCheckerVersion::V2);
         assert_eq!(
