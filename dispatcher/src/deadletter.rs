@@ -23,28 +23,24 @@ use tokio_util::sync::CancellationToken;
 use super::deadlines::{retry_or_fail, run_deadlines, RequestWatch};
 use fleet::events::{ErrorType, Event, JobMessage};
 use fleet::job::EndpointKind;
-use fleet::queue::{
-    self, header_str, message_id, Publisher, QueueError, Topology, HEADER_ENDPOINT,
-};
+use fleet::queue::{self, header_str, message_id, QueueError, Topology, HEADER_ENDPOINT};
 
 /// Dead-lettered messages a dispatcher holds unacknowledged at once (they are handled one by one).
 const PREFETCH: u16 = 16;
 /// What the client reads when the broker gave up on its job.
 const DEAD_MESSAGE: &str = "The runner failed to process the request";
 
-/// Runs the request watch, the start-deadline timer and the dead-letter consumer until `shutdown`;
-/// the first permanent error of any of them ends all three.
+/// Runs the start-deadline timer and the dead-letter consumer over `watch` until `shutdown`; the first
+/// permanent error of either ends both.
 pub async fn run_recovery(
     conn: &Connection,
     topology: &Topology,
-    publisher: &Publisher,
+    watch: &RequestWatch,
     shutdown: &CancellationToken,
 ) -> Result<(), QueueError> {
-    let watch = RequestWatch::new(publisher.clone());
     tokio::try_join!(
-        watch.follow(conn, topology, shutdown),
-        run_deadlines(&watch, shutdown),
-        run(conn, topology, &watch, shutdown),
+        run_deadlines(watch, shutdown),
+        run(conn, topology, watch, shutdown),
     )
     .map(|_| ())
 }

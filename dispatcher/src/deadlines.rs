@@ -2,12 +2,11 @@
 //! `request_timeout`, 504) and [`RequestWatch`], the dispatcher's exact view of which requests started
 //! or ended, which `deadletter` shares.
 //!
-//! [`RequestWatch::follow`] reads the results stream from `first` in its own consumer and keeps, per
-//! request, whether it started or ended, plus an index of still-queued requests that carry a `deadline`
-//! (bounded by the number of queued requests). The HTTP view (`state`) has neither an index by deadline
-//! nor a catch-up point, hence this reader. [`RequestWatch::sync`] publishes a marker and waits until it
-//! is read back: every event the broker confirmed before the call has then been applied (the worker's
-//! `Tracker` does the same).
+//! [`WatchIndex`], a sink of the dispatcher's one [`StreamReader`] (beside the HTTP view's `follow`),
+//! keeps per request whether it started or ended, plus an index of still-queued requests that carry a
+//! `deadline` (bounded by the number of queued requests). [`RequestWatch::sync`] is the reader's: it
+//! publishes a marker and waits until it is read back, so every event the broker confirmed before the
+//! call has then been applied.
 //!
 //! [`run_deadlines`] sleeps until the earliest deadline plus [`GRACE`], syncs, and publishes `failed`
 //! with `request_timeout` (billing 0, confirmed) for each request still queued, at most [`BATCH`] per
@@ -22,14 +21,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
-use lapin::Connection;
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use fleet::events::{now_unix, ErrorType, Event, EventBody};
 use fleet::job::EndpointKind;
-use fleet::queue::{subscribe_raw, Publisher, QueueError, StreamItem, StreamOffset, Topology};
+use fleet::queue::{EventSink, Publisher, QueueError, StreamReader};
 
 /// Time past a deadline before the dispatcher declares it missed. A worker checks the deadline right
 /// before publishing `started`; the grace keeps that `started` (and small clock skew between hosts) ahead
@@ -37,8 +34,6 @@ use fleet::queue::{subscribe_raw, Publisher, QueueError, StreamItem, StreamOffse
 pub const GRACE: Duration = Duration::from_secs(1);
 /// Most requests timed out per round (one `sync` each round); the rest follow in the next rounds.
 pub const BATCH: usize = 256;
-/// How long [`RequestWatch::sync`] waits for its marker (the worker's tracker uses the same bound).
-const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest nap of the deadline loop: wall-clock time is re-read at least this often.
 const MAX_NAP: Duration = Duration::from_secs(60);
 /// Pause after a transient broker error before the next try.
@@ -130,116 +125,67 @@ impl Index {
     }
 }
 
+/// The watch's sink of the dispatcher's one [`StreamReader`]: the index, and a wake-up for the deadline
+/// loop when the earliest deadline moved forward.
 #[derive(Default)]
-struct WatchState {
-    index: Index,
-    markers: HashMap<String, oneshot::Sender<()>>,
-}
-
-struct Inner {
-    state: Mutex<WatchState>,
-    publisher: Publisher,
-    /// Ticks when the earliest deadline moved forward.
+pub struct WatchIndex {
+    index: Mutex<Index>,
     wake: Notify,
-    /// True once the replay reached the marker published at start.
-    caught_up: watch::Sender<bool>,
 }
 
-/// The dispatcher's exact view of started and ended requests, fed by [`RequestWatch::follow`].
-#[derive(Clone)]
-pub struct RequestWatch {
-    inner: Arc<Inner>,
-}
-
-impl RequestWatch {
-    /// A watch that publishes its markers (and nothing else) through `publisher`.
-    pub fn new(publisher: Publisher) -> Self {
-        RequestWatch {
-            inner: Arc::new(Inner {
-                state: Mutex::new(WatchState::default()),
-                publisher,
-                wake: Notify::new(),
-                caught_up: watch::channel(false).0,
-            }),
+impl EventSink for WatchIndex {
+    fn apply(&self, _offset: u64, event: &Event, _live: bool) {
+        if self.lock().apply(event) {
+            self.wake.notify_one();
         }
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+impl WatchIndex {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
         // A panic while holding the lock leaves plain maps behind; keep using them.
-        self.inner
-            .state
+        self.index
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
 
-    /// Reads the results stream from `first` until `shutdown` or a broker error.
-    pub async fn follow(
-        &self,
-        conn: &Connection,
-        topology: &Topology,
-        shutdown: &CancellationToken,
-    ) -> Result<(), QueueError> {
-        let mut stream = subscribe_raw(conn, topology, StreamOffset::First).await?;
-        let start_marker = uuid::Uuid::new_v4().to_string();
-        self.inner.publisher.publish_marker(&start_marker).await?;
-        loop {
-            let item = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                item = stream.next() => item,
-            };
-            let Some(item) = item else {
-                return Err(QueueError::Closed("results stream ended".into()));
-            };
-            match item? {
-                (_, StreamItem::Marker(token)) => {
-                    if token == start_marker {
-                        self.inner.caught_up.send_replace(true);
-                    } else if let Some(tx) = self.lock().markers.remove(&token) {
-                        let _ = tx.send(());
-                    }
-                }
-                (_, StreamItem::Event(event)) => {
-                    if self.lock().index.apply(&event) {
-                        self.inner.wake.notify_one();
-                    }
-                }
-            }
-        }
+/// The dispatcher's exact view of started and ended requests: the [`WatchIndex`] fed by the process's
+/// [`StreamReader`], with that reader's catch-up and sync.
+#[derive(Clone)]
+pub struct RequestWatch {
+    index: Arc<WatchIndex>,
+    reader: Arc<StreamReader>,
+}
+
+impl RequestWatch {
+    /// `index` must be one of `reader`'s sinks.
+    pub fn new(index: Arc<WatchIndex>, reader: Arc<StreamReader>) -> Self {
+        RequestWatch { index, reader }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock()
     }
 
     /// Waits until the replay at start has reached "now".
     pub async fn caught_up(&self) {
-        let mut rx = self.inner.caught_up.subscribe();
-        // The sender lives in `self`, so the channel cannot close while we wait.
-        let _ = rx.wait_for(|ready| *ready).await;
+        self.reader.caught_up().await;
     }
 
     /// Waits until every event published before this call has been applied.
     pub async fn sync(&self) -> Result<(), QueueError> {
-        let token = uuid::Uuid::new_v4().to_string();
-        let (tx, rx) = oneshot::channel();
-        self.lock().markers.insert(token.clone(), tx);
-        let result = async {
-            self.inner.publisher.publish_marker(&token).await?;
-            match tokio::time::timeout(SYNC_TIMEOUT, rx).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(QueueError::Closed("request watch stopped".into())),
-                Err(_) => Err(QueueError::Timeout("the results stream to catch up")),
-            }
-        }
-        .await;
-        self.lock().markers.remove(&token);
-        result
+        self.reader.sync().await
     }
 
     /// True when a terminal event of `request_id` has been read.
     pub fn is_terminal(&self, request_id: &str) -> bool {
-        self.lock().index.is_terminal(request_id)
+        self.lock().is_terminal(request_id)
     }
 
-    /// The confirmed publisher the watch uses (for the `failed` events of its users).
+    /// The confirmed publisher of the reader (for the `failed` events of the watch's users).
     pub fn publisher(&self) -> &Publisher {
-        &self.inner.publisher
+        self.reader.publisher()
     }
 }
 
@@ -257,7 +203,6 @@ pub async fn run_deadlines(
         let now = now_micros();
         let next_due = watch
             .lock()
-            .index
             .earliest()
             .map(|d| d.saturating_add(grace_micros()));
         let nap = match next_due {
@@ -268,7 +213,7 @@ pub async fn run_deadlines(
         if !nap.is_zero() {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = watch.inner.wake.notified() => {}
+                _ = watch.index.wake.notified() => {}
                 _ = tokio::time::sleep(nap) => {}
             }
             continue;
@@ -283,10 +228,10 @@ pub async fn run_deadlines(
             continue;
         }
         let cutoff = now_micros().saturating_sub(grace_micros());
-        let due = watch.lock().index.due(cutoff, BATCH);
+        let due = watch.lock().due(cutoff, BATCH);
         for (request_id, kind) in due {
             // Taken out first: the loop must not fire twice while our own `failed` travels the stream.
-            if !watch.lock().index.forget(&request_id) {
+            if !watch.lock().forget(&request_id) {
                 continue;
             }
             let event = Event::failed(

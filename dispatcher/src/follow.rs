@@ -1,9 +1,9 @@
 //! Following the `fleet.results` stream into the [`SharedRegistry`] (service-contract §5), and
 //! delivering fal webhooks when a request finishes.
 //!
-//! At start the follower replays the stream from `first`, publishes a marker into it and flips
-//! `ready` once it reads its own marker back: from then on the view holds everything published before
-//! the dispatcher started. Webhooks are POSTed for requests that finish after that point, and for
+//! The follower is a sink of the dispatcher's one reader of the stream (`fleet::queue::StreamReader`,
+//! beside the deadline watch): the reader replays from `first`, and the follower flips `ready` when the
+//! replay is complete: from then on the view holds everything published before the dispatcher started. Webhooks are POSTed for requests that finish after that point, and for
 //! those whose terminal event is younger than `webhook_replay_window` when replayed (so a restart
 //! does not lose the webhooks of requests that finished while it was down, without re-sending old ones).
 //! Every dispatcher that has webhooks enabled sends them: like fal's, delivery is at least once.
@@ -11,17 +11,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use lapin::Connection;
 use serde_json::{json, Value};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
 use super::state::{Applied, Outcome, RequestView, SharedRegistry};
 use fleet::events::{now_unix, Event};
 use fleet::job::EndpointKind;
-use fleet::queue::{subscribe_raw, Publisher, QueueError, StreamItem, StreamOffset, Topology};
+use fleet::queue::EventSink;
 
 /// Settings of webhook delivery.
 #[derive(Debug, Clone)]
@@ -44,60 +41,30 @@ impl Default for WebhookConfig {
     }
 }
 
-/// What the follower needs besides the broker.
+/// What the follower needs: where it applies events, and where it reports.
 pub struct Follower {
     pub registry: SharedRegistry,
     pub metrics: Arc<Metrics>,
     pub webhooks: WebhookConfig,
     pub http: reqwest::Client,
-    /// Set to true once the replay reached the marker.
+    /// Set to true once the replay is complete.
     pub ready: watch::Sender<bool>,
 }
 
-impl Follower {
-    /// Reads the stream until `shutdown` or a broker error. Resumes after the registry's last offset, so
-    /// calling it again after an error continues where it stopped.
-    pub async fn run(
-        &self,
-        conn: &Connection,
-        topology: &Topology,
-        publisher: &Publisher,
-        shutdown: CancellationToken,
-    ) -> Result<(), QueueError> {
-        let from = self
-            .registry
-            .read(|r| r.last_offset())
-            .map_or(StreamOffset::First, |o| StreamOffset::Offset(o + 1));
-        let mut stream = subscribe_raw(conn, topology, from).await?;
-        let marker = uuid::Uuid::new_v4().to_string();
-        let mut live = *self.ready.borrow();
-        if !live {
-            publisher.publish_marker(&marker).await?;
-        }
-        tracing::info!(?from, "following the results stream");
-        loop {
-            let item = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                item = stream.next() => item,
-            };
-            let Some(item) = item else {
-                return Err(QueueError::Closed("results stream ended".into()));
-            };
-            match item? {
-                (_, StreamItem::Marker(token)) => {
-                    if !live && token == marker {
-                        live = true;
-                        let n = self.registry.read(|r| r.len());
-                        tracing::info!(requests = n, "replay complete");
-                        self.ready.send_replace(true);
-                    }
-                }
-                (offset, StreamItem::Event(event)) => self.apply(offset, &event, live),
-            }
-        }
+impl EventSink for Follower {
+    fn apply(&self, offset: u64, event: &Event, live: bool) {
+        self.follow(offset, event, live);
     }
 
-    fn apply(&self, offset: u64, event: &Event, live: bool) {
+    fn caught_up(&self) {
+        let n = self.registry.read(|r| r.len());
+        tracing::info!(requests = n, "replay complete");
+        self.ready.send_replace(true);
+    }
+}
+
+impl Follower {
+    fn follow(&self, offset: u64, event: &Event, live: bool) {
         let applied = self.registry.apply(offset, event);
         self.metrics.observe_event(event);
         for kind in EndpointKind::ALL {

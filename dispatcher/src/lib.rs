@@ -32,7 +32,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use fleet::queue::{connect_declared, Publisher, QueueError, Topology};
+use deadlines::{RequestWatch, WatchIndex};
+use fleet::queue::{connect_declared, EventSink, Publisher, QueueError, StreamReader, Topology};
 use fleet::telemetry::redact_url;
 use follow::{Follower, WebhookConfig};
 use http::{AppState, HttpConfig, ListenConfig};
@@ -100,25 +101,27 @@ pub async fn serve(
     );
     let app = http::router(state);
 
-    let follower = Follower {
+    // One reader of the results stream feeds both the HTTP view and the deadline/dead-letter watch.
+    let follower = Arc::new(Follower {
         registry,
         metrics: metrics.clone(),
         webhooks: cfg.webhooks.clone(),
         http: reqwest::Client::new(),
         ready: ready_tx,
-    };
+    });
+    let watch_index = Arc::new(WatchIndex::default());
+    let sinks: Vec<Arc<dyn EventSink>> = vec![follower, watch_index.clone()];
+    let (reader, reading) = StreamReader::open(&conn, publisher.clone(), sinks).await?;
+    let watch = RequestWatch::new(watch_index, reader);
     let (ingress_on, ingress_prefetch, listen) =
         (cfg.ingress, cfg.ingress_prefetch, cfg.listen.clone());
-    let (conn, topology, publisher, metrics, bus) =
-        (&conn, &cfg.topology, &publisher, &metrics, &bus);
+    let (conn, topology, metrics, bus, watch) = (&conn, &cfg.topology, &metrics, &bus, &watch);
     let follow_task = {
         let shutdown = shutdown.clone();
         async move {
-            let r = follower
-                .run(conn, topology, publisher, shutdown.clone())
-                .await;
+            let r = reading.run(&shutdown).await;
             if let Err(e) = &r {
-                tracing::error!(error = %e, "results stream follower stopped");
+                tracing::error!(error = %e, "results stream reader stopped");
             }
             shutdown.cancel();
             r.map_err(DispatcherError::from)
@@ -151,7 +154,7 @@ pub async fn serve(
     let recovery_task = {
         let shutdown = shutdown.clone();
         async move {
-            let r = deadletter::run_recovery(conn, topology, publisher, &shutdown).await;
+            let r = deadletter::run_recovery(conn, topology, watch, &shutdown).await;
             if let Err(e) = &r {
                 tracing::error!(error = %e, "dead-letter and deadline watch stopped");
             }

@@ -17,9 +17,11 @@
 //! working on RabbitMQ 3.10.8 with lapin 4.12.
 
 mod publish;
+mod reader;
 mod stream;
 
 pub use publish::{Publisher, MARKER_ROUTING_KEY, MARKER_TYPE};
+pub use reader::{EventSink, Reading, StreamReader};
 pub use stream::{subscribe_raw, subscribe_results, ResultStream, StreamItem, StreamOffset};
 
 use lapin::options::{
