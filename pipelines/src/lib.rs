@@ -42,6 +42,15 @@ impl PipelineKind {
             PipelineKind::Sprint => "sprint",
         }
     }
+
+    /// Denoising steps the pipeline is run with by default (fal's defaults, which the service's
+    /// `EndpointKind::default_steps` also uses): 18 for base, 2 for sprint.
+    pub fn default_steps(self) -> u32 {
+        match self {
+            PipelineKind::Base => 18,
+            PipelineKind::Sprint => 2,
+        }
+    }
 }
 
 impl std::fmt::Display for PipelineKind {

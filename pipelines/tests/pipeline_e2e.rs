@@ -188,11 +188,7 @@ fn seeded_request(endpoint: PipelineKind, seed: u64) -> GenerateRequest {
         negative_prompt: String::new(),
         width: 200,
         height: 136,
-        // The service's default steps (base 18, sprint 2), at most 4.
-        num_inference_steps: match endpoint {
-            PipelineKind::Base => 4,
-            PipelineKind::Sprint => 2,
-        },
+        num_inference_steps: endpoint.default_steps().min(4),
         guidance_scale: 5.0,
         seed,
         num_images: 2,

@@ -272,3 +272,17 @@ fn model_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_endpoint_maps_to_its_pipeline_with_the_same_default_steps() {
+        for kind in EndpointKind::ALL {
+            let pipeline = pipeline_kind(kind);
+            assert_eq!(pipeline.as_str(), kind.as_str());
+            assert_eq!(pipeline.default_steps(), kind.default_steps());
+        }
+    }
+}
