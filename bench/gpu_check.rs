@@ -1,8 +1,8 @@
 //! `gpu-check`: correctness checks of the CUDA build on a real GPU, in one run, ending with a short table.
 //!
 //! 1. Every case of `tests/fixtures/torch_cuda_randn/` (torch 2.11 CUDA `randn` draws recorded on an H200)
-//!    drawn again on this GPU by [`fleet::pipelines::rng_cuda`]: count of bit-identical values (target: all),
-//!    next to the CPU port's count ([`fleet::pipelines::rng`]).
+//!    drawn again on this GPU by [`sana_pipelines::rng_cuda`]: count of bit-identical values (target: all),
+//!    next to the CPU port's count ([`sana_pipelines::rng`]).
 //! 2. Both tiny pipelines (`tests/fixtures/tiny/sana`, `tiny/sana_sprint`) on CUDA with the reference run's
 //!    latents (and Sprint step noises) injected, as `tests/pipeline_e2e.rs` does on the CPU: PSNR against
 //!    the diffusers PNGs, in f32 (must reach [`MIN_PSNR_F32_DB`]) and in bf16 (reported only).
@@ -19,16 +19,16 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
-use fleet::job::EndpointKind;
-use fleet::pipelines::image_ops::psnr;
-use fleet::pipelines::loader::ModelSource;
-use fleet::pipelines::ops;
-use fleet::pipelines::rng::TorchCudaGenerator;
-use fleet::pipelines::rng_cuda::{CudaTorchGenerator, DeviceShape};
-use fleet::pipelines::sana::{
+use sana_pipelines::image_ops::psnr;
+use sana_pipelines::loader::ModelSource;
+use sana_pipelines::ops;
+use sana_pipelines::rng::TorchCudaGenerator;
+use sana_pipelines::rng_cuda::{CudaTorchGenerator, DeviceShape};
+use sana_pipelines::sana::{
     load_pipelines, InjectedNoise, NoiseSource, Pipelines, PipelinesConfig, RunOptions,
 };
-use fleet::pipelines::{GenerateRequest, NoProgress};
+use sana_pipelines::PipelineKind;
+use sana_pipelines::{GenerateRequest, NoProgress, PipelineKind};
 
 /// Same bound as the CPU parity test (`tests/pipeline_e2e.rs`): f32 differs only in summation order.
 const MIN_PSNR_F32_DB: f64 = 40.0;
@@ -194,7 +194,7 @@ fn load(fixtures: &Path, device: &Device, dtype: DType) -> anyhow::Result<Pipeli
 fn request(
     meta: &serde_json::Value,
     case: &serde_json::Value,
-    endpoint: EndpointKind,
+    endpoint: PipelineKind,
 ) -> anyhow::Result<GenerateRequest> {
     let u = |k: &str| case[k].as_u64().with_context(|| format!("case.{k}"));
     Ok(GenerateRequest {
@@ -229,9 +229,9 @@ fn e2e_cases(
         let case = &meta["cases"][name];
         let sprint = name.starts_with("sprint");
         let kind = if sprint {
-            EndpointKind::Sprint
+            PipelineKind::Sprint
         } else {
-            EndpointKind::Base
+            PipelineKind::Base
         };
         let req = request(&meta, case, kind)?;
         let opts = RunOptions {
@@ -304,7 +304,7 @@ fn e2e_cases(
 
 /// Seeded runs through `ImagePipeline::generate` (GPU generator) vs the CPU port's noise.
 fn seeded(pipes: &mut Pipelines, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    for kind in EndpointKind::ALL {
+    for kind in PipelineKind::ALL {
         let req = GenerateRequest {
             endpoint: kind,
             prompt: "a lighthouse at dusk".into(),
@@ -321,13 +321,13 @@ fn seeded(pipes: &mut Pipelines, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         let b = p.generate(&req, &mut NoProgress)?;
         let mut cpu: Box<dyn NoiseSource> = Box::new(TorchCudaGenerator::new(req.seed));
         let c = match kind {
-            EndpointKind::Base => pipes.base().context("base")?.generate_with_noise(
+            PipelineKind::Base => pipes.base().context("base")?.generate_with_noise(
                 &req,
                 cpu.as_mut(),
                 RunOptions::default(),
                 &mut NoProgress,
             )?,
-            EndpointKind::Sprint => pipes.sprint().context("sprint")?.generate_with_noise(
+            PipelineKind::Sprint => pipes.sprint().context("sprint")?.generate_with_noise(
                 &req,
                 cpu.as_mut(),
                 RunOptions::default(),
@@ -477,9 +477,9 @@ fn real_size_fused_vs_portable(
     device: &Device,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
-    use fleet::pipelines::dcae::{DcAeConfig, DcAeDecoder};
-    use fleet::pipelines::loader::{self, ModelRepo, ModelSource, WeightVariant};
-    use fleet::pipelines::transformer::SanaTransformer2DModel;
+    use sana_pipelines::dcae::{DcAeConfig, DcAeDecoder};
+    use sana_pipelines::loader::{self, ModelRepo, ModelSource, WeightVariant};
+    use sana_pipelines::transformer::SanaTransformer2DModel;
     let mut repo = ModelRepo::open(&ModelSource::new(base_dir.display().to_string()))?;
     let tr = SanaTransformer2DModel::load_component(
         &repo.component("transformer", WeightVariant::Default)?,

@@ -39,11 +39,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
-use fleet::job::EndpointKind;
-use fleet::pipelines::dcae::{DcAeConfig, DcAeDecoder};
-use fleet::pipelines::loader::{self, ModelRepo, ModelSource, WeightVariant};
-use fleet::pipelines::transformer::SanaTransformer2DModel;
-use fleet::pipelines::{load_pipelines, GenerateRequest, NoProgress, PipelinesConfig};
+use sana_pipelines::dcae::{DcAeConfig, DcAeDecoder};
+use sana_pipelines::loader::{self, ModelRepo, ModelSource, WeightVariant};
+use sana_pipelines::transformer::SanaTransformer2DModel;
+use sana_pipelines::{load_pipelines, GenerateRequest, NoProgress, PipelineKind, PipelinesConfig};
 
 /// Diffusers' medians and peaks by case name: `(ms, peak GiB)`.
 type DiffusersRows = HashMap<String, (f64, f64)>;
@@ -51,7 +50,7 @@ type DiffusersRows = HashMap<String, (f64, f64)>;
 /// A pipeline case: name, endpoint, width, height, images, text-encoding case to subtract.
 type PipelineCase = (
     &'static str,
-    EndpointKind,
+    PipelineKind,
     u32,
     u32,
     u32,
@@ -218,7 +217,7 @@ fn token_ids(n: usize, seed: u64, device: &Device) -> anyhow::Result<Tensor> {
     Ok(Tensor::from_vec(ids, (1, n), device)?)
 }
 
-fn request(kind: EndpointKind, width: u32, height: u32, n: u32) -> GenerateRequest {
+fn request(kind: PipelineKind, width: u32, height: u32, n: u32) -> GenerateRequest {
     GenerateRequest {
         endpoint: kind,
         prompt: PROMPT.to_string(),
@@ -372,7 +371,7 @@ fn main() -> anyhow::Result<()> {
     let cases: [PipelineCase; 6] = [
         (
             "base 1024x1024 18 steps CFG n=1 (no text enc)",
-            EndpointKind::Base,
+            PipelineKind::Base,
             1024,
             1024,
             1,
@@ -380,7 +379,7 @@ fn main() -> anyhow::Result<()> {
         ),
         (
             "sprint 1024x1024 2 steps n=1 (no text enc)",
-            EndpointKind::Sprint,
+            PipelineKind::Sprint,
             1024,
             1024,
             1,
@@ -388,7 +387,7 @@ fn main() -> anyhow::Result<()> {
         ),
         (
             "base 3840x2160 request n=1 (no text enc)",
-            EndpointKind::Base,
+            PipelineKind::Base,
             3840,
             2160,
             1,
@@ -396,7 +395,7 @@ fn main() -> anyhow::Result<()> {
         ),
         (
             "sprint 3840x2160 request n=1 (no text enc)",
-            EndpointKind::Sprint,
+            PipelineKind::Sprint,
             3840,
             2160,
             1,
@@ -404,7 +403,7 @@ fn main() -> anyhow::Result<()> {
         ),
         (
             "sprint 1024x1024 n=4 (no text enc)",
-            EndpointKind::Sprint,
+            PipelineKind::Sprint,
             1024,
             1024,
             4,
@@ -412,7 +411,7 @@ fn main() -> anyhow::Result<()> {
         ),
         (
             "base 1024x1024 n=4 (no text enc)",
-            EndpointKind::Base,
+            PipelineKind::Base,
             1024,
             1024,
             4,

@@ -76,83 +76,126 @@ impl ErrorType {
     }
 }
 
-/// One lifecycle event. Fields beyond the first four are present only for the kinds noted.
+/// One lifecycle event: who it is about, when it was emitted, and what happened with exactly the fields of
+/// that kind. On the wire it is one flat JSON object whose `event` field names the kind (serde's internal
+/// tagging), e.g. `{"request_id":"r","endpoint":"sprint","at":1.5,"event":"started","worker":"w","attempt":1}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub request_id: String,
     pub endpoint: EndpointKind,
-    pub event: EventKind,
     /// Unix time in seconds (fractional) at which the publisher emitted the event.
     pub at: f64,
-    /// `queued`: the validated input (seed filled in).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub input: Option<JobInput>,
-    /// `queued`: unix seconds after which the job must not start (`X-Fal-Request-Timeout`).
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+/// What happened, by kind; the serde tag is the `event` field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum EventBody {
+    Queued(Queued),
+    Started(Started),
+    Progress(Progress),
+    Completed(Completed),
+    Failed(Failure),
+    Cancelled(Failure),
+}
+
+/// `queued`: the request was accepted (published by the dispatcher before its job).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Queued {
+    /// The validated input (seed filled in).
+    pub input: JobInput,
+    /// Unix seconds after which the job must not start (`X-Fal-Request-Timeout`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<f64>,
-    /// `queued`: URL the dispatcher POSTs the result to (fal's `fal_webhook`).
+    /// URL the dispatcher POSTs the result to (fal's `fal_webhook`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
-    /// `started`: which worker took the job, and the broker's delivery attempt (1-based).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub worker: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attempt: Option<u32>,
-    /// `progress`: denoising step `step` of `total` just finished.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub step: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub total: Option<u32>,
-    /// `completed`: the result body (service-contract §3).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<Value>,
-    /// `completed` (units of the run) and `failed`/`cancelled` (always 0).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub billable_units: Option<u64>,
-    /// `completed`: seconds spent in the pipeline.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub inference_time: Option<f64>,
-    /// `failed`/`cancelled`: a message for the client (never an internal cause) and its type.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_type: Option<ErrorType>,
-    /// `failed` for validation errors: FastAPI's `detail[]`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<Value>,
-    /// Free-form log line shown in the status `logs`.
+}
+
+/// `started`: a worker took the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Started {
+    pub worker: String,
+    /// The broker's delivery attempt (1-based).
+    pub attempt: u32,
+}
+
+/// `progress`: denoising step `step` of `total` just finished.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub worker: String,
+    pub step: u32,
+    pub total: u32,
+    /// Log line shown in the status `logs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
 
+/// `completed`: the images are stored and the result body is final.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completed {
+    pub worker: String,
+    pub attempt: u32,
+    /// The result body (service-contract §3).
+    pub result: Value,
+    /// Billing units of the run.
+    pub billable_units: u64,
+    /// Seconds spent in the pipeline.
+    pub inference_time: f64,
+}
+
+/// `failed` and `cancelled`: the request ended without images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    /// A message for the client (never an internal cause).
+    pub error: String,
+    pub error_type: ErrorType,
+    /// Always 0: an ended request without images is not billed.
+    pub billable_units: u64,
+    /// Validation failures: FastAPI's `detail[]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Value>,
+    /// The worker that reported the failure; absent when the dispatcher did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+}
+
+impl Failure {
+    pub fn new(error_type: ErrorType, error: impl Into<String>) -> Self {
+        Failure {
+            error: error.into(),
+            error_type,
+            billable_units: 0,
+            detail: None,
+            worker: None,
+        }
+    }
+}
+
+impl EventBody {
+    pub fn kind(&self) -> EventKind {
+        match self {
+            EventBody::Queued(_) => EventKind::Queued,
+            EventBody::Started(_) => EventKind::Started,
+            EventBody::Progress(_) => EventKind::Progress,
+            EventBody::Completed(_) => EventKind::Completed,
+            EventBody::Failed(_) => EventKind::Failed,
+            EventBody::Cancelled(_) => EventKind::Cancelled,
+        }
+    }
+}
+
 impl Event {
-    /// An event with only the identifying fields set; fill the rest with struct update syntax.
-    pub fn new(request_id: impl Into<String>, endpoint: EndpointKind, event: EventKind) -> Self {
+    /// An event emitted now.
+    pub fn new(request_id: impl Into<String>, endpoint: EndpointKind, body: EventBody) -> Self {
         Event {
             request_id: request_id.into(),
             endpoint,
-            event,
             at: now_unix(),
-            input: None,
-            deadline: None,
-            webhook_url: None,
-            worker: None,
-            attempt: None,
-            step: None,
-            total: None,
-            result: None,
-            billable_units: None,
-            inference_time: None,
-            error: None,
-            error_type: None,
-            detail: None,
-            message: None,
+            body,
         }
-    }
-
-    /// Routing key on `fleet.events`.
-    pub fn routing_key(&self) -> String {
-        format!("{}.{}", self.endpoint.as_str(), self.event.as_str())
     }
 
     /// A terminal failure event (billing 0).
@@ -162,12 +205,117 @@ impl Event {
         error_type: ErrorType,
         error: impl Into<String>,
     ) -> Self {
-        Event {
-            error: Some(error.into()),
-            error_type: Some(error_type),
-            billable_units: Some(0),
-            ..Event::new(request_id, endpoint, EventKind::Failed)
+        let failure = Failure::new(error_type, error);
+        Event::new(request_id, endpoint, EventBody::Failed(failure))
+    }
+
+    /// The dispatcher's answer to a client's cancel of a request that had not started.
+    pub fn cancelled(request_id: impl Into<String>, endpoint: EndpointKind) -> Self {
+        let failure = Failure::new(
+            ErrorType::ClientCancelled,
+            "Request cancelled by the client",
+        );
+        Event::new(request_id, endpoint, EventBody::Cancelled(failure))
+    }
+
+    pub fn kind(&self) -> EventKind {
+        self.body.kind()
+    }
+
+    /// Routing key on `fleet.events`.
+    pub fn routing_key(&self) -> String {
+        format!("{}.{}", self.endpoint.as_str(), self.kind().as_str())
+    }
+
+    /// The worker named by the event (`started`, `progress`, `completed`, and `failed` when a worker
+    /// reported it).
+    pub fn worker(&self) -> Option<&str> {
+        match &self.body {
+            EventBody::Started(Started { worker, .. })
+            | EventBody::Progress(Progress { worker, .. })
+            | EventBody::Completed(Completed { worker, .. }) => Some(worker),
+            EventBody::Failed(f) | EventBody::Cancelled(f) => f.worker.as_deref(),
+            EventBody::Queued(_) => None,
         }
+    }
+
+    /// The broker's delivery attempt named by `started` and `completed`.
+    pub fn attempt(&self) -> Option<u32> {
+        match &self.body {
+            EventBody::Started(Started { attempt, .. })
+            | EventBody::Completed(Completed { attempt, .. }) => Some(*attempt),
+            _ => None,
+        }
+    }
+
+    /// The result body of a `completed` event.
+    pub fn result(&self) -> Option<&Value> {
+        match &self.body {
+            EventBody::Completed(c) => Some(&c.result),
+            _ => None,
+        }
+    }
+
+    /// Billing units of a terminal event (0 unless `completed`); `None` before the end.
+    pub fn billable_units(&self) -> Option<u64> {
+        match &self.body {
+            EventBody::Completed(c) => Some(c.billable_units),
+            EventBody::Failed(f) | EventBody::Cancelled(f) => Some(f.billable_units),
+            EventBody::Queued(_) | EventBody::Started(_) | EventBody::Progress(_) => None,
+        }
+    }
+
+    /// The error type of a `failed` or `cancelled` event.
+    pub fn error_type(&self) -> Option<ErrorType> {
+        match &self.body {
+            EventBody::Failed(f) | EventBody::Cancelled(f) => Some(f.error_type),
+            _ => None,
+        }
+    }
+}
+
+/// Stand-ins for tests in every crate: an event of a given kind whose kind-specific fields are
+/// placeholders (prompt `"test"`, worker `"test-worker"`, attempt 1, step 1 of 1, an empty result, an
+/// internal error). Tests that care about a field build the body themselves.
+pub mod testing {
+    use super::*;
+
+    pub fn body(endpoint: EndpointKind, kind: EventKind) -> EventBody {
+        let worker = || "test-worker".to_string();
+        match kind {
+            EventKind::Queued => EventBody::Queued(Queued {
+                input: crate::job::validate(endpoint, &serde_json::json!({"prompt": "test"}), || 1)
+                    .expect("a prompt alone is valid input"),
+                deadline: None,
+                webhook_url: None,
+            }),
+            EventKind::Started => EventBody::Started(Started {
+                worker: worker(),
+                attempt: 1,
+            }),
+            EventKind::Progress => EventBody::Progress(Progress {
+                worker: worker(),
+                step: 1,
+                total: 1,
+                message: None,
+            }),
+            EventKind::Completed => EventBody::Completed(Completed {
+                worker: worker(),
+                attempt: 1,
+                result: Value::Object(Default::default()),
+                billable_units: 0,
+                inference_time: 0.0,
+            }),
+            EventKind::Failed => EventBody::Failed(Failure::new(ErrorType::InternalError, "test")),
+            EventKind::Cancelled => {
+                EventBody::Cancelled(Failure::new(ErrorType::ClientCancelled, "test"))
+            }
+        }
+    }
+
+    /// [`body`] wrapped in an event emitted now.
+    pub fn event(request_id: &str, endpoint: EndpointKind, kind: EventKind) -> Event {
+        Event::new(request_id, endpoint, body(endpoint, kind))
     }
 }
 
@@ -236,9 +384,81 @@ mod tests {
         let e = Event::failed("r2", EndpointKind::Base, ErrorType::ValidationError, "bad");
         assert_eq!(e.routing_key(), "base.failed");
         let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["event"], "failed");
         assert_eq!(v["error_type"], "validation_error");
         assert_eq!(v["billable_units"], 0);
         assert!(v.get("result").is_none());
         assert_eq!(serde_json::from_value::<Event>(v).unwrap(), e);
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+    use crate::job::validate;
+    use serde_json::json;
+
+    /// The JSON of each kind, as published before events became an enum: same keys, same values.
+    #[test]
+    fn every_kind_keeps_its_wire_shape() {
+        let input = validate(EndpointKind::Sprint, &json!({"prompt": "a fox"}), || 3).unwrap();
+        let cases = [
+            (
+                EventBody::Queued(Queued {
+                    input: input.clone(),
+                    deadline: Some(9.5),
+                    webhook_url: None,
+                }),
+                json!({"event": "queued", "input": serde_json::to_value(&input).unwrap(), "deadline": 9.5}),
+            ),
+            (
+                EventBody::Started(Started {
+                    worker: "w".into(),
+                    attempt: 2,
+                }),
+                json!({"event": "started", "worker": "w", "attempt": 2}),
+            ),
+            (
+                EventBody::Progress(Progress {
+                    worker: "w".into(),
+                    step: 1,
+                    total: 2,
+                    message: Some("step 1/2".into()),
+                }),
+                json!({"event": "progress", "worker": "w", "step": 1, "total": 2, "message": "step 1/2"}),
+            ),
+            (
+                EventBody::Completed(Completed {
+                    worker: "w".into(),
+                    attempt: 1,
+                    result: json!({"seed": 3}),
+                    billable_units: 1,
+                    inference_time: 0.25,
+                }),
+                json!({"event": "completed", "worker": "w", "attempt": 1, "result": {"seed": 3},
+                       "billable_units": 1, "inference_time": 0.25}),
+            ),
+            (
+                EventBody::Cancelled(Failure::new(ErrorType::ClientCancelled, "bye")),
+                json!({"event": "cancelled", "error": "bye", "error_type": "client_cancelled",
+                       "billable_units": 0}),
+            ),
+        ];
+        for (body, fields) in cases {
+            let event = Event {
+                request_id: "r".into(),
+                endpoint: EndpointKind::Sprint,
+                at: 1795603706.5057933,
+                body,
+            };
+            let mut want =
+                json!({"request_id": "r", "endpoint": "sprint", "at": 1795603706.5057933});
+            want.as_object_mut()
+                .unwrap()
+                .extend(fields.as_object().unwrap().clone());
+            assert_eq!(serde_json::to_value(&event).unwrap(), want);
+            let back: Event = serde_json::from_str(&want.to_string()).unwrap();
+            assert_eq!(back, event);
+        }
     }
 }

@@ -1,16 +1,14 @@
-//! fleet: the shared library of the Sana text-to-image service.
+//! fleet: the core every process of the Sana text-to-image service shares.
 //!
-//! The `worker` and `dispatcher` binaries are thin wiring over these modules:
 //! `job` (input schema, validation, billing), `events` (lifecycle messages on the result topic),
-//! `queue` (RabbitMQ topology, confirmed publishing, consuming), `storage` (S3), `pipelines`
-//! (the candle models and samplers), `safety` (NSFW checkers), `telemetry` (logging, metrics).
+//! `queue` (RabbitMQ topology, confirmed publishing, consuming), `storage` (S3), `telemetry` (logging,
+//! redaction of secrets), `signal` (the binaries' one shutdown signal). The `fleet-dispatcher` and
+//! `fleet-worker` crates build on it; the models live in `sana-pipelines`, which knows nothing of this
+//! crate (README, "Layout").
 
-pub mod dispatcher;
 pub mod events;
 pub mod job;
-pub mod pipelines;
 pub mod queue;
-pub mod safety;
+pub mod signal;
 pub mod storage;
 pub mod telemetry;
-pub mod worker;

@@ -5,12 +5,18 @@
 
 use tracing_subscriber::EnvFilter;
 
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+/// Log line format (`text` or `json` on the command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+impl LogFormat {
+    /// Names on the command line and in `FLEET_LOG_FORMAT` (the binaries' flags read this table).
+    pub const NAMED: [(&'static str, LogFormat); 2] =
+        [("text", LogFormat::Text), ("json", LogFormat::Json)];
 }
 
 /// Installs the global subscriber; a second call (tests) is a no-op.

@@ -10,11 +10,11 @@ use std::time::Duration;
 use common::http::{
     jobs_enqueued, send, submit, wait_ready, FakeWorker, InProcess, SseReader, TempDir, WAIT,
 };
-use fleet::dispatcher::http::HttpConfig;
-use fleet::dispatcher::ingress::SubmitMessage;
-use fleet::events::{ErrorType, EventKind};
+use fleet::events::{ErrorType, EventBody, EventKind};
 use fleet::job::EndpointKind;
 use fleet::queue::Publisher;
+use fleet_dispatcher::http::HttpConfig;
+use fleet_dispatcher::ingress::SubmitMessage;
 use serde_json::{json, Value};
 
 /// Every validation rule of contract §2, with the path and the field the 422 must name.
@@ -174,10 +174,13 @@ async fn amqp_validation_publishes_failed_events_and_enqueues_nothing() {
             .await
             .expect("publish submit");
         let ev = log.terminal(&request_id, WAIT).await;
-        assert_eq!(ev.event, EventKind::Failed, "{input}");
-        assert_eq!(ev.error_type, Some(ErrorType::ValidationError));
-        assert_eq!(ev.billable_units, Some(0));
-        let detail = ev.detail.expect("detail[]");
+        assert_eq!(ev.kind(), EventKind::Failed, "{input}");
+        assert_eq!(ev.error_type(), Some(ErrorType::ValidationError));
+        assert_eq!(ev.billable_units(), Some(0));
+        let EventBody::Failed(failure) = ev.body else {
+            panic!("not failed: {ev:?}");
+        };
+        let detail = failure.detail.expect("detail[]");
         assert_eq!(
             detail[0]["loc"]
                 .as_array()
@@ -213,7 +216,7 @@ async fn amqp_validation_publishes_failed_events_and_enqueues_nothing() {
         })
         .await;
     assert_eq!(
-        (queued.event, queued.endpoint),
+        (queued.kind(), queued.endpoint),
         (EventKind::Queued, EndpointKind::Sprint)
     );
     let job = FakeWorker::new(&conn, &topology)
@@ -382,7 +385,7 @@ async fn cancel_of_a_queued_request_ends_it_as_client_cancelled() {
     );
     let ev = log.terminal(&id, WAIT).await;
     assert_eq!(
-        (ev.event, ev.error_type),
+        (ev.kind(), ev.error_type()),
         (EventKind::Cancelled, Some(ErrorType::ClientCancelled))
     );
 

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use common::http::{send, submit, wait_ready, FakeWorker, InProcess, SseReader, WAIT};
 use common::EventLog;
-use fleet::dispatcher::deadletter::death_reason;
-use fleet::dispatcher::http::HttpConfig;
-use fleet::events::{ErrorType, Event, EventKind};
+use fleet::events::{ErrorType, Event, EventBody, EventKind};
 use fleet::job::EndpointKind;
 use fleet::queue::{delivery_attempt, message_id, Publisher, Topology};
+use fleet_dispatcher::deadletter::death_reason;
+use fleet_dispatcher::http::HttpConfig;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions};
@@ -112,9 +112,9 @@ async fn inspect_dead(conn: &Connection, topology: &Topology, n: usize) -> Vec<(
 }
 
 fn assert_failed(ev: &Event, error_type: ErrorType) {
-    assert_eq!(ev.event, EventKind::Failed, "{ev:?}");
-    assert_eq!(ev.error_type, Some(error_type), "{ev:?}");
-    assert_eq!(ev.billable_units, Some(0), "{ev:?}");
+    assert_eq!(ev.kind(), EventKind::Failed, "{ev:?}");
+    assert_eq!(ev.error_type(), Some(error_type), "{ev:?}");
+    assert_eq!(ev.billable_units(), Some(0), "{ev:?}");
 }
 
 #[tokio::test]
@@ -147,7 +147,7 @@ async fn job_dropped_by_the_delivery_limit_fails_the_request() {
 
     let ev = log.terminal(&request_id, WAIT).await;
     assert_failed(&ev, ErrorType::RunnerServerError);
-    assert_eq!(ev.worker, None, "published by the dispatcher");
+    assert_eq!(ev.worker(), None, "published by the dispatcher");
     let s = wait_completed(&client, &submitted, &["IN_QUEUE"]).await;
     assert_eq!(s["error_type"], "runner_server_error", "{s}");
     let (status, units, body) = result(&client, &submitted).await;
@@ -190,15 +190,15 @@ async fn job_failed_by_its_worker_gets_no_second_failure() {
         message_id(&first.properties).as_deref(),
         Some(reported_id.as_str())
     );
-    let worker_failed = Event {
-        worker: Some("fake".into()),
-        ..Event::failed(
-            &reported_id,
-            EndpointKind::Base,
-            ErrorType::BadRequest,
-            "image generation failed",
-        )
-    };
+    let mut worker_failed = Event::failed(
+        &reported_id,
+        EndpointKind::Base,
+        ErrorType::BadRequest,
+        "image generation failed",
+    );
+    if let EventBody::Failed(failure) = &mut worker_failed.body {
+        failure.worker = Some("fake".into());
+    }
     publisher
         .publish_event(&worker_failed)
         .await
@@ -225,10 +225,10 @@ async fn job_failed_by_its_worker_gets_no_second_failure() {
     let reported_failures: Vec<_> = log
         .of(&reported_id)
         .into_iter()
-        .filter(|e| e.event == EventKind::Failed)
+        .filter(|e| e.kind() == EventKind::Failed)
         .collect();
     assert_eq!(reported_failures.len(), 1, "{reported_failures:?}");
-    assert_eq!(reported_failures[0].worker.as_deref(), Some("fake"));
+    assert_eq!(reported_failures[0].worker(), Some("fake"));
     wait_completed(&client, &silent, &["IN_QUEUE"]).await;
     let (status, units, body) = result(&client, &reported).await;
     assert_eq!(
@@ -302,8 +302,11 @@ async fn queued_request_past_its_start_deadline_times_out() {
     let deadline = log
         .of(&id(&submitted))
         .iter()
-        .find(|e| e.event == EventKind::Queued)
-        .and_then(|e| e.deadline)
+        .find(|e| e.kind() == EventKind::Queued)
+        .and_then(|e| match &e.body {
+            EventBody::Queued(queued) => queued.deadline,
+            _ => None,
+        })
         .expect("the queued event carries the deadline");
     assert!(
         ev.at >= deadline,

@@ -7,7 +7,7 @@ mod common;
 use std::process::Stdio;
 
 use common::http::{send, submit, wait_ready, FakeWorker, Spawned, WAIT};
-use fleet::events::EventKind;
+use fleet::events::{EventBody, EventKind, Queued};
 use fleet::job::EndpointKind;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -149,7 +149,7 @@ async fn cli_submits_over_amqp_waits_for_urls_and_prints_the_stream() {
         "--results-max-age".into(),
         topology.results_max_age.clone(),
     ];
-    let mut cli = Command::new(env!("CARGO_BIN_EXE_dispatcher"))
+    let mut cli = Command::new(common::binary("dispatcher"))
         .args([
             "submit",
             "--endpoint",
@@ -180,8 +180,10 @@ async fn cli_submits_over_amqp_waits_for_urls_and_prints_the_stream() {
             e.request_id == request_id
         })
         .await;
-    assert_eq!(queued.event, EventKind::Queued);
-    let input = queued.input.expect("input");
+    assert_eq!(queued.kind(), EventKind::Queued);
+    let EventBody::Queued(Queued { input, .. }) = queued.body else {
+        panic!("not queued: {queued:?}");
+    };
     assert_eq!(
         (input.image_size.width, input.image_size.height, input.seed),
         (512, 256, 11)
@@ -213,7 +215,7 @@ async fn cli_submits_over_amqp_waits_for_urls_and_prints_the_stream() {
     assert!(progress.contains("step 2/2"), "progress shown: {progress}");
 
     // An invalid submission makes the CLI fail with the validation error.
-    let bad = Command::new(env!("CARGO_BIN_EXE_dispatcher"))
+    let bad = Command::new(common::binary("dispatcher"))
         .args([
             "submit",
             "--endpoint",
@@ -239,7 +241,7 @@ async fn cli_submits_over_amqp_waits_for_urls_and_prints_the_stream() {
     );
 
     // `results` prints everything so far as JSON lines with offsets, then stops.
-    let results = Command::new(env!("CARGO_BIN_EXE_dispatcher"))
+    let results = Command::new(common::binary("dispatcher"))
         .args(["results", "--from", "first"])
         .args(&broker)
         .output();

@@ -226,7 +226,7 @@ async fn fal_python_client_works_against_the_dispatcher_unchanged() {
     for key in ["sprint", "base"] {
         let id = s[key]["request_id"].as_str().expect("request id");
         let done = log.terminal(id, WAIT).await;
-        assert_eq!(done.event, EventKind::Completed, "{done:?}");
+        assert_eq!(done.kind(), EventKind::Completed, "{done:?}");
         assert_eq!(log.count(id, EventKind::Completed), 1);
     }
     for req in cancelled {

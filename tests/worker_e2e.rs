@@ -18,13 +18,13 @@ use std::time::Duration;
 use candle_core::{DType, Device};
 use common::realpipe::{self, ObservedFactory, Probe};
 use common::{EventLog, RunningWorker};
-use fleet::events::{EventKind, JobMessage};
+use fleet::events::{EventBody, EventKind, JobMessage};
 use fleet::job::EndpointKind;
-use fleet::pipelines::loader::ModelSource;
-use fleet::pipelines::{GenerateRequest, NoProgress, PipelinesConfig};
 use fleet::queue::{Publisher, Topology};
 use fleet::storage::{Storage, StorageConfig};
 use image::RgbImage;
+use sana_pipelines::loader::ModelSource;
+use sana_pipelines::{NoProgress, PipelinesConfig};
 use serde_json::{json, Value};
 
 /// Generous bound for one tiny CPU job on a shared 2-core machine.
@@ -56,7 +56,7 @@ struct Delivered {
 /// images and the checker's verdict on each (computed even when the request turned the checker off).
 fn reference(jobs: &[JobMessage], checker: &std::path::Path) -> Vec<(Vec<RgbImage>, Vec<bool>)> {
     let local = |p: std::path::PathBuf| Some(ModelSource::new(p.to_string_lossy()));
-    let mut pipelines = fleet::pipelines::load_pipelines(&PipelinesConfig {
+    let mut pipelines = sana_pipelines::load_pipelines(&PipelinesConfig {
         base: local(realpipe::tiny("sana")),
         sprint: local(realpipe::tiny("sana_sprint")),
         device: Device::Cpu,
@@ -64,23 +64,14 @@ fn reference(jobs: &[JobMessage], checker: &std::path::Path) -> Vec<(Vec<RgbImag
     })
     .expect("tiny pipelines");
     let source = ModelSource::new(checker.to_string_lossy());
-    let checker = fleet::safety::load_vit(&source, &Device::Cpu, DType::F32).expect("checker");
+    let checker =
+        fleet_worker::safety::load_vit(&source, &Device::Cpu, DType::F32).expect("checker");
     jobs.iter()
         .map(|job| {
             let input = &job.input;
-            let req = GenerateRequest {
-                endpoint: job.endpoint,
-                prompt: input.prompt.clone(),
-                negative_prompt: input.negative_prompt.clone(),
-                width: input.image_size.width,
-                height: input.image_size.height,
-                num_inference_steps: input.num_inference_steps,
-                guidance_scale: input.guidance_scale,
-                seed: input.seed,
-                num_images: input.num_images,
-            };
+            let req = fleet_worker::generate_request(job.endpoint, input);
             let images = pipelines
-                .get_mut(job.endpoint)
+                .get_mut(req.endpoint)
                 .expect("pipeline loaded")
                 .generate(&req, &mut NoProgress)
                 .expect("reference generation");
@@ -118,19 +109,19 @@ async fn run_cases(
     let mut out = Vec::new();
     for (case, job) in cases.iter().zip(jobs) {
         let done = log.terminal(&job.request_id, WAIT).await;
-        assert_eq!(done.event, EventKind::Completed, "{done:?}");
+        assert_eq!(done.kind(), EventKind::Completed, "{done:?}");
         assert_eq!(
-            done.billable_units,
+            done.billable_units(),
             Some(case.units),
             "billing of {}",
             case.input
         );
-        assert_eq!(done.worker.as_deref(), Some(worker_id));
-        assert!(done.inference_time.is_some_and(|t| t > 0.0));
-        let result = done
-            .result
-            .as_ref()
-            .expect("completed carries the result body");
+        assert_eq!(done.worker(), Some(worker_id));
+        let EventBody::Completed(completed) = &done.body else {
+            panic!("not completed: {done:?}");
+        };
+        assert!(completed.inference_time > 0.0);
+        let result = done.result().expect("completed carries the result body");
         assert_eq!(result["seed"], 42);
         assert_eq!(result["prompt"], case.input["prompt"]);
         assert!(result["timings"]["inference"].as_f64().is_some());
@@ -140,18 +131,21 @@ async fn run_cases(
         let started: Vec<_> = log
             .of(&job.request_id)
             .into_iter()
-            .filter(|e| e.event == EventKind::Started)
+            .filter(|e| e.kind() == EventKind::Started)
             .collect();
         assert_eq!(started.len(), 1);
         assert_eq!(
-            (started[0].attempt, started[0].worker.as_deref()),
+            (started[0].attempt(), started[0].worker()),
             (Some(1), Some(worker_id))
         );
         let steps: Vec<_> = log
             .of(&job.request_id)
             .into_iter()
-            .filter(|e| e.event == EventKind::Progress)
-            .map(|e| (e.step, e.total))
+            .filter(|e| e.kind() == EventKind::Progress)
+            .map(|e| match &e.body {
+                EventBody::Progress(p) => (Some(p.step), Some(p.total)),
+                _ => (None, None),
+            })
             .collect();
         let n = job.input.num_inference_steps;
         assert_eq!(
@@ -223,7 +217,7 @@ async fn check_against_reference(
                 );
                 continue;
             }
-            let psnr = fleet::pipelines::image_ops::psnr(img, &ref_images[i]);
+            let psnr = sana_pipelines::image_ops::psnr(img, &ref_images[i]);
             let min = if case.format == image::ImageFormat::Png {
                 MIN_PSNR_PNG
             } else {
@@ -292,7 +286,7 @@ async fn jobs_complete_with_downloadable_images_and_billing() {
         },
     ];
     let delivered = run_cases(&conn, &topology, &worker_id, &storage_config, &cases).await;
-    assert_eq!(worker.stop(WAIT).await, fleet::worker::WorkerExit::Shutdown);
+    assert_eq!(worker.stop(WAIT).await, fleet_worker::WorkerExit::Shutdown);
     common::drop_topology(&conn, &topology).await;
     assert_eq!(
         probe.runs.load(std::sync::atomic::Ordering::SeqCst),
@@ -341,7 +335,7 @@ async fn flagged_images_are_uploaded_black_and_unchecked_ones_kept() {
         },
     ];
     let delivered = run_cases(&conn, &topology, &worker_id, &storage_config, &cases).await;
-    assert_eq!(worker.stop(WAIT).await, fleet::worker::WorkerExit::Shutdown);
+    assert_eq!(worker.stop(WAIT).await, fleet_worker::WorkerExit::Shutdown);
     common::drop_topology(&conn, &topology).await;
     let flags = check_against_reference(&cases, &delivered, &checker.0).await;
     assert_eq!(

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::realpipe::{Gate, ObservedFactory, Probe};
 use common::{EventLog, RunningWorker};
-use fleet::events::{ErrorType, Event, EventKind};
+use fleet::events::{Completed, ErrorType, Event, EventBody, EventKind};
 use fleet::job::EndpointKind;
 use fleet::queue::{self, Publisher};
 use futures::StreamExt;
@@ -47,9 +47,9 @@ async fn always_failing_job_is_dead_lettered_after_the_delivery_limit() {
     publisher.publish_job(&job).await.expect("publish");
 
     let failed = log.terminal(&job.request_id, WAIT).await;
-    assert_eq!(failed.event, EventKind::Failed, "{failed:?}");
-    assert_eq!(failed.billable_units, Some(0));
-    assert_eq!(failed.error_type, Some(ErrorType::RunnerServerError));
+    assert_eq!(failed.kind(), EventKind::Failed, "{failed:?}");
+    assert_eq!(failed.billable_units(), Some(0));
+    assert_eq!(failed.error_type(), Some(ErrorType::RunnerServerError));
 
     let delivery = tokio::time::timeout(WAIT, dead.next())
         .await
@@ -65,8 +65,8 @@ async fn always_failing_job_is_dead_lettered_after_the_delivery_limit() {
     let attempts: Vec<u32> = log
         .of(&job.request_id)
         .iter()
-        .filter(|e| e.event == EventKind::Started)
-        .filter_map(|e| e.attempt)
+        .filter(|e| e.kind() == EventKind::Started)
+        .filter_map(|e| e.attempt())
         .collect();
     let limit = topology.delivery_limit;
     assert_eq!(
@@ -108,36 +108,32 @@ async fn ended_requests_are_skipped_and_late_ones_time_out() {
     let fresh = common::job(EndpointKind::Sprint, input);
 
     // A worker that completed but died before its ack, and a dispatcher that cancelled a queued request.
-    let completed = Event {
-        billable_units: Some(1),
-        ..Event::new(
-            &done_before.request_id,
-            EndpointKind::Sprint,
-            EventKind::Completed,
-        )
-    };
+    let completed = Event::new(
+        &done_before.request_id,
+        EndpointKind::Sprint,
+        EventBody::Completed(Completed {
+            worker: "gone".into(),
+            attempt: 1,
+            result: json!({}),
+            billable_units: 1,
+            inference_time: 0.0,
+        }),
+    );
     publisher.publish_event(&completed).await.expect("event");
-    let cancelled = Event {
-        billable_units: Some(0),
-        ..Event::new(
-            &cancelled_before.request_id,
-            EndpointKind::Sprint,
-            EventKind::Cancelled,
-        )
-    };
+    let cancelled = Event::cancelled(&cancelled_before.request_id, EndpointKind::Sprint);
     publisher.publish_event(&cancelled).await.expect("event");
     for job in [&done_before, &cancelled_before, &late, &fresh] {
         publisher.publish_job(job).await.expect("publish");
     }
 
     let last = log.terminal(&fresh.request_id, WAIT).await;
-    assert_eq!(last.event, EventKind::Completed);
+    assert_eq!(last.kind(), EventKind::Completed);
     let timed_out = log.terminal(&late.request_id, WAIT).await;
     assert_eq!(
-        (timed_out.event, timed_out.error_type),
+        (timed_out.kind(), timed_out.error_type()),
         (EventKind::Failed, Some(ErrorType::RequestTimeout))
     );
-    assert_eq!(timed_out.billable_units, Some(0));
+    assert_eq!(timed_out.billable_units(), Some(0));
     for skipped in [&done_before, &cancelled_before, &late] {
         assert_eq!(
             log.count(&skipped.request_id, EventKind::Started),
@@ -183,19 +179,12 @@ async fn a_cancelled_event_stops_a_running_job_between_steps() {
     );
     publisher.publish_job(&running).await.expect("publish");
     log.wait_for(WAIT, "the first job to start", |e| {
-        e.request_id == running.request_id && e.event == EventKind::Started
+        e.request_id == running.request_id && e.kind() == EventKind::Started
     })
     .await;
     // The real pipeline has computed step 1 of 5 and is held before reporting it.
     gate.wait_arrived(1, WAIT).await;
-    let cancel = Event {
-        billable_units: Some(0),
-        ..Event::new(
-            &running.request_id,
-            EndpointKind::Base,
-            EventKind::Cancelled,
-        )
-    };
+    let cancel = Event::cancelled(&running.request_id, EndpointKind::Base);
     publisher
         .publish_event(&cancel)
         .await
@@ -208,14 +197,14 @@ async fn a_cancelled_event_stops_a_running_job_between_steps() {
     );
     publisher.publish_job(&next).await.expect("publish");
     log.wait_for(WAIT, "the second job to start", |e| {
-        e.request_id == next.request_id && e.event == EventKind::Started
+        e.request_id == next.request_id && e.kind() == EventKind::Started
     })
     .await;
     gate.open();
 
     // One model thread: the first job ran (and stopped) before the second one completes.
     assert_eq!(
-        log.terminal(&next.request_id, WAIT).await.event,
+        log.terminal(&next.request_id, WAIT).await.kind(),
         EventKind::Completed
     );
     assert_eq!(

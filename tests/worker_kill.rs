@@ -69,11 +69,11 @@ async fn killed_worker_job_is_redelivered_and_completed_once() {
         .expect("spawn the child worker");
     let started = log
         .wait_for(WAIT, "the child to start the job", |e| {
-            e.request_id == job.request_id && e.event == EventKind::Started
+            e.request_id == job.request_id && e.kind() == EventKind::Started
         })
         .await;
     assert_eq!(
-        (started.worker.as_deref(), started.attempt),
+        (started.worker(), started.attempt()),
         (Some("w-killed"), Some(1))
     );
     child.kill().expect("SIGKILL the child");
@@ -86,17 +86,14 @@ async fn killed_worker_job_is_redelivered_and_completed_once() {
         ObservedFactory::boxed(probe, None),
     );
     let done = log.terminal(&job.request_id, WAIT).await;
-    assert_eq!(done.event, EventKind::Completed, "{done:?}");
-    assert_eq!(
-        (done.worker.as_deref(), done.attempt),
-        (Some("w-second"), Some(2))
-    );
+    assert_eq!(done.kind(), EventKind::Completed, "{done:?}");
+    assert_eq!((done.worker(), done.attempt()), (Some("w-second"), Some(2)));
     assert_eq!(log.count(&job.request_id, EventKind::Completed), 1);
     let attempts: Vec<_> = log
         .of(&job.request_id)
         .iter()
-        .filter(|e| e.event == EventKind::Started)
-        .map(|e| (e.worker.clone().unwrap_or_default(), e.attempt))
+        .filter(|e| e.kind() == EventKind::Started)
+        .map(|e| (e.worker().unwrap_or_default().to_string(), e.attempt()))
         .collect();
     assert_eq!(
         attempts,
@@ -115,7 +112,7 @@ async fn killed_worker_job_is_redelivered_and_completed_once() {
         [format!("sprint/{}/0.jpeg", job.request_id)],
         "one set of objects"
     );
-    let result = done.result.as_ref().expect("result body");
+    let result = done.result().expect("result body");
     let meta = &result["images"][0];
     let (status, _, body) = common::http_get(meta["url"].as_str().expect("url")).await;
     assert_eq!(status, 200);

@@ -15,7 +15,7 @@ use common::{EventLog, RunningWorker};
 use fleet::events::EventKind;
 use fleet::job::EndpointKind;
 use fleet::queue::{self, Publisher};
-use fleet::worker::{IdleAction, WorkerExit};
+use fleet_worker::{IdleAction, WorkerExit};
 use serde_json::json;
 
 /// Generous bound for a few tiny CPU jobs on a shared 2-core machine.
@@ -44,7 +44,7 @@ async fn idle_worker_exits_after_keep_alive() {
     let job = small_job();
     publisher.publish_job(&job).await.expect("publish");
     assert_eq!(
-        log.terminal(&job.request_id, WAIT).await.event,
+        log.terminal(&job.request_id, WAIT).await.kind(),
         EventKind::Completed
     );
     assert_eq!(
@@ -85,7 +85,7 @@ async fn idle_worker_unloads_and_reloads_for_the_next_job() {
     let job = small_job();
     publisher.publish_job(&job).await.expect("publish");
     assert_eq!(
-        log.terminal(&job.request_id, WAIT).await.event,
+        log.terminal(&job.request_id, WAIT).await.kind(),
         EventKind::Completed
     );
     assert_eq!(
@@ -125,22 +125,22 @@ async fn prefetch_caps_concurrent_jobs() {
     }
     // The gate holds the model thread, so exactly two jobs can be in flight before anything finishes.
     log.wait_count(WAIT, "two started jobs", 2, |e| {
-        e.event == EventKind::Started
+        e.kind() == EventKind::Started
     })
     .await;
     // The two in-flight jobs may reach the model thread in either order: count completions, not ids.
     for done in 1..=jobs.len() {
         gate.release(1);
         log.wait_count(WAIT, "one more completed job", done, |e| {
-            e.event == EventKind::Completed
+            e.kind() == EventKind::Completed
         })
         .await;
     }
     let mut running: HashMap<String, i32> = HashMap::new();
     let mut peak = 0;
     for (_, e) in &log.seen {
-        let worker = e.worker.clone().unwrap_or_default();
-        match e.event {
+        let worker = e.worker().unwrap_or_default().to_string();
+        match e.kind() {
             EventKind::Started => *running.entry(worker.clone()).or_default() += 1,
             EventKind::Completed | EventKind::Failed => {
                 *running.entry(worker.clone()).or_default() -= 1
@@ -175,14 +175,14 @@ async fn shutdown_drains_the_job_in_flight() {
     publisher.publish_job(&first).await.expect("publish");
     publisher.publish_job(&second).await.expect("publish");
     log.wait_for(WAIT, "the first job to start", |e| {
-        e.request_id == first.request_id && e.event == EventKind::Started
+        e.request_id == first.request_id && e.kind() == EventKind::Started
     })
     .await;
     worker.shutdown.cancel();
     gate.open();
     assert_eq!(worker.join(WAIT).await, WorkerExit::Shutdown);
     assert_eq!(
-        log.terminal(&first.request_id, WAIT).await.event,
+        log.terminal(&first.request_id, WAIT).await.kind(),
         EventKind::Completed,
         "in-flight job finished"
     );

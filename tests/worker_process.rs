@@ -98,9 +98,9 @@ async fn binary_completes_jobs_and_drains_on_sigterm() {
     }
     for ((_, input, size, units), job) in cases.iter().zip(&jobs) {
         let done = log.terminal(&job.request_id, WAIT).await;
-        assert_eq!(done.event, EventKind::Completed, "{done:?}");
-        assert_eq!(done.billable_units, Some(*units));
-        let result = done.result.expect("result body");
+        assert_eq!(done.kind(), EventKind::Completed, "{done:?}");
+        assert_eq!(done.billable_units(), Some(*units));
+        let result = done.result().expect("result body");
         let n = input["num_images"].as_u64().unwrap_or(1) as usize;
         assert_eq!(
             result["has_nsfw_concepts"].as_array().map(Vec::len),
@@ -154,7 +154,7 @@ async fn binary_killed_mid_job_is_redelivered_and_completed_once() {
     publisher.publish_job(&job).await.expect("publish");
     let first = spawn_worker(&topology, "p-killed", &[]);
     log.wait_for(WAIT, "the first process to report progress", |e| {
-        e.request_id == job.request_id && e.event == EventKind::Progress
+        e.request_id == job.request_id && e.kind() == EventKind::Progress
     })
     .await;
     signal(&first, "-KILL");
@@ -163,12 +163,13 @@ async fn binary_killed_mid_job_is_redelivered_and_completed_once() {
 
     let second = spawn_worker(&topology, "p-second", &[]);
     let done = log.terminal(&job.request_id, WAIT).await;
-    assert_eq!(done.event, EventKind::Completed, "{done:?}");
+    assert_eq!(done.kind(), EventKind::Completed, "{done:?}");
+    assert_eq!((done.worker(), done.attempt()), (Some("p-second"), Some(2)));
     assert_eq!(
-        (done.worker.as_deref(), done.attempt),
-        (Some("p-second"), Some(2))
+        done.billable_units(),
+        Some(32),
+        "ceil(3840·2160 / 1024²) · 4"
     );
-    assert_eq!(done.billable_units, Some(32), "ceil(3840·2160 / 1024²) · 4");
     assert_eq!(log.count(&job.request_id, EventKind::Completed), 1);
     signal(&second, "-TERM");
     assert!(wait_exit(second, WAIT).await.success());

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use fleet::events::{Event, EventKind};
+use fleet::events::{testing, EventKind};
 use fleet::job::EndpointKind;
 use fleet::queue::{
     delivery_attempt, header_str, subscribe_raw, subscribe_results, Publisher, QueueError,
@@ -97,7 +97,7 @@ async fn results_stream_replays_from_first_and_from_an_offset() {
     let ids = ["r-0", "r-1", "r-2"];
     for (i, id) in ids.iter().enumerate() {
         publisher
-            .publish_event(&Event::new(*id, EndpointKind::Base, EventKind::Queued))
+            .publish_event(&testing::event(id, EndpointKind::Base, EventKind::Queued))
             .await
             .expect("event");
         if i == 0 {
@@ -162,7 +162,11 @@ async fn results_stream_replays_from_first_and_from_an_offset() {
         .await
         .expect("subscribe next");
     publisher
-        .publish_event(&Event::new("r-3", EndpointKind::Sprint, EventKind::Started))
+        .publish_event(&testing::event(
+            "r-3",
+            EndpointKind::Sprint,
+            EventKind::Started,
+        ))
         .await
         .expect("event");
     let (_, event) = tokio::time::timeout(WAIT, next.next())

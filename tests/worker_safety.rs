@@ -2,7 +2,7 @@
 //! checkers (`tests/fixtures/tiny/nsfw_vit`, `tiny/sd_safety_checker`), against the real RabbitMQ and S3.
 //!
 //! * Unflagged: the stock tiny v2 checker keeps a generated image (flag false, image not black), and
-//!   running `fleet::safety` on the downloaded PNG (the exact checked image) gives p(nsfw) <= 0.5.
+//!   running `fleet_worker::safety` on the downloaded PNG (the exact checked image) gives p(nsfw) <= 0.5.
 //! * Flagged: a copy of the tiny v2 checker whose `classifier.bias` makes the nsfw logit dominate flags
 //!   every image; the uploads are black at the requested size. On the same worker a request with
 //!   `enable_safety_checker: false` gets all-false flags and its image is kept, although that very checker
@@ -23,12 +23,12 @@ use candle_core::{DType, Device};
 use common::EventLog;
 use fleet::events::{Event, EventKind};
 use fleet::job::EndpointKind;
-use fleet::pipelines::loader::ModelSource;
 use fleet::queue::{self, Publisher, Topology};
-use fleet::safety::{self, SafetyCheckerVersion};
+use fleet_worker::safety::{self, SafetyCheckerVersion};
 use image::RgbImage;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
+use sana_pipelines::loader::ModelSource;
 use serde_json::{json, Value};
 use tokio::process::Child;
 
@@ -221,8 +221,10 @@ impl Broker {
     /// Waits for the job's terminal event, which must be `completed`, and returns its result body.
     async fn completed(&mut self, request_id: &str) -> Value {
         let done: Event = self.log.terminal(request_id, WAIT).await;
-        assert_eq!(done.event, EventKind::Completed, "{done:?}");
-        done.result.expect("completed carries the result body")
+        assert_eq!(done.kind(), EventKind::Completed, "{done:?}");
+        done.result()
+            .cloned()
+            .expect("completed carries the result body")
     }
 
     async fn drop(self) {
@@ -387,7 +389,7 @@ async fn worker_refuses_to_start_when_the_checker_cannot_load() {
     broker.drop().await;
 }
 
-/// The v1 checker loads and runs: the checked job's flag equals what `fleet::safety`'s v1 says of the same
+/// The v1 checker loads and runs: the checked job's flag equals what `fleet_worker::safety`'s v1 says of the same
 /// image, regenerated unchecked (same prompt and seed; generation is deterministic on the CPU).
 #[tokio::test]
 async fn v1_checker_loads_and_completes_a_job() {

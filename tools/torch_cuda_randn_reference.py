@@ -1,4 +1,4 @@
-"""Reference draws of torch.randn on CUDA, for the Philox port in src/pipelines/rng.rs.
+"""Reference draws of torch.randn on CUDA, for the Philox port in pipelines/src/rng.rs.
 
 Run on the GPU machine (torch with CUDA): python3 tools/torch_cuda_randn_reference.py OUT_DIR
 Writes OUT_DIR/torch_cuda_randn.safetensors and .json. Each case seeds a fresh CUDA generator and draws

@@ -17,9 +17,11 @@
 //! working on RabbitMQ 3.10.8 with lapin 4.12.
 
 mod publish;
+mod reader;
 mod stream;
 
 pub use publish::{Publisher, MARKER_ROUTING_KEY, MARKER_TYPE};
+pub use reader::{EventSink, Reading, StreamReader};
 pub use stream::{subscribe_raw, subscribe_results, ResultStream, StreamItem, StreamOffset};
 
 use lapin::options::{
@@ -99,7 +101,8 @@ impl QueueError {
         }
     }
 
-    pub(crate) fn broker(op: &'static str) -> impl FnOnce(lapin::Error) -> QueueError {
+    /// `map_err` adapter naming the broker operation that failed.
+    pub fn broker(op: &'static str) -> impl FnOnce(lapin::Error) -> QueueError {
         move |source| QueueError::Broker { op, source }
     }
 }
@@ -299,6 +302,20 @@ pub async fn connect(url: &str) -> Result<Connection, QueueError> {
     Connection::connect(url, ConnectionProperties::default())
         .await
         .map_err(QueueError::Connect)
+}
+
+/// Opens a channel on `conn`.
+pub async fn open_channel(conn: &Connection) -> Result<Channel, QueueError> {
+    conn.create_channel()
+        .await
+        .map_err(QueueError::broker("create channel"))
+}
+
+/// Connects to `url` and declares `topology` (idempotent), as every process does before anything else.
+pub async fn connect_declared(url: &str, topology: &Topology) -> Result<Connection, QueueError> {
+    let conn = connect(url).await?;
+    topology.declare(&open_channel(&conn).await?).await?;
+    Ok(conn)
 }
 
 /// Sets `basic.qos(prefetch)` on `ch` and starts a manual-ack consumer on `queue`. `prefetch` is the

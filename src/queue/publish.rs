@@ -38,10 +38,7 @@ impl std::fmt::Debug for Publisher {
 impl Publisher {
     /// Opens a new channel on `conn` and puts it in confirm mode.
     pub async fn new(conn: &Connection, topology: Topology) -> Result<Self, QueueError> {
-        let channel = conn
-            .create_channel()
-            .await
-            .map_err(QueueError::broker("create channel"))?;
+        let channel = super::open_channel(conn).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await

@@ -95,10 +95,7 @@ pub async fn subscribe_raw(
     topology: &Topology,
     from: StreamOffset,
 ) -> Result<ResultStream<StreamItem>, QueueError> {
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(QueueError::broker("create channel"))?;
+    let channel = super::open_channel(conn).await?;
     channel
         .basic_qos(STREAM_PREFETCH, BasicQosOptions::default())
         .await

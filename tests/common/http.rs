@@ -8,12 +8,12 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use fleet::dispatcher::follow::WebhookConfig;
-use fleet::dispatcher::http::{HttpConfig, ListenConfig};
-use fleet::dispatcher::{serve, ServeConfig};
-use fleet::events::{Event, EventKind, JobMessage};
+use fleet::events::{Completed, Event, EventBody, JobMessage, Progress, Started};
 use fleet::job::EndpointKind;
 use fleet::queue::{Publisher, Topology};
+use fleet_dispatcher::follow::WebhookConfig;
+use fleet_dispatcher::http::{HttpConfig, ListenConfig};
+use fleet_dispatcher::{serve, ServeConfig};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::Connection;
@@ -101,7 +101,7 @@ pub struct Spawned {
 
 impl Spawned {
     pub async fn start(topology: &Topology, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dispatcher"))
+        let mut child = Command::new(super::binary("dispatcher"))
             .args([
                 "serve",
                 "--listen",
@@ -305,20 +305,30 @@ impl FakeWorker {
     }
 
     pub async fn start(&self, job: &JobMessage) {
-        self.publish(Event {
-            worker: Some("fake".into()),
-            attempt: Some(1),
-            ..Event::new(&job.request_id, job.endpoint, EventKind::Started)
-        })
+        let started = Started {
+            worker: "fake".into(),
+            attempt: 1,
+        };
+        self.publish(Event::new(
+            &job.request_id,
+            job.endpoint,
+            EventBody::Started(started),
+        ))
         .await;
     }
 
     pub async fn step(&self, job: &JobMessage, step: u32, total: u32) {
-        self.publish(Event {
-            step: Some(step),
-            total: Some(total),
-            ..Event::new(&job.request_id, job.endpoint, EventKind::Progress)
-        })
+        let progress = Progress {
+            worker: "fake".into(),
+            step,
+            total,
+            message: None,
+        };
+        self.publish(Event::new(
+            &job.request_id,
+            job.endpoint,
+            EventBody::Progress(progress),
+        ))
         .await;
     }
 
@@ -331,12 +341,18 @@ impl FakeWorker {
             .collect();
         let result = json!({"images": images, "seed": job.input.seed, "has_nsfw_concepts": vec![false; images.len()],
                             "prompt": job.input.prompt, "timings": {"inference": 0.1}});
-        self.publish(Event {
-            result: Some(result.clone()),
-            billable_units: Some(job.input.billable_units()),
-            inference_time: Some(0.1),
-            ..Event::new(&job.request_id, job.endpoint, EventKind::Completed)
-        })
+        let completed = Completed {
+            worker: "fake".into(),
+            attempt: 1,
+            result: result.clone(),
+            billable_units: job.input.billable_units(),
+            inference_time: 0.1,
+        };
+        self.publish(Event::new(
+            &job.request_id,
+            job.endpoint,
+            EventBody::Completed(completed),
+        ))
         .await;
         result
     }

@@ -6,6 +6,7 @@
 pub mod http;
 pub mod realpipe;
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleet::events::{Event, EventKind};
@@ -48,12 +49,32 @@ pub fn s3_config() -> StorageConfig {
     }
 }
 
+/// A binary of the workspace (`worker`, `dispatcher`). Cargo sets `CARGO_BIN_EXE_<name>` only for the
+/// tests of the binary's own package, and these tests span packages, so the binary is taken from where
+/// cargo puts it: the profile folder above this test's `deps/`. `cargo test --workspace` builds both (their
+/// packages have tests of their own); `cargo test -p fleet` alone runs whatever was built last.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps");
+    let path = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace`, or build it first \
+         (`cargo build -p fleet-worker -p fleet-dispatcher`)",
+        path.display()
+    );
+    path
+}
+
 /// The real `worker` binary wired to `topology`, the test broker and the test S3 server, with stdout
 /// discarded and stderr shown only when `FLEET_TEST_WORKER_LOGS` is set; killed when dropped. Callers add
 /// the model, device and behaviour flags (and may override stderr) before spawning.
 pub fn worker_binary(topology: &Topology) -> tokio::process::Command {
     let s3 = s3_config();
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"));
+    let mut cmd = tokio::process::Command::new(binary("worker"));
     cmd.args(["--topology-prefix", &topology.prefix])
         .args(["--results-max-age", &topology.results_max_age])
         .args(["--delivery-limit", &topology.delivery_limit.to_string()])
@@ -186,7 +207,7 @@ impl EventLog {
     /// Waits for the terminal event of `request_id`.
     pub async fn terminal(&mut self, request_id: &str, timeout: Duration) -> Event {
         self.wait_for(timeout, &format!("a terminal event of {request_id}"), |e| {
-            e.request_id == request_id && e.event.is_terminal()
+            e.request_id == request_id && e.kind().is_terminal()
         })
         .await
     }
@@ -204,14 +225,21 @@ impl EventLog {
     pub fn count(&self, request_id: &str, kind: EventKind) -> usize {
         self.of(request_id)
             .iter()
-            .filter(|e| e.event == kind)
+            .filter(|e| e.kind() == kind)
             .count()
     }
 
     fn kinds(&self) -> Vec<String> {
         self.seen
             .iter()
-            .map(|(o, e)| format!("{o}: {} {} {:?}", e.request_id, e.event.as_str(), e.worker))
+            .map(|(o, e)| {
+                format!(
+                    "{o}: {} {} {:?}",
+                    e.request_id,
+                    e.kind().as_str(),
+                    e.worker()
+                )
+            })
             .collect()
     }
 }
@@ -240,8 +268,8 @@ pub fn worker_config(
     topology: &Topology,
     worker_id: &str,
     storage: StorageConfig,
-) -> fleet::worker::WorkerConfig {
-    fleet::worker::WorkerConfig {
+) -> fleet_worker::WorkerConfig {
+    fleet_worker::WorkerConfig {
         worker_id: worker_id.to_string(),
         amqp_url: amqp_url(),
         topology: topology.clone(),
@@ -251,7 +279,7 @@ pub fn worker_config(
         ],
         max_concurrency: 1,
         keep_alive: None,
-        idle_action: fleet::worker::IdleAction::Exit,
+        idle_action: fleet_worker::IdleAction::Exit,
         drain_grace: Duration::from_secs(10),
         retry_backoff: Duration::ZERO,
         storage,
@@ -262,27 +290,27 @@ pub fn worker_config(
 pub struct RunningWorker {
     pub shutdown: tokio_util::sync::CancellationToken,
     pub handle:
-        tokio::task::JoinHandle<Result<fleet::worker::WorkerExit, fleet::worker::WorkerError>>,
+        tokio::task::JoinHandle<Result<fleet_worker::WorkerExit, fleet_worker::WorkerError>>,
 }
 
 impl RunningWorker {
     pub fn spawn(
-        config: fleet::worker::WorkerConfig,
-        factory: Box<dyn fleet::worker::PipelineFactory>,
+        config: fleet_worker::WorkerConfig,
+        factory: Box<dyn fleet_worker::PipelineFactory>,
     ) -> Self {
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let handle = tokio::spawn(fleet::worker::run(config, factory, shutdown.clone()));
+        let handle = tokio::spawn(fleet_worker::run(config, factory, shutdown.clone()));
         RunningWorker { shutdown, handle }
     }
 
     /// Signals shutdown and waits for the drain, failing after `timeout`.
-    pub async fn stop(self, timeout: Duration) -> fleet::worker::WorkerExit {
+    pub async fn stop(self, timeout: Duration) -> fleet_worker::WorkerExit {
         self.shutdown.cancel();
         self.join(timeout).await
     }
 
     /// Waits for the worker to return on its own.
-    pub async fn join(self, timeout: Duration) -> fleet::worker::WorkerExit {
+    pub async fn join(self, timeout: Duration) -> fleet_worker::WorkerExit {
         match tokio::time::timeout(timeout, self.handle).await {
             Err(_) => panic!("worker did not stop within {timeout:?}"),
             Ok(Err(e)) => panic!("worker task panicked: {e}"),

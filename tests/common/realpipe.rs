@@ -18,13 +18,13 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use candle_core::{DType, Device};
 use fleet::job::EndpointKind;
-use fleet::pipelines::loader::ModelSource;
-use fleet::pipelines::{GenerateRequest, ImagePipeline, PipelineError, StepObserver};
-use fleet::safety::{SafetyChecker, SafetyCheckerVersion, SafetyError};
-use fleet::worker::{LoadedModels, PipelineFactory, PipelineSet, SanaFactory, SanaFactoryConfig};
+use fleet_worker::safety::{SafetyChecker, SafetyCheckerVersion, SafetyError};
+use fleet_worker::{LoadedModels, PipelineFactory, PipelineSet, SanaFactory, SanaFactoryConfig};
 use image::RgbImage;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
+use sana_pipelines::loader::ModelSource;
+use sana_pipelines::{GenerateRequest, ImagePipeline, PipelineError, StepObserver};
 use tokio::sync::{mpsc, watch};
 
 /// `tests/fixtures/tiny/<name>`.

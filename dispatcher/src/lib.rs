@@ -1,0 +1,207 @@
+//! The dispatcher: fal-compatible HTTP queue API, AMQP ingress and result-topic client
+//! (service-contract §4, §5).
+//!
+//! It owns no state of its own: every request's view is rebuilt from the `fleet.results` stream
+//! (`state`, fed by `follow`), so it can be killed, restarted or run several times side by side.
+//! Submissions (`submit`, used by `handlers` and `ingress`) publish a `queued` event and then the job,
+//! both confirmed by the broker, before the client gets an answer. `http` is the door (router, key
+//! check, admission limit) in front of `handlers`; both share `app` (settings and state), and every error
+//! answer comes from `reply`. `client` holds the CLI's `submit`/`results` commands. `deadletter` and
+//! `deadlines` close requests whose job the broker dropped or whose start deadline passed. The
+//! `dispatcher` binary only parses flags and calls [`serve`].
+
+pub mod app;
+pub mod client;
+pub mod deadletter;
+pub mod deadlines;
+pub mod follow;
+pub mod handlers;
+pub mod http;
+#[cfg(test)]
+mod http_tests;
+pub mod ingress;
+pub mod metrics;
+pub mod openapi;
+pub mod reply;
+pub mod state;
+pub mod submit;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use deadlines::{RequestWatch, WatchIndex};
+use fleet::queue::{connect_declared, EventSink, Publisher, QueueError, StreamReader, Topology};
+use fleet::telemetry::redact_url;
+use follow::{Follower, WebhookConfig};
+use http::{AppState, HttpConfig, ListenConfig};
+use metrics::Metrics;
+use state::SharedRegistry;
+
+/// Everything `serve` needs. `Debug` redacts the broker password and API keys.
+#[derive(Clone)]
+pub struct ServeConfig {
+    pub amqp_url: String,
+    pub topology: Topology,
+    pub http: HttpConfig,
+    pub listen: ListenConfig,
+    pub webhooks: WebhookConfig,
+    /// Consume `fleet.submit` (AMQP ingress).
+    pub ingress: bool,
+    pub ingress_prefetch: u16,
+}
+
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("topology", &self.topology)
+            .field("http", &self.http)
+            .field("listen", &self.listen)
+            .field("webhooks", &self.webhooks)
+            .field("ingress", &self.ingress)
+            .field("ingress_prefetch", &self.ingress_prefetch)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatcherError {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("http server: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Runs the dispatcher until `shutdown` (or until a part fails, which shuts the rest down: the
+/// process is meant to be restarted, and a restart replays the stream). `on_bound` receives the
+/// listening address.
+pub async fn serve(
+    cfg: ServeConfig,
+    shutdown: CancellationToken,
+    on_bound: impl FnOnce(SocketAddr),
+) -> Result<(), DispatcherError> {
+    tracing::info!(config = ?cfg, "dispatcher starting");
+    let conn = connect_declared(&cfg.amqp_url, &cfg.topology).await?;
+    let publisher = Publisher::new(&conn, cfg.topology.clone()).await?;
+    let registry = SharedRegistry::new();
+    let metrics = Arc::new(Metrics::new()?);
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let bus: Arc<dyn submit::Bus> = Arc::new(publisher.clone());
+    let state = AppState::new(
+        cfg.http.clone(),
+        registry.clone(),
+        bus.clone(),
+        metrics.clone(),
+        ready_rx,
+    );
+    let app = http::router(state);
+
+    // One reader of the results stream feeds both the HTTP view and the deadline/dead-letter watch.
+    let follower = Arc::new(Follower {
+        registry,
+        metrics: metrics.clone(),
+        webhooks: cfg.webhooks.clone(),
+        http: reqwest::Client::new(),
+        ready: ready_tx,
+    });
+    let watch_index = Arc::new(WatchIndex::default());
+    let sinks: Vec<Arc<dyn EventSink>> = vec![follower, watch_index.clone()];
+    let (reader, reading) = StreamReader::open(&conn, publisher.clone(), sinks).await?;
+    let watch = RequestWatch::new(watch_index, reader);
+    let (ingress_on, ingress_prefetch, listen) =
+        (cfg.ingress, cfg.ingress_prefetch, cfg.listen.clone());
+    let (conn, topology, metrics, bus, watch) = (&conn, &cfg.topology, &metrics, &bus, &watch);
+    let follow_task = {
+        let shutdown = shutdown.clone();
+        async move {
+            let r = reading.run(&shutdown).await;
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "results stream reader stopped");
+            }
+            shutdown.cancel();
+            r.map_err(DispatcherError::from)
+        }
+    };
+    let ingress_task = {
+        let shutdown = shutdown.clone();
+        async move {
+            if !ingress_on {
+                shutdown.cancelled().await;
+                return Ok(());
+            }
+            let r = ingress::run(
+                conn,
+                topology,
+                bus.as_ref(),
+                metrics,
+                ingress_prefetch,
+                shutdown.clone(),
+            )
+            .await;
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "AMQP ingress stopped");
+            }
+            shutdown.cancel();
+            r.map_err(DispatcherError::from)
+        }
+    };
+    // Dead-lettered jobs and missed start deadlines: nothing accepted is left hanging.
+    let recovery_task = {
+        let shutdown = shutdown.clone();
+        async move {
+            let r = deadletter::run_recovery(conn, topology, watch, &shutdown).await;
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "dead-letter and deadline watch stopped");
+            }
+            shutdown.cancel();
+            r.map_err(DispatcherError::from)
+        }
+    };
+    let http_task = {
+        let shutdown = shutdown.clone();
+        async move {
+            let r = http::serve(app, &listen, shutdown.clone(), on_bound).await;
+            shutdown.cancel();
+            r.map_err(DispatcherError::from)
+        }
+    };
+    let (f, i, r, h) = tokio::join!(follow_task, ingress_task, recovery_task, http_task);
+    if let Err(e) = conn.close(200, "dispatcher shutting down".into()).await {
+        tracing::debug!(error = %e, "closing the broker connection");
+    }
+    f.and(i).and(r).and(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_redacts_secrets() {
+        let cfg = ServeConfig {
+            amqp_url: "amqp://guest:hunter2@rabbit:5672/%2f".into(),
+            topology: Topology::default(),
+            http: HttpConfig {
+                api_keys: vec!["sk-very-secret".into()],
+                ..HttpConfig::default()
+            },
+            listen: ListenConfig {
+                addr: "127.0.0.1:0".parse().expect("addr"),
+                tls: None,
+            },
+            webhooks: WebhookConfig::default(),
+            ingress: true,
+            ingress_prefetch: 16,
+        };
+        let text = format!("{cfg:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("sk-very-secret"), "{text}");
+        assert!(text.contains("amqp://guest:***@rabbit:5672/%2f"));
+        assert_eq!(redact_url("amqp://localhost"), "amqp://localhost");
+    }
+}

@@ -1,0 +1,541 @@
+//! The two text-to-image pipelines behind [`ImagePipeline`]: [`SanaPipeline`] (base: CFG, negative prompt,
+//! flow DPM-Solver++) and [`SanaSprintPipeline`] (TrigFlow SCM with a guidance embedding), plus
+//! [`load_pipelines`], which builds whichever of the two a worker serves and shares one Gemma-2 text
+//! encoder between them (`Arc`), as diffusers does when the Sprint pipeline is built with the base one's
+//! `text_encoder`/`tokenizer`.
+//!
+//! Call semantics mirror diffusers 0.42.1 `pipelines/sana/pipeline_sana.py` and `pipeline_sana_sprint.py`
+//! (spec §1.5–1.6, §4, §5): resolution binning from the transformer's `sample_size`, latents drawn by one
+//! torch-CUDA-compatible `randn` for the whole batch of `n` images (Sprint draws one more per step), the
+//! per-step observer after every step, decode at the binned size, bilinear resize + centre crop back to the
+//! requested size, `(x·0.5+0.5)` post-processing. [`SanaPipeline::generate_with_noise`] /
+//! [`SanaSprintPipeline::generate_with_noise`] take the noise from any [`NoiseSource`] (tests and
+//! `worker generate` inject recorded latents through it).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use serde::de::DeserializeOwned;
+
+use super::dcae::{DcAeConfig, DcAeDecoder};
+use super::gemma2::{self, Gemma2Encoder};
+use super::image_ops;
+use super::loader::{self, ModelRepo, ModelSource, WeightVariant};
+use super::scheduler::{self, DpmSolverConfig, FlowDpmSolver, ScmConfig, ScmScheduler};
+use super::text::TextEncoder;
+use super::transformer::SanaTransformer2DModel;
+use super::{GenerateRequest, ImagePipeline, PipelineError, StepObserver};
+use crate::PipelineKind;
+
+mod noise;
+
+pub use noise::{seeded_noise, InjectedNoise, NoiseSource};
+
+/// Knobs diffusers exposes that the service keeps at their defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunOptions {
+    /// `use_resolution_binning` (default true).
+    pub use_resolution_binning: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            use_resolution_binning: true,
+        }
+    }
+}
+
+/// Transformer + VAE decoder of one checkpoint, with what the call semantics derive from their configs.
+struct DenoiserParts {
+    transformer: SanaTransformer2DModel,
+    vae: DcAeDecoder,
+    scaling_factor: f64,
+    /// `2^(len(encoder_block_out_channels) − 1)`.
+    vae_scale: usize,
+    /// Bin table for the transformer's `sample_size` (`Err` text when it has none: binning then fails).
+    bins: Result<&'static [(&'static str, u32, u32)], String>,
+}
+
+impl DenoiserParts {
+    fn load(
+        repo: &mut ModelRepo,
+        dtype: DType,
+        device: &Device,
+        files: &mut Vec<PathBuf>,
+    ) -> Result<Self, PipelineError> {
+        let t_files = repo.component("transformer", WeightVariant::Default)?;
+        files.extend(t_files.weights.iter().cloned());
+        let transformer = SanaTransformer2DModel::load_component(&t_files, dtype, device)?;
+        let v_files = repo.component("vae", WeightVariant::Default)?;
+        files.extend(v_files.weights.iter().cloned());
+        let vae_cfg = DcAeConfig::from_json_file(&v_files.config)?;
+        let vb = loader::var_builder(&v_files.weights, dtype, device)?;
+        let vae = DcAeDecoder::load(vb, &vae_cfg)
+            .map_err(|e| PipelineError::Load(format!("vae {}: {e}", v_files.dir.display())))?;
+        let bins = image_ops::aspect_ratio_bins(transformer.config().sample_size)
+            .map_err(|e| e.to_string());
+        Ok(DenoiserParts {
+            transformer,
+            vae,
+            scaling_factor: vae_cfg.scaling_factor,
+            vae_scale: vae_cfg.spatial_compression_ratio(),
+            bins,
+        })
+    }
+
+    /// `(binned_h, binned_w)` to generate at, checked like diffusers' `check_inputs` (`% 32`).
+    fn generation_size(
+        &self,
+        req: &GenerateRequest,
+        opts: RunOptions,
+    ) -> Result<(usize, usize), PipelineError> {
+        let (h, w) = if opts.use_resolution_binning {
+            let bins = self
+                .bins
+                .as_ref()
+                .map_err(|e| PipelineError::InvalidRequest(e.clone()))?;
+            image_ops::classify_height_width_bin(req.height, req.width, bins)
+        } else {
+            (req.height, req.width)
+        };
+        if h % 32 != 0 || w % 32 != 0 || h == 0 || w == 0 {
+            return Err(PipelineError::InvalidRequest(format!(
+                "height and width have to be divisible by 32 but are {h} and {w}"
+            )));
+        }
+        Ok((h as usize, w as usize))
+    }
+
+    fn latent_shape(&self, n: usize, h: usize, w: usize) -> [usize; 4] {
+        [
+            n,
+            self.transformer.config().in_channels,
+            h / self.vae_scale,
+            w / self.vae_scale,
+        ]
+    }
+
+    /// `vae.decode(latents.to(vae.dtype) / scaling_factor)`, then resize/crop and post-processing.
+    fn decode_to_images(
+        &self,
+        latents: &Tensor,
+        req: &GenerateRequest,
+        opts: RunOptions,
+    ) -> Result<Vec<image::RgbImage>, PipelineError> {
+        let dtype = self.vae.dtype();
+        let z = latents.to_dtype(dtype)?;
+        let z = if dtype == DType::F32 {
+            z.broadcast_div(&Tensor::new(self.scaling_factor as f32, z.device())?)?
+        } else {
+            // torch's CUDA `x / scalar` multiplies by the f32 reciprocal in f32, then rounds once.
+            let inv = 1.0f32 / self.scaling_factor as f32;
+            z.to_dtype(DType::F32)?
+                .affine(f64::from(inv), 0.0)?
+                .to_dtype(dtype)?
+        };
+        // One image at a time: the decoder's activations dominate peak memory (at 1024² about 2 GiB per
+        // image), so n images cost one image's peak, not n; the decoder fills the GPU at batch 1.
+        let mut out = Vec::with_capacity(z.dim(0)?);
+        for i in 0..z.dim(0)? {
+            let image = self.vae.decode(&z.narrow(0, i, 1)?)?;
+            let image = if opts.use_resolution_binning {
+                image_ops::resize_and_crop(&image, req.height as usize, req.width as usize)?
+            } else {
+                image
+            };
+            out.extend(image_ops::to_rgb_images(&image)?);
+        }
+        Ok(out)
+    }
+}
+
+fn check_request(req: &GenerateRequest, kind: PipelineKind) -> Result<usize, PipelineError> {
+    if req.endpoint != kind {
+        return Err(PipelineError::InvalidRequest(format!(
+            "a {} request sent to the {kind} pipeline",
+            req.endpoint
+        )));
+    }
+    if req.num_images == 0 || req.num_inference_steps == 0 {
+        return Err(PipelineError::InvalidRequest(
+            "num_images and num_inference_steps must be positive".into(),
+        ));
+    }
+    Ok(req.num_images as usize)
+}
+
+/// What both pipelines hold: the shared text encoder, one checkpoint's denoiser and its scheduler config
+/// `S` (validated by the pipeline's `load`).
+struct PipelineCore<S> {
+    text: Arc<TextEncoder>,
+    parts: DenoiserParts,
+    scheduler: S,
+    device: Device,
+}
+
+impl<S: DeserializeOwned> PipelineCore<S> {
+    /// Reads `scheduler/scheduler_config.json` of `repo` and keeps it beside the loaded `parts`.
+    fn new(
+        repo: &mut ModelRepo,
+        text: Arc<TextEncoder>,
+        parts: DenoiserParts,
+        device: &Device,
+    ) -> Result<Self, PipelineError> {
+        let scheduler: S = loader::read_json(&repo.file("scheduler/scheduler_config.json")?)?;
+        Ok(PipelineCore {
+            text,
+            parts,
+            scheduler,
+            device: device.clone(),
+        })
+    }
+}
+
+impl<S> PipelineCore<S> {
+    /// `encode_prompt` for one prompt and `n` images: embeddings `(n, T, hidden)` and mask `(n, T)`, i.e.
+    /// `prompt_embeds.repeat(1, n, 1).view(n, T, -1)` (and the mask likewise).
+    fn encode_prompt(
+        &self,
+        prompt: &str,
+        use_chi: bool,
+        n: usize,
+    ) -> Result<(Tensor, Tensor), PipelineError> {
+        let (embeds, mask) = self.text.encode_prompts(&[prompt.to_owned()], use_chi)?;
+        Ok((embeds.repeat((n, 1, 1))?, mask.repeat((n, 1))?))
+    }
+}
+
+/// Sana 1600M: CFG over `[negative; positive]`, flow DPM-Solver++(2M).
+pub struct SanaPipeline {
+    core: PipelineCore<DpmSolverConfig>,
+}
+
+impl SanaPipeline {
+    /// Loads transformer, VAE and scheduler config from `repo`; the text encoder is given (shared).
+    pub fn load(
+        repo: &mut ModelRepo,
+        text: Arc<TextEncoder>,
+        dtype: DType,
+        device: &Device,
+        files: &mut Vec<PathBuf>,
+    ) -> Result<Self, PipelineError> {
+        let parts = DenoiserParts::load(repo, dtype, device, files)?;
+        let core = PipelineCore::new(repo, text, parts, device)?;
+        // Validate the scheduler config now rather than on the first request.
+        FlowDpmSolver::new(&core.scheduler, 1)?;
+        Ok(SanaPipeline { core })
+    }
+
+    pub fn text_encoder(&self) -> &Arc<TextEncoder> {
+        &self.core.text
+    }
+
+    /// [`ImagePipeline::generate`] with an explicit noise source and options.
+    pub fn generate_with_noise(
+        &mut self,
+        req: &GenerateRequest,
+        noise: &mut dyn NoiseSource,
+        opts: RunOptions,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Vec<image::RgbImage>, PipelineError> {
+        let core = &self.core;
+        let n = check_request(req, PipelineKind::Base)?;
+        let (h, w) = core.parts.generation_size(req, opts)?;
+        let cfg_on = req.guidance_scale > 1.0;
+        let (pos, pos_mask) = core.encode_prompt(&req.prompt, true, n)?;
+        let (embeds, mask) = if cfg_on {
+            let (neg, neg_mask) = core.encode_prompt(&req.negative_prompt, false, n)?;
+            (
+                Tensor::cat(&[&neg, &pos], 0)?,
+                Tensor::cat(&[&neg_mask, &pos_mask], 0)?,
+            )
+        } else {
+            (pos, pos_mask)
+        };
+        let transformer = &core.parts.transformer;
+        let text = transformer.prepare_text(&embeds, &mask)?;
+
+        let mut sched = FlowDpmSolver::new(&core.scheduler, req.num_inference_steps as usize)?;
+        let mut latents = noise.randn(&core.parts.latent_shape(n, h, w), &core.device)?;
+        let total = req.num_inference_steps;
+        let timestep_scale = transformer.config().timestep_scale as f32;
+        let timesteps = sched.timesteps().to_vec();
+        for (i, t) in timesteps.iter().enumerate() {
+            let x_in = if cfg_on {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            // int64 timestep × timestep_scale → float32, one value for every row.
+            let t = Tensor::new(&[*t as f32 * timestep_scale], &core.device)?;
+            let out = transformer
+                .forward(&x_in, &t, None, &text)?
+                .to_dtype(DType::F32)?;
+            let v = if cfg_on {
+                scheduler::classifier_free_guidance(&out, req.guidance_scale)?
+            } else {
+                out
+            };
+            latents = sched.step(&v, &latents)?;
+            observer.on_step(i as u32 + 1, total)?;
+        }
+        core.parts.decode_to_images(&latents, req, opts)
+    }
+}
+
+impl ImagePipeline for SanaPipeline {
+    fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Vec<image::RgbImage>, PipelineError> {
+        let mut g = seeded_noise(req.seed, &self.core.device)?;
+        self.generate_with_noise(req, g.as_mut(), RunOptions::default(), observer)
+    }
+}
+
+/// Guidance value the Sprint transformer embeds: `dtype(dtype(g) · guidance_embeds_scale)` with the product in
+/// f32 (torch's opmath), e.g. bf16: 5.0 → 0.5, 4.5 → 0.44921875.
+pub fn sprint_guidance(guidance_scale: f64, scale: f64, dtype: DType) -> f32 {
+    let round = |x: f32| match dtype {
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        _ => x,
+    };
+    round(round(guidance_scale as f32) * scale as f32)
+}
+
+/// Sana-Sprint 1.6B: TrigFlow SCM, no negative prompt, guidance as an input embedding.
+pub struct SanaSprintPipeline {
+    core: PipelineCore<ScmConfig>,
+}
+
+impl SanaSprintPipeline {
+    /// Loads transformer, VAE and scheduler config from `repo`; the text encoder is given (shared).
+    pub fn load(
+        repo: &mut ModelRepo,
+        text: Arc<TextEncoder>,
+        dtype: DType,
+        device: &Device,
+        files: &mut Vec<PathBuf>,
+    ) -> Result<Self, PipelineError> {
+        let parts = DenoiserParts::load(repo, dtype, device, files)?;
+        if !parts.transformer.config().guidance_embeds {
+            return Err(PipelineError::Load(format!(
+                "{}: the Sprint pipeline needs a transformer with guidance_embeds=true",
+                repo.source().id
+            )));
+        }
+        let core = PipelineCore::new(repo, text, parts, device)?;
+        ScmScheduler::new(&core.scheduler, 2)?;
+        Ok(SanaSprintPipeline { core })
+    }
+
+    pub fn text_encoder(&self) -> &Arc<TextEncoder> {
+        &self.core.text
+    }
+
+    /// [`ImagePipeline::generate`] with an explicit noise source and options. Draws: initial latents,
+    /// then one noise per step (the last one included, as diffusers' `SCMScheduler.step`).
+    pub fn generate_with_noise(
+        &mut self,
+        req: &GenerateRequest,
+        noise: &mut dyn NoiseSource,
+        opts: RunOptions,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Vec<image::RgbImage>, PipelineError> {
+        let core = &self.core;
+        let n = check_request(req, PipelineKind::Sprint)?;
+        let (h, w) = core.parts.generation_size(req, opts)?;
+        let (embeds, mask) = core.encode_prompt(&req.prompt, true, n)?;
+        let transformer = &core.parts.transformer;
+        let text = transformer.prepare_text(&embeds, &mask)?;
+
+        let mut sched = ScmScheduler::new(&core.scheduler, req.num_inference_steps as usize)?;
+        let shape = core.parts.latent_shape(n, h, w);
+        let sigma_data = sched.sigma_data();
+        let mut latents = noise
+            .randn(&shape, &core.device)?
+            .affine(f64::from(sigma_data), 0.0)?;
+        let cfg = transformer.config();
+        let g = sprint_guidance(
+            req.guidance_scale,
+            cfg.guidance_embeds_scale,
+            transformer.dtype(),
+        );
+        let guidance = Tensor::new(&[g], &core.device)?;
+        let total = req.num_inference_steps;
+        let mut denoised = None;
+        for i in 0..sched.num_steps() {
+            let inp = sched.step_input();
+            let x_in = sched.model_input(&latents, inp)?;
+            let tau = Tensor::new(&[inp.scm_timestep], &core.device)?;
+            let v = transformer.forward(&x_in, &tau, Some(&guidance), &text)?;
+            let f = sched.trigflow_output(&x_in, &v, inp)?;
+            let z = noise.randn(&shape, &core.device)?;
+            let (prev, x0) = sched.step(&f, &latents, &z)?;
+            latents = prev;
+            denoised = Some(x0);
+            observer.on_step(i as u32 + 1, total)?;
+        }
+        let x0 =
+            denoised.ok_or_else(|| PipelineError::InvalidRequest("no denoising steps".into()))?;
+        // latents = denoised / sigma_data
+        let latents = x0.broadcast_div(&Tensor::new(sigma_data, x0.device())?)?;
+        core.parts.decode_to_images(&latents, req, opts)
+    }
+}
+
+impl ImagePipeline for SanaSprintPipeline {
+    fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Vec<image::RgbImage>, PipelineError> {
+        let mut g = seeded_noise(req.seed, &self.core.device)?;
+        self.generate_with_noise(req, g.as_mut(), RunOptions::default(), observer)
+    }
+}
+
+/// Loads the Gemma-2 text encoder and tokenizer of `repo` (`text_encoder/`, `tokenizer/`).
+pub fn load_text_encoder(
+    repo: &mut ModelRepo,
+    dtype: DType,
+    device: &Device,
+    files: &mut Vec<PathBuf>,
+) -> Result<TextEncoder, PipelineError> {
+    let te = repo.component("text_encoder", WeightVariant::Default)?;
+    files.extend(te.weights.iter().cloned());
+    let cfg: gemma2::Config = loader::read_json(&te.config)?;
+    let vb = loader::var_builder(&te.weights, dtype, device)?;
+    let encoder = Gemma2Encoder::load(vb, &cfg)
+        .map_err(|e| PipelineError::Load(format!("text_encoder {}: {e}", te.dir.display())))?;
+    let tok = repo.file("tokenizer/tokenizer.json")?;
+    if repo.has_file("tokenizer/tokenizer_config.json")? {
+        repo.file("tokenizer/tokenizer_config.json")?;
+    }
+    let dir = tok.parent().map(PathBuf::from).unwrap_or_default();
+    TextEncoder::from_dir(&dir, encoder)
+}
+
+/// What a worker serves: either pipeline may be absent.
+#[derive(Debug, Clone)]
+pub struct PipelinesConfig {
+    pub base: Option<ModelSource>,
+    pub sprint: Option<ModelSource>,
+    pub device: Device,
+    /// Weight/compute dtype (bf16 on the GPU, f32 for CPU tests); fp32 checkpoints are cast on load.
+    pub dtype: DType,
+}
+
+/// The loaded pipelines of one worker.
+pub struct Pipelines {
+    base: Option<SanaPipeline>,
+    sprint: Option<SanaSprintPipeline>,
+    loaded_weight_files: Vec<PathBuf>,
+}
+
+impl Pipelines {
+    pub fn get_mut(&mut self, kind: PipelineKind) -> Option<&mut dyn ImagePipeline> {
+        match kind {
+            PipelineKind::Base => self.base.as_mut().map(|p| p as &mut dyn ImagePipeline),
+            PipelineKind::Sprint => self.sprint.as_mut().map(|p| p as &mut dyn ImagePipeline),
+        }
+    }
+
+    pub fn base(&mut self) -> Option<&mut SanaPipeline> {
+        self.base.as_mut()
+    }
+
+    pub fn sprint(&mut self) -> Option<&mut SanaSprintPipeline> {
+        self.sprint.as_mut()
+    }
+
+    /// Endpoint kinds that are loaded.
+    pub fn kinds(&self) -> Vec<PipelineKind> {
+        PipelineKind::ALL
+            .into_iter()
+            .filter(|k| self.loaded(*k))
+            .collect()
+    }
+
+    fn loaded(&self, kind: PipelineKind) -> bool {
+        match kind {
+            PipelineKind::Base => self.base.is_some(),
+            PipelineKind::Sprint => self.sprint.is_some(),
+        }
+    }
+
+    /// Every safetensors file memory-mapped while loading, in load order.
+    pub fn loaded_weight_files(&self) -> &[PathBuf] {
+        &self.loaded_weight_files
+    }
+}
+
+/// Loads the configured pipelines. The text encoder is loaded once, from the base source when present
+/// (else the Sprint one), and shared: the Sprint checkpoint's own `text_encoder/` is never read.
+pub fn load_pipelines(cfg: &PipelinesConfig) -> Result<Pipelines, PipelineError> {
+    // Our kernels compile (NVRTC) and load here, not on the first request.
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = &cfg.device {
+        super::kernels::preload(dev)?;
+    }
+    let mut files = Vec::new();
+    let mut base_repo = cfg.base.as_ref().map(ModelRepo::open).transpose()?;
+    let mut sprint_repo = cfg.sprint.as_ref().map(ModelRepo::open).transpose()?;
+    let text_repo = match (base_repo.as_mut(), sprint_repo.as_mut()) {
+        (Some(r), _) | (None, Some(r)) => r,
+        (None, None) => {
+            return Err(PipelineError::Load(
+                "no pipeline configured (neither base nor sprint)".into(),
+            ))
+        }
+    };
+    let text = Arc::new(load_text_encoder(
+        text_repo,
+        cfg.dtype,
+        &cfg.device,
+        &mut files,
+    )?);
+    let base = match base_repo.as_mut() {
+        Some(repo) => Some(SanaPipeline::load(
+            repo,
+            Arc::clone(&text),
+            cfg.dtype,
+            &cfg.device,
+            &mut files,
+        )?),
+        None => None,
+    };
+    let sprint = match sprint_repo.as_mut() {
+        Some(repo) => Some(SanaSprintPipeline::load(
+            repo,
+            Arc::clone(&text),
+            cfg.dtype,
+            &cfg.device,
+            &mut files,
+        )?),
+        None => None,
+    };
+    Ok(Pipelines {
+        base,
+        sprint,
+        loaded_weight_files: files,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sprint_guidance_rounds_like_torch_bf16() {
+        // Spec §4.2: bf16(bf16(g)·0.1): 5.0 → 0.5, 4.5 → 0.44921875.
+        assert_eq!(sprint_guidance(5.0, 0.1, DType::BF16), 0.5);
+        assert_eq!(sprint_guidance(4.5, 0.1, DType::BF16), 0.449_218_75);
+        // f32 reference runs: f32(5)·f32(0.1) in f32.
+        assert_eq!(sprint_guidance(5.0, 0.1, DType::F32), 5.0f32 * 0.1f32);
+    }
+}

@@ -1,0 +1,146 @@
+//! The one reader of the results stream in a process. Every part of a process that needs the stream
+//! (the dispatcher's request registry and its deadline/dead-letter watch, the worker's tracker) is an
+//! [`EventSink`] of a single [`StreamReader`], so the stream is consumed once, in one order, and
+//! "caught up" and "synced" mean the same thing for all of them.
+//!
+//! At start the reader subscribes from the first offset and publishes a start marker; when it reads the
+//! marker back the replay is complete ([`StreamReader::caught_up`]), and events from then on are `live`.
+//! [`StreamReader::sync`] publishes a marker of its own and waits until it is read back: every event the
+//! broker confirmed before the call has then been handed to every sink.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::Connection;
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{subscribe_raw, Publisher, QueueError, ResultStream, StreamItem, StreamOffset};
+use crate::events::Event;
+
+/// How long [`StreamReader::sync`] waits for its marker to come back.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A consumer of the results stream, called on the reader's task in stream order.
+pub trait EventSink: Send + Sync {
+    /// One event at `offset`; `live` once the replay at start is complete.
+    fn apply(&self, offset: u64, event: &Event, live: bool);
+    /// The replay at start is complete: everything published before the process started was applied.
+    fn caught_up(&self) {}
+}
+
+/// The process's reader of the results stream; see the module docs.
+pub struct StreamReader {
+    publisher: Publisher,
+    sinks: Vec<Arc<dyn EventSink>>,
+    markers: Mutex<HashMap<String, oneshot::Sender<()>>>,
+    caught_up: watch::Sender<bool>,
+}
+
+/// The subscription of a [`StreamReader`], read by [`Reading::run`].
+pub struct Reading {
+    reader: Arc<StreamReader>,
+    stream: ResultStream<StreamItem>,
+    start_marker: String,
+}
+
+impl StreamReader {
+    /// Subscribes from the first offset and publishes the start marker (through `publisher`, which the
+    /// reader also uses for the markers of [`sync`](Self::sync)).
+    pub async fn open(
+        conn: &Connection,
+        publisher: Publisher,
+        sinks: Vec<Arc<dyn EventSink>>,
+    ) -> Result<(Arc<StreamReader>, Reading), QueueError> {
+        let stream = subscribe_raw(conn, publisher.topology(), StreamOffset::First).await?;
+        let start_marker = uuid::Uuid::new_v4().to_string();
+        publisher.publish_marker(&start_marker).await?;
+        let reader = Arc::new(StreamReader {
+            publisher,
+            sinks,
+            markers: Mutex::new(HashMap::new()),
+            caught_up: watch::channel(false).0,
+        });
+        let reading = Reading {
+            reader: reader.clone(),
+            stream,
+            start_marker,
+        };
+        Ok((reader, reading))
+    }
+
+    fn markers(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<()>>> {
+        // A panic while holding the lock leaves a plain map behind; keep using it.
+        self.markers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits until the replay at start has reached "now".
+    pub async fn caught_up(&self) {
+        let mut rx = self.caught_up.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = rx.wait_for(|ready| *ready).await;
+    }
+
+    /// Waits until every event published before this call has been applied by every sink.
+    pub async fn sync(&self) -> Result<(), QueueError> {
+        let token = uuid::Uuid::new_v4().to_string();
+        let (tx, rx) = oneshot::channel();
+        self.markers().insert(token.clone(), tx);
+        let result = async {
+            self.publisher.publish_marker(&token).await?;
+            match tokio::time::timeout(SYNC_TIMEOUT, rx).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(QueueError::Closed("results stream reader stopped".into())),
+                Err(_) => Err(QueueError::Timeout("the results stream to catch up")),
+            }
+        }
+        .await;
+        self.markers().remove(&token);
+        result
+    }
+
+    /// The confirmed publisher the reader uses.
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+}
+
+impl Reading {
+    /// Reads the stream until `shutdown` (Ok) or until it breaks (the error).
+    pub async fn run(mut self, shutdown: &CancellationToken) -> Result<(), QueueError> {
+        let reader = &self.reader;
+        let mut live = false;
+        loop {
+            let item = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                item = self.stream.next() => item,
+            };
+            let Some(item) = item else {
+                return Err(QueueError::Closed("results stream ended".into()));
+            };
+            match item? {
+                (_, StreamItem::Marker(token)) if !live && token == self.start_marker => {
+                    live = true;
+                    reader.caught_up.send_replace(true);
+                    for sink in &reader.sinks {
+                        sink.caught_up();
+                    }
+                }
+                (_, StreamItem::Marker(token)) => {
+                    if let Some(tx) = reader.markers().remove(&token) {
+                        let _ = tx.send(());
+                    }
+                }
+                (offset, StreamItem::Event(event)) => {
+                    for sink in &reader.sinks {
+                        sink.apply(offset, &event, live);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The worker runtime (service-contract §6), a library so tests can drive it in-process; the `worker`
+//! binary only parses flags, builds the real [`PipelineFactory`] and calls [`run`].
+//!
+//! Shape: models load on the model thread ([`model`]) before anything touches the broker (a worker that
+//! cannot load refuses to start); then the topology is declared, the results [`tracker`] starts, and one
+//! consumer per served endpoint runs with `basic.qos(prefetch = max_concurrency)`. A semaphore of the same
+//! size caps running jobs across endpoints. The consumer loop is one `select!` over shutdown, the tracker,
+//! finished jobs, the keep-alive timer and the next delivery (vector `sources/amqp.rs`).
+//!
+//! Keep-alive: after `keep_alive` with no job in flight the worker either returns
+//! [`WorkerExit::Idle`] (`exit`: the process ends with status 0, its launcher reaps it) or drops its models
+//! (`unload`) and loads them again for the next job. Shutdown (SIGTERM/SIGINT in the binary) drains: the
+//! consumers are cancelled, running jobs get `drain_grace` to finish, then they are stopped between
+//! denoising steps and requeued; anything still unsettled returns to the queue when the channel closes.
+
+pub mod factory;
+mod job;
+pub mod model;
+pub mod safety;
+pub mod tracker;
+
+pub use factory::{SanaFactory, SanaFactoryConfig};
+pub use job::encode;
+pub use model::{
+    generate_request, pipeline_kind, GenerateOutput, LoadedModels, ModelError, ModelHandle,
+    PipelineFactory, PipelineSet,
+};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicNackOptions};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use fleet::job::EndpointKind;
+use fleet::queue::{self, Publisher, QueueError, Topology};
+use fleet::storage::{Storage, StorageConfig, StorageError};
+use fleet::telemetry::redact_url;
+use job::JobContext;
+use tracker::Tracker;
+
+/// What an idle worker does when its keep-alive runs out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleAction {
+    /// Stop consuming and return; the process exits with status 0 (workers under a launcher).
+    Exit,
+    /// Drop the models and keep consuming; the next job loads them again (standalone workers).
+    Unload,
+}
+
+impl IdleAction {
+    /// Names on the command line and in `FLEET_IDLE_ACTION` (the binary's flags read this table).
+    pub const NAMED: [(&'static str, IdleAction); 2] =
+        [("exit", IdleAction::Exit), ("unload", IdleAction::Unload)];
+}
+
+/// Everything the runtime needs. `Debug` hides the broker password and the S3 secret.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    /// Named in `started`/`progress`/`completed` events and in the consumer tags.
+    pub worker_id: String,
+    pub amqp_url: String,
+    pub topology: Topology,
+    /// Endpoint kinds this worker serves (a queue consumer and a pipeline each).
+    pub endpoints: Vec<EndpointKind>,
+    /// Prefetch per consumer and the cap on concurrently running jobs.
+    pub max_concurrency: u16,
+    /// Idle time after which `idle_action` happens; `None` = never.
+    pub keep_alive: Option<Duration>,
+    pub idle_action: IdleAction,
+    /// How long running jobs may take to finish after a shutdown signal before they are requeued.
+    pub drain_grace: Duration,
+    /// Pause before requeueing a job whose attempt failed with a retryable error.
+    pub retry_backoff: Duration,
+    pub storage: StorageConfig,
+}
+
+impl std::fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerConfig")
+            .field("worker_id", &self.worker_id)
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("topology", &self.topology)
+            .field("endpoints", &self.endpoints)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("keep_alive", &self.keep_alive)
+            .field("idle_action", &self.idle_action)
+            .field("drain_grace", &self.drain_grace)
+            .field("retry_backoff", &self.retry_backoff)
+            .field("storage", &self.storage)
+            .finish()
+    }
+}
+
+/// Why [`run`] returned normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// Keep-alive ran out with `IdleAction::Exit`.
+    Idle,
+    /// The shutdown token was cancelled and the drain finished.
+    Shutdown,
+}
+
+/// Why the worker could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("models: {0}")]
+    Model(#[from] ModelError),
+    #[error("broker: {0}")]
+    Queue(#[from] QueueError),
+    #[error("spawning the model thread: {0}")]
+    Spawn(#[from] std::io::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// Upper bound on waiting for stopped jobs to settle after the grace period.
+const HARD_STOP_WAIT: Duration = Duration::from_secs(30);
+
+/// Runs a worker until keep-alive `exit`, `shutdown`, or a fatal error.
+pub async fn run(
+    config: WorkerConfig,
+    factory: Box<dyn PipelineFactory>,
+    shutdown: CancellationToken,
+) -> Result<WorkerExit, WorkerError> {
+    tracing::info!(config = ?config, "worker starting");
+    if config.endpoints.is_empty() || config.max_concurrency == 0 {
+        return Err(WorkerError::Config(
+            "need at least one endpoint and max_concurrency >= 1".into(),
+        ));
+    }
+    let storage = Arc::new(Storage::new(config.storage.clone())?);
+    let model = ModelHandle::spawn(
+        factory,
+        config.endpoints.clone(),
+        usize::from(config.max_concurrency),
+    )?;
+    model.load().await?;
+
+    let conn = queue::connect_declared(&config.amqp_url, &config.topology).await?;
+    let publisher = Publisher::new(&conn, config.topology.clone()).await?;
+    let (tracker, mut tracker_task) = Tracker::start(&conn, publisher.clone()).await?;
+
+    let consume_ch = queue::open_channel(&conn).await?;
+    let mut tags = Vec::new();
+    let mut consumers = Vec::new();
+    for kind in &config.endpoints {
+        let tag = format!("{}-{}", config.worker_id, kind.as_str());
+        let queue_name = config.topology.job_queue(*kind);
+        consumers
+            .push(queue::consume(&consume_ch, &queue_name, &tag, config.max_concurrency).await?);
+        tags.push(tag);
+    }
+    let mut deliveries = futures::stream::select_all(consumers);
+    tracing::info!(endpoints = ?config.endpoints, "consuming");
+
+    let ctx = Arc::new(JobContext {
+        publisher,
+        tracker,
+        model: model.clone(),
+        storage,
+        worker_id: config.worker_id.clone(),
+        delivery_limit: config.topology.delivery_limit,
+        hard_stop: CancellationToken::new(),
+        retry_backoff: config.retry_backoff,
+    });
+    let permits = Arc::new(Semaphore::new(usize::from(config.max_concurrency)));
+    let tasks = TaskTracker::new();
+    // Every in-flight job sends exactly one `done`; in-flight jobs are bounded by prefetch × endpoints.
+    let (done_tx, mut done_rx) =
+        mpsc::channel::<()>(usize::from(config.max_concurrency) * config.endpoints.len() + 1);
+    let mut in_flight = 0usize;
+    let mut idle_since = Instant::now();
+    let mut unloaded = false;
+
+    let exit = loop {
+        let idle_deadline = match config.keep_alive {
+            Some(k) if in_flight == 0 && !unloaded => Some(idle_since + k),
+            _ => None,
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break WorkerExit::Shutdown,
+            died = &mut tracker_task => {
+                let err = died.unwrap_or_else(|e| QueueError::Closed(format!("results tracker task: {e}")));
+                return Err(WorkerError::Queue(err));
+            }
+            Some(()) = done_rx.recv() => {
+                in_flight = in_flight.saturating_sub(1);
+                if in_flight == 0 {
+                    idle_since = Instant::now();
+                }
+            }
+            _ = sleep_until_opt(idle_deadline) => match config.idle_action {
+                IdleAction::Exit => {
+                    tracing::info!("keep-alive expired; exiting");
+                    break WorkerExit::Idle;
+                }
+                IdleAction::Unload => {
+                    tracing::info!("keep-alive expired; unloading models");
+                    model.unload().await?;
+                    unloaded = true;
+                }
+            },
+            next = deliveries.next() => {
+                let delivery = match next {
+                    None => return Err(QueueError::Closed("job consumer cancelled by the broker".into()).into()),
+                    Some(Err(e)) => return Err(QueueError::Broker { op: "job delivery", source: e }.into()),
+                    Some(Ok(d)) => d,
+                };
+                in_flight += 1;
+                unloaded = false;
+                let (ctx, permits, done, shutdown) = (ctx.clone(), permits.clone(), done_tx.clone(), shutdown.clone());
+                tasks.spawn(async move {
+                    tokio::select! {
+                        permit = permits.acquire_owned() => {
+                            // The semaphore is never closed, so acquiring only fails in impossible states.
+                            let _permit = permit;
+                            job::handle(&ctx, delivery).await;
+                        }
+                        _ = shutdown.cancelled() => {
+                            // Not started yet: hand it back right away.
+                            let opts = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
+                            if let Err(e) = delivery.nack(opts).await {
+                                tracing::warn!(error = %e, "could not requeue a waiting job");
+                            }
+                        }
+                    }
+                    let _ = done.send(()).await;
+                });
+            }
+        }
+    };
+
+    for tag in &tags {
+        if let Err(e) = consume_ch
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::warn!(error = %e, "basic.cancel failed");
+        }
+    }
+    drop(deliveries);
+    tasks.close();
+    if tokio::time::timeout(config.drain_grace, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?config.drain_grace, "jobs still running after the grace period; requeueing them");
+        ctx.hard_stop.cancel();
+        if tokio::time::timeout(HARD_STOP_WAIT, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("jobs did not stop; closing the connection returns them to the queue");
+        }
+    }
+    tracker_task.abort();
+    if let Err(e) = conn.close(200, "worker stopped".into()).await {
+        tracing::warn!(error = %e, "closing the broker connection failed");
+    }
+    tracing::info!(?exit, "worker stopped");
+    Ok(exit)
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_broker_password_and_the_s3_secret() {
+        let config = WorkerConfig {
+            worker_id: "w1".into(),
+            amqp_url: "amqp://fleet:broker-pass@rabbit:5672/%2f".into(),
+            topology: Topology::default(),
+            endpoints: vec![EndpointKind::Base],
+            max_concurrency: 1,
+            keep_alive: None,
+            idle_action: IdleAction::Unload,
+            drain_grace: Duration::from_secs(1),
+            retry_backoff: Duration::ZERO,
+            storage: StorageConfig {
+                endpoint: "http://s3:3900".into(),
+                public_endpoint: None,
+                region: "garage".into(),
+                access_key_id: "GKid".into(),
+                secret_access_key: "s3-secret-value".into(),
+                bucket: "fleet".into(),
+                public_base_url: None,
+                url_lifetime: Duration::from_secs(60),
+            },
+        };
+        let text = format!("{config:?}");
+        assert!(
+            !text.contains("broker-pass") && !text.contains("s3-secret-value"),
+            "{text}"
+        );
+        assert!(text.contains("amqp://fleet:***@rabbit:5672/%2f"), "{text}");
+    }
+}

@@ -1,0 +1,288 @@
+//! The model thread (STYLE "Concurrency"; TEI `backends/src/lib.rs`): one named OS thread owns the
+//! pipelines and the safety checker, fed by a bounded channel, replying through `oneshot`. Async code
+//! never runs a model forward. Models are loaded through a [`PipelineFactory`] so the binary plugs in the
+//! real Sana pipelines and tests plug in a deterministic stand-in; unloading drops them (keep-alive
+//! `unload`) and the next job loads them again.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use image::RgbImage;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::safety::{self, SafetyChecker, SafetyError};
+use fleet::job::{EndpointKind, JobInput};
+use sana_pipelines::{GenerateRequest, ImagePipeline, PipelineError, PipelineKind, StepObserver};
+
+/// The pipeline that serves an endpoint kind: the service's routing key and the model library's
+/// pipelines correspond one to one.
+pub fn pipeline_kind(kind: EndpointKind) -> PipelineKind {
+    match kind {
+        EndpointKind::Base => PipelineKind::Base,
+        EndpointKind::Sprint => PipelineKind::Sprint,
+    }
+}
+
+/// The one translation of a validated job input into a pipeline request (worker jobs, `worker generate`).
+pub fn generate_request(kind: EndpointKind, input: &JobInput) -> GenerateRequest {
+    GenerateRequest {
+        endpoint: pipeline_kind(kind),
+        prompt: input.prompt.clone(),
+        negative_prompt: input.negative_prompt.clone(),
+        width: input.image_size.width,
+        height: input.image_size.height,
+        num_inference_steps: input.num_inference_steps,
+        guidance_scale: input.guidance_scale,
+        seed: input.seed,
+        num_images: input.num_images,
+    }
+}
+
+/// The pipelines of one worker, looked up by endpoint kind (the real set shares one text encoder
+/// between its two pipelines, so it cannot be split into independent boxes).
+pub trait PipelineSet: Send {
+    fn pipeline(&mut self, kind: EndpointKind) -> Option<&mut dyn ImagePipeline>;
+}
+
+impl PipelineSet for HashMap<EndpointKind, Box<dyn ImagePipeline>> {
+    fn pipeline(&mut self, kind: EndpointKind) -> Option<&mut dyn ImagePipeline> {
+        self.get_mut(&kind)
+            .map(|p| p.as_mut() as &mut dyn ImagePipeline)
+    }
+}
+
+impl PipelineSet for sana_pipelines::sana::Pipelines {
+    fn pipeline(&mut self, kind: EndpointKind) -> Option<&mut dyn ImagePipeline> {
+        self.get_mut(pipeline_kind(kind))
+    }
+}
+
+/// Everything one worker runs: its pipelines and the NSFW checker.
+pub struct LoadedModels {
+    pub pipelines: Box<dyn PipelineSet>,
+    pub safety: Box<dyn SafetyChecker>,
+}
+
+/// Loads the models. Called on the model thread, at start and again after an unload.
+pub trait PipelineFactory: Send + 'static {
+    /// Loads a pipeline for each of `endpoints` plus the safety checker; failure keeps the worker from
+    /// starting (or fails the job that asked for a reload).
+    fn load(&mut self, endpoints: &[EndpointKind]) -> Result<LoadedModels, PipelineError>;
+}
+
+/// Why the model thread produced no images.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Safety(#[from] SafetyError),
+    /// The model thread is gone (it panicked or the worker is shutting down).
+    #[error("model thread stopped")]
+    Stopped,
+}
+
+impl ModelError {
+    /// True when another attempt (on this or another worker) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ModelError::Pipeline(PipelineError::Cancelled) => false,
+            ModelError::Pipeline(PipelineError::InvalidRequest(_)) => false,
+            // A load failure is a deployment problem of this worker; another worker may have the models.
+            ModelError::Pipeline(PipelineError::Load(_)) => true,
+            ModelError::Pipeline(PipelineError::Candle(_)) => true,
+            ModelError::Safety(SafetyError::Load(_)) => true,
+            ModelError::Safety(SafetyError::Input(_)) => false,
+            ModelError::Safety(SafetyError::Candle(_)) => true,
+            ModelError::Stopped => true,
+        }
+    }
+}
+
+/// Images of one run, after the safety check (flagged ones already blacked out).
+#[derive(Debug)]
+pub struct GenerateOutput {
+    pub images: Vec<RgbImage>,
+    pub has_nsfw_concepts: Vec<bool>,
+    /// Seconds spent in the pipeline and the checker.
+    pub inference_time: f64,
+}
+
+/// One generation request for the model thread.
+pub struct GenerateJob {
+    /// The job's endpoint: which pipeline of the set runs `request`.
+    pub endpoint: EndpointKind,
+    pub request: GenerateRequest,
+    /// `enable_safety_checker` of the request; false = all flags false, no checker call.
+    pub check_safety: bool,
+    /// Checked between denoising steps; cancelled = stop with `PipelineError::Cancelled`.
+    pub cancel: CancellationToken,
+    /// `(step, total)` after each step; best effort (a full channel drops the update).
+    pub progress: mpsc::Sender<(u32, u32)>,
+}
+
+enum Command {
+    Load(oneshot::Sender<Result<(), ModelError>>),
+    Generate(
+        Box<GenerateJob>,
+        oneshot::Sender<Result<GenerateOutput, ModelError>>,
+    ),
+    Unload(oneshot::Sender<()>),
+}
+
+/// Handle to the model thread; cheap to clone. The thread ends when every handle is dropped.
+#[derive(Clone)]
+pub struct ModelHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for ModelHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ModelHandle")
+    }
+}
+
+impl ModelHandle {
+    /// Spawns the thread `fleet-model`; nothing is loaded until [`ModelHandle::load`] or the first job.
+    pub fn spawn(
+        factory: Box<dyn PipelineFactory>,
+        endpoints: Vec<EndpointKind>,
+        queue_depth: usize,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel(queue_depth.max(1));
+        std::thread::Builder::new()
+            .name("fleet-model".into())
+            .spawn(move || model_loop(factory, endpoints, rx))?;
+        Ok(ModelHandle { tx })
+    }
+
+    /// Loads the models now (a no-op when they are loaded).
+    pub async fn load(&self) -> Result<(), ModelError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Load(reply))
+            .await
+            .map_err(|_| ModelError::Stopped)?;
+        rx.await.map_err(|_| ModelError::Stopped)?
+    }
+
+    /// Runs one job (loading the models first if they were unloaded).
+    pub async fn generate(&self, job: GenerateJob) -> Result<GenerateOutput, ModelError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Generate(Box::new(job), reply))
+            .await
+            .map_err(|_| ModelError::Stopped)?;
+        rx.await.map_err(|_| ModelError::Stopped)?
+    }
+
+    /// Drops the models (keep-alive `unload`); returns once they are freed.
+    pub async fn unload(&self) -> Result<(), ModelError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Unload(reply))
+            .await
+            .map_err(|_| ModelError::Stopped)?;
+        rx.await.map_err(|_| ModelError::Stopped)
+    }
+}
+
+struct Observer<'a> {
+    cancel: &'a CancellationToken,
+    progress: &'a mpsc::Sender<(u32, u32)>,
+}
+
+impl StepObserver for Observer<'_> {
+    fn on_step(&mut self, step: u32, total: u32) -> Result<(), PipelineError> {
+        // Progress is advisory: never block the GPU thread on a slow publisher.
+        let _ = self.progress.try_send((step, total));
+        if self.cancel.is_cancelled() {
+            return Err(PipelineError::Cancelled);
+        }
+        Ok(())
+    }
+}
+
+fn ensure_loaded<'a>(
+    models: &'a mut Option<LoadedModels>,
+    factory: &mut dyn PipelineFactory,
+    endpoints: &[EndpointKind],
+) -> Result<&'a mut LoadedModels, ModelError> {
+    if models.is_none() {
+        let started = Instant::now();
+        *models = Some(factory.load(endpoints)?);
+        tracing::info!(seconds = started.elapsed().as_secs_f64(), "models loaded");
+    }
+    models.as_mut().ok_or(ModelError::Stopped)
+}
+
+fn run_job(models: &mut LoadedModels, job: &GenerateJob) -> Result<GenerateOutput, ModelError> {
+    let started = Instant::now();
+    if job.cancel.is_cancelled() {
+        return Err(PipelineError::Cancelled.into());
+    }
+    let pipeline = models.pipelines.pipeline(job.endpoint).ok_or_else(|| {
+        PipelineError::InvalidRequest(format!(
+            "this worker does not serve the {} endpoint",
+            job.endpoint
+        ))
+    })?;
+    let mut observer = Observer {
+        cancel: &job.cancel,
+        progress: &job.progress,
+    };
+    let mut images = pipeline.generate(&job.request, &mut observer)?;
+    let flags = if job.check_safety {
+        models.safety.check(&images)?
+    } else {
+        vec![false; images.len()]
+    };
+    safety::apply(&mut images, &flags);
+    Ok(GenerateOutput {
+        images,
+        has_nsfw_concepts: flags,
+        inference_time: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn model_loop(
+    mut factory: Box<dyn PipelineFactory>,
+    endpoints: Vec<EndpointKind>,
+    mut rx: mpsc::Receiver<Command>,
+) {
+    let mut models: Option<LoadedModels> = None;
+    while let Some(cmd) = rx.blocking_recv() {
+        match cmd {
+            Command::Load(reply) => {
+                let result = ensure_loaded(&mut models, factory.as_mut(), &endpoints).map(|_| ());
+                let _ = reply.send(result);
+            }
+            Command::Generate(job, reply) => {
+                let result = ensure_loaded(&mut models, factory.as_mut(), &endpoints)
+                    .and_then(|m| run_job(m, &job));
+                let _ = reply.send(result);
+            }
+            Command::Unload(reply) => {
+                if models.take().is_some() {
+                    tracing::info!("models unloaded");
+                }
+                let _ = reply.send(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_endpoint_maps_to_its_pipeline_with_the_same_default_steps() {
+        for kind in EndpointKind::ALL {
+            let pipeline = pipeline_kind(kind);
+            assert_eq!(pipeline.as_str(), kind.as_str());
+            assert_eq!(pipeline.default_steps(), kind.default_steps());
+        }
+    }
+}
