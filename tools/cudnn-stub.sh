@@ -8,6 +8,10 @@ set -euo pipefail
 dir=${CUDA_ENV_DIR:-$HOME/.cache/cuda13-build-env}/cudnn-stub
 if [ ! -e "$dir/libcudnn.so" ]; then
   src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/cudnn/sys 2>/dev/null | tail -1)
+  if [ -z "$src" ]; then
+    cargo fetch --locked -q >&2
+    src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/cudnn/sys 2>/dev/null | tail -1)
+  fi
   [ -n "$src" ] || { echo "cudnn-stub: cudarc sources not found (run cargo fetch first)" >&2; exit 1; }
   mkdir -p "$dir"
   grep -rhoE "fn cudnn[A-Za-z0-9_]+" "$src" | sed 's/^fn //' | sort -u \

@@ -453,6 +453,44 @@ impl Pipelines {
         self.sprint.as_mut()
     }
 
+    /// One real run of every loaded pipeline at `width`×`height` (one denoising step, one image, fixed
+    /// seed), so every kernel is compiled and loaded, cuDNN's algorithms for these shapes are chosen and
+    /// cuBLAS/cuDNN handles exist before the first request. Returns the seconds it took per pipeline.
+    pub fn warm_up(
+        &mut self,
+        width: u32,
+        height: u32,
+    ) -> Result<Vec<(PipelineKind, f64)>, PipelineError> {
+        let mut times = Vec::new();
+        for kind in self.kinds() {
+            let req = GenerateRequest {
+                endpoint: kind,
+                prompt: "warm-up".into(),
+                negative_prompt: String::new(),
+                width,
+                height,
+                num_inference_steps: 1,
+                guidance_scale: 4.5,
+                seed: 0,
+                num_images: 1,
+            };
+            let started = std::time::Instant::now();
+            let pipeline = self
+                .get_mut(kind)
+                .ok_or_else(|| PipelineError::Load(format!("{kind} pipeline vanished")))?;
+            let images = pipeline.generate(&req, &mut super::NoProgress)?;
+            if images.len() != 1 || images[0].dimensions() != (width, height) {
+                return Err(PipelineError::Load(format!(
+                    "warm-up of {kind} returned {} images of {:?}",
+                    images.len(),
+                    images.first().map(|i| i.dimensions())
+                )));
+            }
+            times.push((kind, started.elapsed().as_secs_f64()));
+        }
+        Ok(times)
+    }
+
     /// Endpoint kinds that are loaded.
     pub fn kinds(&self) -> Vec<PipelineKind> {
         PipelineKind::ALL

@@ -266,3 +266,12 @@ fn wrong_endpoint_and_unbinnable_sizes_are_rejected() {
         .unwrap_err();
     assert!(matches!(err, PipelineError::InvalidRequest(_)), "{err:?}");
 }
+
+#[test]
+fn warm_up_runs_every_loaded_pipeline_once_at_the_given_size() {
+    let mut pipes = pipelines().lock().unwrap();
+    let times = pipes.warm_up(300, 200).expect("warm-up");
+    let kinds: Vec<PipelineKind> = times.iter().map(|(k, _)| *k).collect();
+    assert_eq!(kinds, vec![PipelineKind::Base, PipelineKind::Sprint]);
+    assert!(times.iter().all(|(_, s)| *s > 0.0));
+}

@@ -41,7 +41,23 @@ impl PipelineFactory for SanaFactory {
             device: c.device.clone(),
             dtype: c.dtype,
         };
-        let pipelines = load_pipelines(&cfg)?;
+        let mut pipelines = load_pipelines(&cfg)?;
+        if c.device.is_cuda() {
+            // Before the first job, not during it: kernel JIT, cuDNN algorithm choice and handle creation
+            // happen here (issue 8 §4). The default request size (3840×2160, binned) and 1024² (the
+            // most common custom size) are both warmed.
+            for (w, h) in [
+                (
+                    fleet::job::DEFAULT_SIZE.width,
+                    fleet::job::DEFAULT_SIZE.height,
+                ),
+                (1024, 1024),
+            ] {
+                for (kind, secs) in pipelines.warm_up(w, h)? {
+                    tracing::info!(%kind, width = w, height = h, seconds = secs, "warm-up run");
+                }
+            }
+        }
         let source = c
             .safety_model
             .clone()
