@@ -24,11 +24,14 @@ use crate::reply::{
 use crate::state::{Outcome, Registry, Status};
 use crate::submit::{submit, Priority, SubmitError, SubmitOptions};
 use fleet::events::{ErrorType, Event};
-use fleet::job::EndpointKind;
+use fleet::job::{validate_request_id, EndpointKind};
 
-/// The `{request_id}` path segment.
-fn request_id(params: &HashMap<String, String>) -> String {
-    params.get("request_id").cloned().unwrap_or_default()
+/// The `{request_id}` path segment, checked like every client-supplied id (422 naming it otherwise).
+fn request_id(params: &HashMap<String, String>) -> Result<String, Response> {
+    let id = params.get("request_id").cloned().unwrap_or_default();
+    validate_request_id(&id, &["path", "request_id"])
+        .map_err(|e| ApiError::Invalid(e.to_body()).into_response())?;
+    Ok(id)
 }
 
 /// One bad location outside the body schema (headers, malformed JSON).
@@ -238,7 +241,10 @@ pub async fn status(
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let id = request_id(&params);
+    let id = match request_id(&params) {
+        Ok(id) => id,
+        Err(resp) => return resp,
+    };
     let base = app_base(&state, &headers);
     match state
         .registry()
@@ -256,7 +262,10 @@ pub async fn status_stream(
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let id = request_id(&params);
+    let id = match request_id(&params) {
+        Ok(id) => id,
+        Err(resp) => return resp,
+    };
     let base = app_base(&state, &headers);
     let logs = wants_logs(&q);
     if state.registry().read(|r| r.get(&id).is_none()) {
@@ -290,7 +299,10 @@ pub async fn result(
     State(state): State<AppState>,
     Path(params): Path<HashMap<String, String>>,
 ) -> Response {
-    let id = request_id(&params);
+    let id = match request_id(&params) {
+        Ok(id) => id,
+        Err(resp) => return resp,
+    };
     let Some(view) = state.registry().read(|r| r.get(&id).cloned()) else {
         return ApiError::RequestNotFound(id).into_response();
     };
@@ -345,7 +357,10 @@ pub async fn cancel(
     State(state): State<AppState>,
     Path(params): Path<HashMap<String, String>>,
 ) -> Response {
-    let id = request_id(&params);
+    let id = match request_id(&params) {
+        Ok(id) => id,
+        Err(resp) => return resp,
+    };
     let Some((kind, terminal)) = state
         .registry()
         .read(|r| r.get(&id).map(|v| (v.endpoint, v.is_terminal())))

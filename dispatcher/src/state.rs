@@ -198,6 +198,17 @@ impl Registry {
         if view.phase == Phase::Done {
             return Applied::Ignored;
         }
+        // A dispatcher's validation failure is about a submission that was never queued: when it names
+        // the id of an accepted request (an invalid submission reusing someone's id), it must not end it.
+        if let EventBody::Failed(f) = &ev.body {
+            if f.error_type == ErrorType::ValidationError
+                && f.worker.is_none()
+                && !fresh
+                && view.input.is_some()
+            {
+                return Applied::Ignored;
+            }
+        }
         let key = (view.seq, view.request_id.clone());
         let queue = self.queued.entry(view.endpoint).or_default();
         let applied = match &ev.body {
