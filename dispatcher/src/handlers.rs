@@ -27,10 +27,10 @@ use fleet::events::{ErrorType, Event};
 use fleet::job::{validate_request_id, EndpointKind};
 
 /// The `{request_id}` path segment, checked like every client-supplied id (422 naming it otherwise).
-fn request_id(params: &HashMap<String, String>) -> Result<String, Response> {
+fn request_id(params: &HashMap<String, String>) -> Result<String, ApiError> {
     let id = params.get("request_id").cloned().unwrap_or_default();
     validate_request_id(&id, &["path", "request_id"])
-        .map_err(|e| ApiError::Invalid(e.to_body()).into_response())?;
+        .map_err(|e| ApiError::Invalid(e.to_body()))?;
     Ok(id)
 }
 
@@ -243,7 +243,7 @@ pub async fn status(
 ) -> Response {
     let id = match request_id(&params) {
         Ok(id) => id,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     let base = app_base(&state, &headers);
     match state
@@ -264,7 +264,7 @@ pub async fn status_stream(
 ) -> Response {
     let id = match request_id(&params) {
         Ok(id) => id,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     let base = app_base(&state, &headers);
     let logs = wants_logs(&q);
@@ -301,7 +301,7 @@ pub async fn result(
 ) -> Response {
     let id = match request_id(&params) {
         Ok(id) => id,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     let Some(view) = state.registry().read(|r| r.get(&id).cloned()) else {
         return ApiError::RequestNotFound(id).into_response();
@@ -359,7 +359,7 @@ pub async fn cancel(
 ) -> Response {
     let id = match request_id(&params) {
         Ok(id) => id,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     let Some((kind, terminal)) = state
         .registry()

@@ -126,6 +126,9 @@ pub struct GenerateJob {
     pub cancel: CancellationToken,
     /// `(step, total)` after each step; best effort (a full channel drops the update).
     pub progress: mpsc::Sender<(u32, u32)>,
+    /// Fired when the model thread takes this job up (before loading or running anything), so
+    /// `started` means the GPU works on it, not that it waits behind another job.
+    pub started: oneshot::Sender<()>,
 }
 
 enum Command {
@@ -291,7 +294,9 @@ fn model_loop(
                 });
                 let _ = reply.send(result);
             }
-            Command::Generate(job, reply) => {
+            Command::Generate(mut job, reply) => {
+                let (signal, _) = oneshot::channel();
+                let _ = std::mem::replace(&mut job.started, signal).send(());
                 let result = guarded(&mut models, |models| {
                     ensure_loaded(models, factory.as_mut(), &endpoints)
                         .and_then(|m| run_job(m, &job))
