@@ -154,6 +154,18 @@ async fn amqp_envelopes_with_an_id_always_end_in_one_failed_event() {
         assert_eq!(failed_field(&ev), *field, "{body}");
     }
 
+    // A 10 MB input is answered with a bounded echo of it, not the whole of it.
+    publish_raw_submit(
+        &publisher,
+        &topology,
+        &json!({"endpoint": "sprint", "input": "x".repeat(10 << 20), "request_id": "huge-input"}),
+    )
+    .await;
+    let ev = log.terminal("huge-input", WAIT).await;
+    assert_eq!(ev.error_type(), Some(ErrorType::ValidationError));
+    let size = serde_json::to_string(&ev).expect("json").len();
+    assert!(size < 10_000, "failed event is {size} bytes");
+
     // An invalid submission reusing the id of a queued request must not end that request.
     publish_raw_submit(
         &publisher,

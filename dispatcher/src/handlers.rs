@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -120,7 +121,7 @@ pub async fn submit_base(
     state: State<AppState>,
     headers: HeaderMap,
     q: Query<HashMap<String, String>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     submit_kind(state, EndpointKind::Base, headers, q, body).await
 }
@@ -129,7 +130,7 @@ pub async fn submit_sprint(
     state: State<AppState>,
     headers: HeaderMap,
     q: Query<HashMap<String, String>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     submit_kind(state, EndpointKind::Sprint, headers, q, body).await
 }
@@ -177,9 +178,17 @@ async fn submit_kind(
     kind: EndpointKind,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let metrics = state.metrics();
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            // axum answers an oversized (413) or unreadable body in plain text; every error here is JSON.
+            metrics.submission(kind, "http", "invalid");
+            return ApiError::Body(rejection.status(), rejection.body_text()).into_response();
+        }
+    };
     let parsed = match serde_json::from_slice::<Value>(&body) {
         Ok(raw) => submit_options(&headers, &q).map(|opts| (raw, opts)),
         Err(e) => Err(BadInput {
