@@ -196,7 +196,8 @@ impl FieldError {
             loc,
             msg: msg.into(),
             kind: kind.to_string(),
-            input,
+            // Echo a bounded copy: a 1 MB prompt must not come back whole in the 422 body.
+            input: bounded_echo(&input),
         }
     }
 
@@ -235,7 +236,7 @@ pub fn validate(
             loc: vec!["body".into()],
             msg: "Input should be a valid dictionary or object to extract fields from".into(),
             kind: "model_attributes_type".into(),
-            input: raw.clone(),
+            input: bounded_echo(raw),
         }]));
     };
     let mut errs = Vec::new();
@@ -344,6 +345,70 @@ pub fn validate(
         num_images,
         output_format,
     })
+}
+
+/// Longest request id accepted, in bytes. Ids become AMQP `message_id`s (short strings, at most 255
+/// bytes), S3 key segments and URL path segments; a uuid is 36.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Checks a client-chosen request id: 1..=[`MAX_REQUEST_ID_LEN`] bytes of ASCII letters, digits, `-`,
+/// `_` and `.`, starting with a letter or digit, so it is a safe S3 key segment (no `/`, no `..`), a
+/// valid AMQP short string and a plain URL path segment. `loc` is where the id came from
+/// (`["body","request_id"]`, `["path","request_id"]`).
+pub fn validate_request_id(id: &str, loc: &[&str]) -> Result<(), ValidationError> {
+    let err = |kind: &str, msg: String| {
+        Err(ValidationError(vec![FieldError {
+            loc: loc.iter().map(|s| s.to_string()).collect(),
+            msg,
+            kind: kind.to_string(),
+            input: Value::String(bounded_prefix(id, MAX_REQUEST_ID_LEN)),
+        }]))
+    };
+    if id.is_empty() || id.len() > MAX_REQUEST_ID_LEN {
+        return err(
+            "string_length",
+            format!("request_id should have 1 to {MAX_REQUEST_ID_LEN} characters"),
+        );
+    }
+    let safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if !id.chars().all(safe) || !id.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return err(
+            "string_pattern_mismatch",
+            "request_id should match ^[A-Za-z0-9][A-Za-z0-9._-]*$".to_string(),
+        );
+    }
+    Ok(())
+}
+
+/// Longest prefix of a client's text echoed back in an error (a `422` body, a `failed` event).
+pub const MAX_ECHO_CHARS: usize = 256;
+
+/// The first `max` characters of `s`, with `…` appended when something was cut.
+pub fn bounded_prefix(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((end, _)) => format!("{}…", &s[..end]),
+    }
+}
+
+/// A copy of `v` small enough to echo back: strings cut to [`MAX_ECHO_CHARS`], arrays and objects to
+/// their first 16 entries, nesting to depth 4.
+pub fn bounded_echo(v: &Value) -> Value {
+    fn go(v: &Value, depth: usize) -> Value {
+        match v {
+            Value::String(s) => Value::String(bounded_prefix(s, MAX_ECHO_CHARS)),
+            Value::Array(_) | Value::Object(_) if depth >= 4 => Value::String("…".into()),
+            Value::Array(a) => Value::Array(a.iter().take(16).map(|x| go(x, depth + 1)).collect()),
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .take(16)
+                    .map(|(k, x)| (bounded_prefix(k, MAX_ECHO_CHARS), go(x, depth + 1)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    go(v, 0)
 }
 
 /// Re-validates an already validated input (the worker's second check): the same rules, no defaults
@@ -561,6 +626,50 @@ mod tests {
             .iter()
             .map(FieldError::field)
             .collect()
+    }
+
+    #[test]
+    fn request_ids_are_checked() {
+        for good in [
+            "a",
+            "0f8c1e2a-3b4c-4d5e-8f90-123456789abc",
+            "job_1.v2",
+            &"x".repeat(128),
+        ] {
+            assert!(
+                validate_request_id(good, &["body", "request_id"]).is_ok(),
+                "{good}"
+            );
+        }
+        for bad in [
+            "",
+            "../../evil-x",
+            ".hidden",
+            "a/b",
+            "a b",
+            "é",
+            "a\0",
+            &"x".repeat(129),
+            &"x".repeat(300),
+        ] {
+            let err = validate_request_id(bad, &["body", "request_id"]).expect_err(bad);
+            assert_eq!(err.0[0].field(), "request_id", "{bad}");
+            assert!(err.0[0].input.as_str().expect("string").len() <= 3 * 129 + 3);
+        }
+    }
+
+    #[test]
+    fn a_huge_prompt_is_echoed_as_a_bounded_prefix() {
+        let huge = "p".repeat(1_000_000);
+        let err =
+            validate(EndpointKind::Base, &json!({ "prompt": huge }), || 0).expect_err("too long");
+        let body = err.to_body().to_string();
+        assert!(body.len() < 2_000, "422 body is {} bytes", body.len());
+        assert_eq!(err.0[0].field(), "prompt");
+        let deep = json!({"a": [[[[[["x".repeat(10_000)]]]]]], "b": vec![1; 1000]});
+        assert!(bounded_echo(&deep).to_string().len() < 2_000);
+        assert_eq!(bounded_prefix("héllo", 2), "hé…");
+        assert_eq!(bounded_prefix("hé", 2), "hé");
     }
 
     #[test]

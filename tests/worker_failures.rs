@@ -189,17 +189,33 @@ async fn a_cancelled_event_stops_a_running_job_between_steps() {
         .publish_event(&cancel)
         .await
         .expect("cancel event");
-    // The second job starts only after the worker's tracker read past the cancellation (its sync marker
-    // follows it in the stream), so the first job's token is cancelled before the gate opens.
+    // A redelivery of the cancelled job takes the worker's second slot; the worker acks it without
+    // running once its tracker read past the cancellation (its sync marker follows it in the stream),
+    // which cancels the first job's token. Only then is the slot free for the next job, so once the next
+    // job has left the queue the token is cancelled, before the gate opens. (`started` is no signal
+    // here: it is published only when the model thread, held by the first job, takes a job up.)
+    publisher
+        .publish_job(&running)
+        .await
+        .expect("publish duplicate");
     let next = common::job(
         EndpointKind::Base,
         json!({"prompt": "short", "image_size": "square", "num_inference_steps": 2}),
     );
     publisher.publish_job(&next).await.expect("publish");
-    log.wait_for(WAIT, "the second job to start", |e| {
-        e.request_id == next.request_id && e.kind() == EventKind::Started
-    })
-    .await;
+    let depth_ch = conn.create_channel().await.expect("channel");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while queue::queue_depth(&depth_ch, &topology.job_queue(EndpointKind::Base))
+        .await
+        .expect("depth")
+        > 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the next job was never delivered"
+        );
+        tokio::task::yield_now().await;
+    }
     gate.open();
 
     // One model thread: the first job ran (and stopped) before the second one completes.

@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -24,11 +25,14 @@ use crate::reply::{
 use crate::state::{Outcome, Registry, Status};
 use crate::submit::{submit, Priority, SubmitError, SubmitOptions};
 use fleet::events::{ErrorType, Event};
-use fleet::job::EndpointKind;
+use fleet::job::{validate_request_id, EndpointKind};
 
-/// The `{request_id}` path segment.
-fn request_id(params: &HashMap<String, String>) -> String {
-    params.get("request_id").cloned().unwrap_or_default()
+/// The `{request_id}` path segment, checked like every client-supplied id (422 naming it otherwise).
+fn request_id(params: &HashMap<String, String>) -> Result<String, ApiError> {
+    let id = params.get("request_id").cloned().unwrap_or_default();
+    validate_request_id(&id, &["path", "request_id"])
+        .map_err(|e| ApiError::Invalid(e.to_body()))?;
+    Ok(id)
 }
 
 /// One bad location outside the body schema (headers, malformed JSON).
@@ -117,7 +121,7 @@ pub async fn submit_base(
     state: State<AppState>,
     headers: HeaderMap,
     q: Query<HashMap<String, String>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     submit_kind(state, EndpointKind::Base, headers, q, body).await
 }
@@ -126,7 +130,7 @@ pub async fn submit_sprint(
     state: State<AppState>,
     headers: HeaderMap,
     q: Query<HashMap<String, String>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     submit_kind(state, EndpointKind::Sprint, headers, q, body).await
 }
@@ -174,9 +178,17 @@ async fn submit_kind(
     kind: EndpointKind,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let metrics = state.metrics();
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            // axum answers an oversized (413) or unreadable body in plain text; every error here is JSON.
+            metrics.submission(kind, "http", "invalid");
+            return ApiError::Body(rejection.status(), rejection.body_text()).into_response();
+        }
+    };
     let parsed = match serde_json::from_slice::<Value>(&body) {
         Ok(raw) => submit_options(&headers, &q).map(|opts| (raw, opts)),
         Err(e) => Err(BadInput {
@@ -238,7 +250,10 @@ pub async fn status(
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let id = request_id(&params);
+    let id = match request_id(&params) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
     let base = app_base(&state, &headers);
     match state
         .registry()
@@ -256,7 +271,10 @@ pub async fn status_stream(
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let id = request_id(&params);
+    let id = match request_id(&params) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
     let base = app_base(&state, &headers);
     let logs = wants_logs(&q);
     if state.registry().read(|r| r.get(&id).is_none()) {
@@ -290,7 +308,10 @@ pub async fn result(
     State(state): State<AppState>,
     Path(params): Path<HashMap<String, String>>,
 ) -> Response {
-    let id = request_id(&params);
+    let id = match request_id(&params) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
     let Some(view) = state.registry().read(|r| r.get(&id).cloned()) else {
         return ApiError::RequestNotFound(id).into_response();
     };
@@ -345,7 +366,10 @@ pub async fn cancel(
     State(state): State<AppState>,
     Path(params): Path<HashMap<String, String>>,
 ) -> Response {
-    let id = request_id(&params);
+    let id = match request_id(&params) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
     let Some((kind, terminal)) = state
         .registry()
         .read(|r| r.get(&id).map(|v| (v.endpoint, v.is_terminal())))

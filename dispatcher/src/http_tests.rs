@@ -616,3 +616,36 @@ async fn status_stream_sends_each_change_until_completed() {
         "the stream ends after COMPLETED"
     );
 }
+
+#[tokio::test]
+async fn oversized_bodies_get_a_json_413_and_huge_inputs_are_echoed_bounded() {
+    let h = harness(HttpConfig::default());
+    // Over axum's 2 MB body limit: JSON like every other error, nothing enqueued.
+    let big = json!({"prompt": "x".repeat(3 << 20)});
+    let (code, headers, body) = call(&h.app, Method::POST, "/local/sana", Some(big), &[]).await;
+    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        headers.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/json")
+    );
+    assert!(body["detail"].is_string(), "{body}");
+    // A 1 MB prompt fits the body limit but not the schema: the 422 echoes a bounded prefix.
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/local/sana/sprint")
+        .header("host", "api.test")
+        .header("content-type", "application/json")
+        .body(Body::from(
+            json!({"prompt": "p".repeat(1 << 20)}).to_string(),
+        ))
+        .expect("request");
+    let resp = h.app.clone().oneshot(req).await.expect("infallible");
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 22)
+        .await
+        .expect("body");
+    assert!(bytes.len() < 2_000, "422 body is {} bytes", bytes.len());
+    let v: Value = serde_json::from_slice(&bytes).expect("json");
+    assert_eq!(v["detail"][0]["loc"], json!(["body", "prompt"]));
+    assert!(h.bus.jobs.lock().expect("lock").is_empty());
+}

@@ -8,16 +8,19 @@
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::Connection;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
+use super::state::SharedRegistry;
 use super::submit::{submit, validation_failed, Bus, Priority, SubmitError, SubmitOptions};
 use fleet::events::{ErrorType, Event};
-use fleet::job::{EndpointKind, FieldError, ValidationError};
+use fleet::job::{
+    bounded_echo, bounded_prefix, validate_request_id, EndpointKind, FieldError, ValidationError,
+};
 use fleet::queue::{consume, message_id, open_channel, QueueError, Topology};
 
 /// The body of a `fleet.submit` message.
@@ -42,6 +45,7 @@ pub async fn run(
     conn: &Connection,
     topology: &Topology,
     bus: &dyn Bus,
+    registry: &SharedRegistry,
     metrics: &Metrics,
     prefetch: u16,
     shutdown: CancellationToken,
@@ -66,58 +70,244 @@ pub async fn run(
             op: "submit delivery",
             source,
         })?;
-        handle(delivery, bus, metrics).await?;
+        handle(delivery, bus, registry, metrics).await?;
     }
 }
 
-async fn handle(delivery: Delivery, bus: &dyn Bus, metrics: &Metrics) -> Result<(), QueueError> {
-    let fallback_id = message_id(&delivery.properties);
-    let msg: SubmitMessage = match serde_json::from_slice(&delivery.data) {
-        Ok(m) => m,
+/// What one `fleet.submit` message turned into before anything was published.
+enum Parsed {
+    /// Route it: a validated envelope (the input itself is validated by `submit`).
+    Submit {
+        request_id: String,
+        kind: EndpointKind,
+        input: Value,
+        opts: SubmitOptions,
+    },
+    /// Answer it with a `failed` event for `request_id`.
+    Reject {
+        request_id: String,
+        kind: EndpointKind,
+        err: ValidationError,
+    },
+    /// No usable id to answer to: drop it (nack without requeue) and log why.
+    Drop(String),
+}
+
+/// Reads an envelope field by field, so every defect is reported against the id it carries.
+fn parse(data: &[u8], fallback_id: Option<String>) -> Parsed {
+    let value: Value = match serde_json::from_slice(data) {
+        Ok(v) => v,
         Err(e) => {
-            // Without an endpoint there is nothing to route; with a message_id the client still learns why.
-            tracing::warn!(error = %e, "malformed submit message");
-            if let Some(id) = fallback_id {
-                let err = one_error(
-                    &[],
-                    "json_invalid",
-                    &format!("Invalid submit message: {e}"),
-                    Value::Null,
-                );
-                publish_rejection(bus, metrics, &id, EndpointKind::Base, &err).await?;
+            let err = one_error(
+                &[],
+                "json_invalid",
+                &format!("Invalid submit message: {e}"),
+                Value::Null,
+            );
+            return match fallback_id {
+                Some(id) => usable(id, EndpointKind::Base, err),
+                None => Parsed::Drop(format!("malformed submit message without an id: {e}")),
+            };
+        }
+    };
+    let Some(obj) = value.as_object() else {
+        let err = one_error(
+            &[],
+            "model_attributes_type",
+            "Submit message should be an object",
+            bounded_echo(&value),
+        );
+        return match fallback_id {
+            Some(id) => usable(id, EndpointKind::Base, err),
+            None => Parsed::Drop("submit message is not an object and has no id".into()),
+        };
+    };
+    // The id first: every later defect is answered to it.
+    let (request_id, id_error) = match obj.get("request_id") {
+        None | Some(Value::Null) => (
+            fallback_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            None,
+        ),
+        Some(Value::String(s)) => (s.clone(), None),
+        // A number is answered under its decimal text, so the client can still find its answer.
+        Some(v @ Value::Number(n)) => (
+            n.to_string(),
+            Some(one_error(
+                &["request_id"],
+                "string_type",
+                "Input should be a valid string",
+                v.clone(),
+            )),
+        ),
+        Some(v) => match fallback_id {
+            Some(id) => (
+                id,
+                Some(one_error(
+                    &["request_id"],
+                    "string_type",
+                    "Input should be a valid string",
+                    bounded_echo(v),
+                )),
+            ),
+            None => {
+                return Parsed::Drop(
+                    "submit message with a non-string request_id and no message_id".into(),
+                )
             }
-            return ack(&delivery).await;
+        },
+    };
+    let kind_result = match obj.get("endpoint") {
+        None => Err(one_error(
+            &["endpoint"],
+            "missing",
+            "Field required",
+            Value::Null,
+        )),
+        Some(Value::String(e)) => e
+            .parse::<EndpointKind>()
+            .map_err(|msg| one_error(&["endpoint"], "enum", &msg, bounded_echo(&json!(e)))),
+        Some(v) => Err(one_error(
+            &["endpoint"],
+            "string_type",
+            "Input should be 'base' or 'sprint'",
+            bounded_echo(v),
+        )),
+    };
+    let kind = *kind_result.as_ref().unwrap_or(&EndpointKind::Base);
+    let mut errs = Vec::new();
+    if let Err(e) = validate_request_id(&request_id, &["body", "request_id"]) {
+        errs.extend(e.0);
+    }
+    errs.extend(id_error.into_iter().flat_map(|e| e.0));
+    if let Err(e) = kind_result {
+        errs.extend(e.0);
+    }
+    let input = match obj.get("input") {
+        None => {
+            errs.extend(one_error(&["input"], "missing", "Field required", Value::Null).0);
+            Value::Null
+        }
+        Some(v) => v.clone(),
+    };
+    let optional_string = |name: &str, errs: &mut Vec<FieldError>| match obj.get(name) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(v) => {
+            errs.extend(
+                one_error(
+                    &[name],
+                    "string_type",
+                    "Input should be a valid string",
+                    bounded_echo(v),
+                )
+                .0,
+            );
+            None
         }
     };
-    let request_id = msg
-        .request_id
-        .clone()
-        .or(fallback_id)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let kind = match msg.endpoint.parse::<EndpointKind>() {
-        Ok(k) => k,
-        Err(e) => {
-            let err = one_error(&["endpoint"], "enum", &e, json!(msg.endpoint));
-            publish_rejection(bus, metrics, &request_id, EndpointKind::Base, &err).await?;
-            return ack(&delivery).await;
-        }
-    };
-    let priority = match msg.priority.as_deref().map(str::parse::<Priority>) {
+    let webhook_url = optional_string("webhook_url", &mut errs);
+    let priority = match optional_string("priority", &mut errs).map(|p| p.parse::<Priority>()) {
         None => Priority::Normal,
         Some(Ok(p)) => p,
-        Some(Err(e)) => {
-            let err = one_error(&["priority"], "literal_error", &e, json!(msg.priority));
-            publish_rejection(bus, metrics, &request_id, kind, &err).await?;
-            return ack(&delivery).await;
+        Some(Err(msg)) => {
+            errs.extend(
+                one_error(
+                    &["priority"],
+                    "literal_error",
+                    &msg,
+                    bounded_echo(&obj["priority"]),
+                )
+                .0,
+            );
+            Priority::Normal
         }
     };
-    let opts = SubmitOptions {
-        request_id: Some(request_id.clone()),
-        webhook_url: msg.webhook_url.clone(),
-        start_timeout: msg.start_timeout.filter(|s| s.is_finite() && *s > 0.0),
-        priority,
+    let start_timeout = match obj.get("start_timeout") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_f64() {
+            Some(secs) if secs.is_finite() && secs > 0.0 => Some(secs),
+            _ => {
+                errs.extend(
+                    one_error(
+                        &["start_timeout"],
+                        "greater_than",
+                        "Input should be a positive number of seconds",
+                        bounded_echo(v),
+                    )
+                    .0,
+                );
+                None
+            }
+        },
     };
-    match submit(bus, kind, &msg.input, opts).await {
+    if !errs.is_empty() {
+        return usable(request_id, kind, ValidationError(errs));
+    }
+    Parsed::Submit {
+        request_id: request_id.clone(),
+        kind,
+        input,
+        opts: SubmitOptions {
+            request_id: Some(request_id),
+            webhook_url,
+            start_timeout,
+            priority,
+        },
+    }
+}
+
+/// A rejection answered to `request_id` when that id can carry an answer (it fits the AMQP short
+/// string the event's `message_id` is); dropped otherwise.
+fn usable(request_id: String, kind: EndpointKind, err: ValidationError) -> Parsed {
+    if request_id.is_empty() || request_id.len() > MAX_ANSWERABLE_ID_BYTES {
+        return Parsed::Drop(format!(
+            "submit message with an unusable request_id ({} bytes, starts {:?}): {err}",
+            request_id.len(),
+            bounded_prefix(&request_id, 64)
+        ));
+    }
+    Parsed::Reject {
+        request_id,
+        kind,
+        err,
+    }
+}
+
+/// Longest invalid id still answered with a `failed` event (an AMQP short string); longer ones are
+/// dropped and logged.
+const MAX_ANSWERABLE_ID_BYTES: usize = 255;
+
+async fn handle(
+    delivery: Delivery,
+    bus: &dyn Bus,
+    registry: &SharedRegistry,
+    metrics: &Metrics,
+) -> Result<(), QueueError> {
+    let fallback_id = message_id(&delivery.properties);
+    let (request_id, kind, input, opts) = match parse(&delivery.data, fallback_id) {
+        Parsed::Submit {
+            request_id,
+            kind,
+            input,
+            opts,
+        } => (request_id, kind, input, opts),
+        Parsed::Reject {
+            request_id,
+            kind,
+            err,
+        } => {
+            publish_rejection(bus, registry, metrics, &request_id, kind, &err).await?;
+            return ack(&delivery).await;
+        }
+        Parsed::Drop(why) => {
+            tracing::warn!(
+                reason = why,
+                "dropping a submit message that cannot be answered"
+            );
+            return reject(&delivery).await;
+        }
+    };
+    match submit(bus, kind, &input, opts).await {
         Ok(_) => {
             metrics.submission(kind, "amqp", "accepted");
             tracing::info!(request_id, endpoint = %kind, "AMQP submission queued");
@@ -125,7 +315,7 @@ async fn handle(delivery: Delivery, bus: &dyn Bus, metrics: &Metrics) -> Result<
         Err(SubmitError::Invalid(err)) => {
             // Locations of the input are under `input` in this message, but keep FastAPI's `body` root
             // so HTTP and AMQP clients read the same `detail[]`.
-            publish_rejection(bus, metrics, &request_id, kind, &err).await?;
+            publish_rejection(bus, registry, metrics, &request_id, kind, &err).await?;
         }
         Err(SubmitError::Broker(e)) => {
             metrics.submission(kind, "amqp", "error");
@@ -149,15 +339,36 @@ fn one_error(field: &[&str], kind: &str, msg: &str, input: Value) -> ValidationE
 
 async fn publish_rejection(
     bus: &dyn Bus,
+    registry: &SharedRegistry,
     metrics: &Metrics,
     request_id: &str,
     kind: EndpointKind,
     err: &ValidationError,
 ) -> Result<(), QueueError> {
     metrics.submission(kind, "amqp", "invalid");
+    if registry.read(|r| r.get(request_id).is_some()) {
+        // The id belongs to a request already seen: answering would end someone else's request.
+        tracing::warn!(request_id, error = %err, "invalid submission reuses a known request id; dropped without an event");
+        return Ok(());
+    }
     let event: Event = validation_failed(request_id, kind, err);
     debug_assert_eq!(event.error_type(), Some(ErrorType::ValidationError));
     bus.publish_event(&event).await
+}
+
+async fn reject(delivery: &Delivery) -> Result<(), QueueError> {
+    delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: false,
+            ..BasicNackOptions::default()
+        })
+        .await
+        .map(|_| ())
+        .map_err(|source| QueueError::Broker {
+            op: "nack submit",
+            source,
+        })
 }
 
 async fn ack(delivery: &Delivery) -> Result<(), QueueError> {

@@ -102,6 +102,7 @@ pub async fn serve(
     let app = http::router(state);
 
     // One reader of the results stream feeds both the HTTP view and the deadline/dead-letter watch.
+    let ingress_registry = registry.clone();
     let follower = Arc::new(Follower {
         registry,
         metrics: metrics.clone(),
@@ -116,6 +117,7 @@ pub async fn serve(
     let (ingress_on, ingress_prefetch, listen) =
         (cfg.ingress, cfg.ingress_prefetch, cfg.listen.clone());
     let (conn, topology, metrics, bus, watch) = (&conn, &cfg.topology, &metrics, &bus, &watch);
+    let registry = &ingress_registry;
     let follow_task = {
         let shutdown = shutdown.clone();
         async move {
@@ -138,6 +140,7 @@ pub async fn serve(
                 conn,
                 topology,
                 bus.as_ref(),
+                registry,
                 metrics,
                 ingress_prefetch,
                 shutdown.clone(),

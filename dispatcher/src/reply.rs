@@ -49,6 +49,8 @@ pub enum ApiError {
     NoRoute,
     /// 422 with FastAPI's `{"detail": [...]}` body and `x-fal-billable-units: 0`.
     Invalid(Value),
+    /// The body could not be read (413 over the size limit, 400 unreadable), with axum's reason.
+    Body(StatusCode, String),
 }
 
 impl IntoResponse for ApiError {
@@ -85,6 +87,15 @@ impl IntoResponse for ApiError {
             ),
             ApiError::NoRoute => {
                 json_response(StatusCode::NOT_FOUND, &json!({"detail": "Not Found"}), None)
+            }
+            ApiError::Body(status, reason) => {
+                let mut resp = json_response(status, &json!({"detail": reason}), None);
+                set_header(
+                    &mut resp,
+                    BILLABLE_UNITS_HEADER,
+                    HeaderValue::from_static("0"),
+                );
+                resp
             }
             ApiError::Invalid(body) => {
                 let mut resp = json_response(StatusCode::UNPROCESSABLE_ENTITY, &body, None);

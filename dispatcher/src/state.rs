@@ -198,6 +198,17 @@ impl Registry {
         if view.phase == Phase::Done {
             return Applied::Ignored;
         }
+        // A dispatcher's validation failure is about a submission that was never queued: when it names
+        // the id of an accepted request (an invalid submission reusing someone's id), it must not end it.
+        if let EventBody::Failed(f) = &ev.body {
+            if f.error_type == ErrorType::ValidationError
+                && f.worker.is_none()
+                && !fresh
+                && view.input.is_some()
+            {
+                return Applied::Ignored;
+            }
+        }
         let key = (view.seq, view.request_id.clone());
         let queue = self.queued.entry(view.endpoint).or_default();
         let applied = match &ev.body {
@@ -231,16 +242,12 @@ impl Registry {
                 queue.remove(&key);
                 view.phase = Phase::Running;
                 view.step = Some((progress.step, progress.total));
-                view.logs.push(LogLine {
-                    message: format!("step {}/{}", progress.step, progress.total),
-                    at: ev.at,
-                });
-                if let Some(msg) = &progress.message {
-                    view.logs.push(LogLine {
-                        message: msg.clone(),
-                        at: ev.at,
-                    });
-                }
+                // One line per step: the worker's message when it sent one, else the step itself.
+                let message = progress
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| format!("step {}/{}", progress.step, progress.total));
+                view.logs.push(LogLine { message, at: ev.at });
                 Applied::Updated
             }
             EventBody::Completed(done) => {
@@ -409,6 +416,58 @@ mod tests {
             billable_units,
             inference_time,
         })
+    }
+
+    #[test]
+    fn each_step_is_one_log_line() {
+        let mut reg = Registry::new();
+        reg.apply(1, &queued("a", EndpointKind::Sprint));
+        reg.apply(2, &ev("a", EndpointKind::Sprint, EventKind::Started));
+        // The worker before issue 10 sent both `step` and a `message` saying the same.
+        let with_message = EventBody::Progress(Progress {
+            worker: "w1".into(),
+            step: 1,
+            total: 2,
+            message: Some("step 1/2".into()),
+        });
+        reg.apply(3, &Event::new("a", EndpointKind::Sprint, with_message));
+        reg.apply(4, &Event::new("a", EndpointKind::Sprint, progress(2, 2)));
+        let lines: Vec<&str> = reg.views["a"]
+            .logs
+            .iter()
+            .map(|l| l.message.as_str())
+            .filter(|m| m.starts_with("step"))
+            .collect();
+        assert_eq!(lines, ["step 1/2", "step 2/2"]);
+    }
+
+    #[test]
+    fn a_validation_failure_does_not_end_a_queued_request() {
+        let mut reg = Registry::new();
+        reg.apply(1, &queued("a", EndpointKind::Sprint));
+        let hijack = Event::new(
+            "a",
+            EndpointKind::Base,
+            EventBody::Failed(Failure::new(ErrorType::ValidationError, "invalid")),
+        );
+        assert_eq!(reg.apply(2, &hijack), Applied::Ignored);
+        assert!(!reg.views["a"].is_terminal());
+        // A fresh id is still answered, and a worker's validation failure still ends its job.
+        assert_eq!(
+            reg.apply(3, &Event::new("b", EndpointKind::Base, hijack.body.clone())),
+            Applied::Finished
+        );
+        let by_worker = Failure {
+            worker: Some("w1".into()),
+            ..Failure::new(ErrorType::ValidationError, "invalid")
+        };
+        assert_eq!(
+            reg.apply(
+                4,
+                &Event::new("a", EndpointKind::Sprint, EventBody::Failed(by_worker))
+            ),
+            Applied::Finished
+        );
     }
 
     #[test]

@@ -203,12 +203,16 @@ pub fn classify_height_width_bin(height: u32, width: u32, bins: &[(&str, u32, u3
     best.map_or((height, width), |(_, h, w)| (h, w))
 }
 
-/// Size diffusers resizes to before the centre crop: `ratio = max(h'/h, w'/w)`, `(int(h·ratio), int(w·ratio))`.
+/// Size diffusers resizes to before the centre crop: `ratio = max(h'/h, w'/w)`, `(int(h·ratio), int(w·ratio))`,
+/// each side at least its target. The side that sets the ratio should come out exactly at its target, but
+/// `orig·(new/orig)` can round to just under it in f64 (1856·(944/1856) = 943.99…, truncated to 943), which
+/// left nothing to crop from (diffusers' Python slicing then silently returns a short image). Clamping keeps
+/// the cover covering; every other size is unchanged.
 pub fn cover_size(orig_h: usize, orig_w: usize, new_h: usize, new_w: usize) -> (usize, usize) {
     let ratio = (new_h as f64 / orig_h as f64).max(new_w as f64 / orig_w as f64);
     (
-        (orig_h as f64 * ratio) as usize,
-        (orig_w as f64 * ratio) as usize,
+        ((orig_h as f64 * ratio) as usize).max(new_h),
+        ((orig_w as f64 * ratio) as usize).max(new_w),
     )
 }
 
@@ -225,8 +229,15 @@ pub fn resize_and_crop(
     }
     let (rh, rw) = cover_size(h, w, new_height, new_width);
     let resized = samples.upsample_bilinear2d(rh, rw, false)?;
-    let start_y = (rh - new_height) / 2;
-    let start_x = (rw - new_width) / 2;
+    // `cover_size` never returns less than the target, so these cannot underflow; checked all the same
+    // so a violated invariant is an error of this request, not a panic of the model thread.
+    let (Some(extra_y), Some(extra_x)) = (rh.checked_sub(new_height), rw.checked_sub(new_width))
+    else {
+        return Err(PipelineError::InvalidRequest(format!(
+            "cannot crop {new_width}x{new_height} from {rw}x{rh}"
+        )));
+    };
+    let (start_y, start_x) = (extra_y / 2, extra_x / 2);
     Ok(resized
         .narrow(2, start_y, new_height)?
         .narrow(3, start_x, new_width)?)
@@ -380,6 +391,57 @@ mod tests {
         assert_eq!(img.dimensions(), (2, 1));
         assert_eq!(img.get_pixel(0, 0).0, [0, 128, 255]);
         assert_eq!(img.get_pixel(1, 0).0, [0, 255, 255]);
+    }
+
+    /// Every custom size a request can ask for (a dense sweep of small sides and a stride over the rest,
+    /// against every bin table): the cover holds the target, the ratio-setting side lands on its target, and
+    /// no side exceeds `orig·ratio` by a pixel or more (diffusers' `int()`), so the crop is well defined.
+    #[test]
+    fn cover_size_always_covers_the_target() {
+        let mut sides: Vec<usize> = (1..=1100).collect();
+        sides.extend((1101..=14142).step_by(37));
+        sides.extend([944, 14142, 14141, 8191, 4097, 2049]);
+        let tables: [&[(&str, u32, u32)]; 4] = [
+            &ASPECT_RATIO_4096_BIN,
+            &ASPECT_RATIO_2048_BIN,
+            &ASPECT_RATIO_1024_BIN,
+            &ASPECT_RATIO_512_BIN,
+        ];
+        let mut checked = 0usize;
+        for bins in tables {
+            for &w in &sides {
+                for &h in [1usize, 7, 256, 300, 512, 944, 1024, 2160, 3840, 14142].iter() {
+                    for (tw, th) in [(w, h), (h, w)] {
+                        let (bh, bw) = classify_height_width_bin(th as u32, tw as u32, bins);
+                        let (bh, bw) = (bh as usize, bw as usize);
+                        let (rh, rw) = cover_size(bh, bw, th, tw);
+                        assert!(
+                            rh >= th && rw >= tw,
+                            "{tw}x{th} from {bw}x{bh}: cover {rw}x{rh}"
+                        );
+                        assert!(
+                            rh == th || rw == tw,
+                            "{tw}x{th} from {bw}x{bh}: cover {rw}x{rh}"
+                        );
+                        let ratio = (th as f64 / bh as f64).max(tw as f64 / bw as f64);
+                        assert!((rh as f64) < bh as f64 * ratio + 1.0 || rh == th);
+                        assert!((rw as f64) < bw as f64 * ratio + 1.0 || rw == tw);
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 100_000, "{checked}");
+    }
+
+    #[test]
+    fn the_944_by_256_request_resizes_and_crops() {
+        // The size of issue 10: binned to 1856x512 (1024 bins), whose cover used to be 943 wide.
+        let (bh, bw) = classify_height_width_bin(256, 944, &ASPECT_RATIO_1024_BIN);
+        assert_eq!((bh, bw), (512, 1856));
+        let x = Tensor::zeros((1, 3, bh as usize, bw as usize), DType::F32, &Device::Cpu).unwrap();
+        let y = resize_and_crop(&x, 256, 944).unwrap();
+        assert_eq!(y.dims(), &[1, 3, 256, 944]);
     }
 
     #[test]

@@ -117,7 +117,7 @@ impl Publisher {
         let mut props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(PERSISTENT);
-        if let Some(id) = request_id {
+        if let Some(id) = request_id.filter(|id| fits_short_string(id)) {
             props = props.with_message_id(id.into());
         }
         self.publish_raw("", &self.topology.submit_queue(), &body, props)
@@ -181,8 +181,19 @@ impl Publisher {
 }
 
 fn json_props(message_id: &str) -> BasicProperties {
-    BasicProperties::default()
+    let props = BasicProperties::default()
         .with_content_type("application/json".into())
-        .with_delivery_mode(PERSISTENT)
-        .with_message_id(message_id.into())
+        .with_delivery_mode(PERSISTENT);
+    // An id that is no AMQP short string would panic lapin's encoder: leave the property out (the body
+    // carries the id anyway). Request ids are validated upstream; this keeps a slip from crashing.
+    if fits_short_string(message_id) {
+        props.with_message_id(message_id.into())
+    } else {
+        props
+    }
+}
+
+/// Whether `s` fits an AMQP short string (at most 255 bytes).
+pub fn fits_short_string(s: &str) -> bool {
+    s.len() <= 255
 }

@@ -137,6 +137,10 @@ impl Probe {
     }
 }
 
+/// A prompt on which the observed pipeline panics (after counting the run), to test that a panic on the
+/// model thread fails only its own job.
+pub const PANIC_PROMPT: &str = "test: panic in the model thread";
+
 /// The real [`SanaFactory`] with a probe and an optional gate around what it loads.
 pub struct ObservedFactory {
     inner: SanaFactory,
@@ -216,6 +220,10 @@ impl ImagePipeline for ObservedSet {
             .and_then(|set| set.pipeline(kind))
             .ok_or_else(|| PipelineError::InvalidRequest(format!("no {kind} pipeline")))?;
         self.probe.runs.fetch_add(1, Ordering::SeqCst);
+        // Test-only trigger (this file is test code): a model bug that panics on one input.
+        if req.prompt == PANIC_PROMPT {
+            panic!("test pipeline asked to panic");
+        }
         let mut gated = GatedObserver {
             inner: observer,
             gate: self.gate.as_deref(),

@@ -11,7 +11,7 @@ use image::RgbImage;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::model::{generate_request, GenerateJob, GenerateOutput, ModelError, ModelHandle};
@@ -238,16 +238,9 @@ async fn execute(
     attempt: u32,
     cancel: CancellationToken,
 ) -> Result<(), JobError> {
-    let started = EventBody::Started(Started {
-        worker: ctx.worker_id.clone(),
-        attempt,
-    });
-    let started = Event::new(&job.request_id, job.endpoint, started);
-    ctx.publisher.publish_event(&started).await?;
-
     let input = &job.input;
     let request = generate_request(job.endpoint, input);
-    let output = generate_with_progress(ctx, job, request, cancel).await?;
+    let output = generate_with_progress(ctx, job, attempt, request, cancel).await?;
 
     let format = input.output_format;
     let images = output.images;
@@ -298,33 +291,52 @@ async fn execute(
     Ok(())
 }
 
-/// Runs the model while publishing `progress` events as steps finish.
+/// Runs the model while publishing `started` when the model thread takes the job up (a job waiting
+/// behind another stays `IN_QUEUE`) and `progress` events as steps finish.
 async fn generate_with_progress(
     ctx: &JobContext,
     job: &JobMessage,
+    attempt: u32,
     request: GenerateRequest,
     cancel: CancellationToken,
 ) -> Result<GenerateOutput, JobError> {
     let (progress_tx, mut progress_rx) = mpsc::channel(64);
+    let (started_tx, started_rx) = oneshot::channel();
     let model_job = GenerateJob {
         endpoint: job.endpoint,
         request,
         check_safety: job.input.enable_safety_checker,
         cancel,
         progress: progress_tx,
+        started: started_tx,
     };
     let generation = ctx.model.generate(model_job);
     tokio::pin!(generation);
+    let mut started_rx = Some(started_rx);
     loop {
         tokio::select! {
-            // Progress first: every step reported before the reply is published before `completed`.
+            // `started` before any progress (the thread signals it first), progress before the reply:
+            // every step reported is published before `completed`.
             biased;
+            taken = async { started_rx.as_mut().expect("guarded by the branch condition").await }, if started_rx.is_some() => {
+                started_rx = None;
+                if taken.is_err() {
+                    // The model thread dropped the job without taking it up; its reply says why.
+                    continue;
+                }
+                let started = EventBody::Started(Started {
+                    worker: ctx.worker_id.clone(),
+                    attempt,
+                });
+                let started = Event::new(&job.request_id, job.endpoint, started);
+                ctx.publisher.publish_event(&started).await?;
+            }
             Some((step, total)) = progress_rx.recv() => {
                 let progress = EventBody::Progress(Progress {
                     worker: ctx.worker_id.clone(),
                     step,
                     total,
-                    message: Some(format!("step {step}/{total}")),
+                    message: None,
                 });
                 let event = Event::new(&job.request_id, job.endpoint, progress);
                 ctx.publisher.publish_event(&event).await?;

@@ -78,9 +78,13 @@ pub enum ModelError {
     Pipeline(#[from] PipelineError),
     #[error(transparent)]
     Safety(#[from] SafetyError),
-    /// The model thread is gone (it panicked or the worker is shutting down).
+    /// The model thread is gone (the worker is shutting down).
     #[error("model thread stopped")]
     Stopped,
+    /// The models panicked on this job. The panic was caught on the model thread, which dropped the
+    /// models (a panic may leave them half-updated; the next job loads them again) and serves on.
+    #[error("the model panicked: {0}")]
+    Panicked(String),
 }
 
 impl ModelError {
@@ -96,6 +100,8 @@ impl ModelError {
             ModelError::Safety(SafetyError::Input(_)) => false,
             ModelError::Safety(SafetyError::Candle(_)) => true,
             ModelError::Stopped => true,
+            // A panic is a bug this input reaches; another attempt would most likely hit it again.
+            ModelError::Panicked(_) => false,
         }
     }
 }
@@ -120,6 +126,9 @@ pub struct GenerateJob {
     pub cancel: CancellationToken,
     /// `(step, total)` after each step; best effort (a full channel drops the update).
     pub progress: mpsc::Sender<(u32, u32)>,
+    /// Fired when the model thread takes this job up (before loading or running anything), so
+    /// `started` means the GPU works on it, not that it waits behind another job.
+    pub started: oneshot::Sender<()>,
 }
 
 enum Command {
@@ -246,6 +255,31 @@ fn run_job(models: &mut LoadedModels, job: &GenerateJob) -> Result<GenerateOutpu
     })
 }
 
+/// Runs `f` on the model thread, turning a panic into [`ModelError::Panicked`] for this command only:
+/// the thread keeps serving, so one bad job cannot turn the worker into a black hole that consumes and
+/// fails everything after it. The models are dropped after a panic and reloaded on demand.
+fn guarded<T>(
+    models: &mut Option<LoadedModels>,
+    f: impl FnOnce(&mut Option<LoadedModels>) -> Result<T, ModelError>,
+) -> Result<T, ModelError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(models))) {
+        Ok(result) => result,
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".into());
+            tracing::error!(
+                panic = what,
+                "the model thread caught a panic; failing this job and dropping the models"
+            );
+            *models = None;
+            Err(ModelError::Panicked(what))
+        }
+    }
+}
+
 fn model_loop(
     mut factory: Box<dyn PipelineFactory>,
     endpoints: Vec<EndpointKind>,
@@ -255,12 +289,18 @@ fn model_loop(
     while let Some(cmd) = rx.blocking_recv() {
         match cmd {
             Command::Load(reply) => {
-                let result = ensure_loaded(&mut models, factory.as_mut(), &endpoints).map(|_| ());
+                let result = guarded(&mut models, |models| {
+                    ensure_loaded(models, factory.as_mut(), &endpoints).map(|_| ())
+                });
                 let _ = reply.send(result);
             }
-            Command::Generate(job, reply) => {
-                let result = ensure_loaded(&mut models, factory.as_mut(), &endpoints)
-                    .and_then(|m| run_job(m, &job));
+            Command::Generate(mut job, reply) => {
+                let (signal, _) = oneshot::channel();
+                let _ = std::mem::replace(&mut job.started, signal).send(());
+                let result = guarded(&mut models, |models| {
+                    ensure_loaded(models, factory.as_mut(), &endpoints)
+                        .and_then(|m| run_job(m, &job))
+                });
                 let _ = reply.send(result);
             }
             Command::Unload(reply) => {
