@@ -27,7 +27,6 @@ use sana_pipelines::rng_cuda::{CudaTorchGenerator, DeviceShape};
 use sana_pipelines::sana::{
     load_pipelines, InjectedNoise, NoiseSource, Pipelines, PipelinesConfig, RunOptions,
 };
-use sana_pipelines::PipelineKind;
 use sana_pipelines::{GenerateRequest, NoProgress, PipelineKind};
 
 /// Same bound as the CPU parity test (`tests/pipeline_e2e.rs`): f32 differs only in summation order.

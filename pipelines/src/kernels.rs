@@ -241,7 +241,7 @@ fn dwconv_typed<T: CudaDType + WithDType + DeviceRepr>(
     let cout = if glu { cin / 2 } else { cin };
     let (suffix, vec) = tag(x.dtype())?;
     let v = if cout % vec == 0 { vec } else { 1 };
-    let fast = v > 1 && ((!glu && (k == 3 || k == 5)) || (glu && k == 3));
+    let fast = v > 1 && (k == 3 || (!glu && k == 5));
     let name = format!(
         "dwconv_{suffix}_{}{}",
         if fast {
@@ -783,7 +783,7 @@ fn bias_rows_typed<T: CudaDType + WithDType + DeviceRepr>(
     let (ys, yl) = yc.storage_and_layout();
     let yv = view::<T>(&ys, yl)?;
     let (suffix, vec) = tag(T::DTYPE)?;
-    let v = if n % vec == 0 { vec } else { 1 };
+    let v = if n.is_multiple_of(vec) { vec } else { 1 };
     let (stream_f, f) = func(&dev, NORM, &format!("bias_rows_{suffix}_v{v}"))?;
     let bc = bias.contiguous()?;
     let (bs, bl) = bc.storage_and_layout();

@@ -308,7 +308,7 @@ pub fn split_heads_as(x: &Tensor, heads: usize, dtype: DType) -> Result<Tensor> 
     let (b, l, dim) = x.dims3()?;
     let x4 = x.reshape((b, l, heads, dim / heads))?;
     #[cfg(feature = "cuda")]
-    if fused(x) && (dim / heads) % 8 == 0 {
+    if fused(x) && (dim / heads).is_multiple_of(8) {
         return super::kernels::permute0213(&x4.contiguous()?, dtype);
     }
     x4.transpose(1, 2)?.to_dtype(dtype)?.contiguous()
