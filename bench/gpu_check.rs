@@ -237,6 +237,7 @@ fn e2e_cases(
             use_resolution_binning: case["use_resolution_binning"]
                 .as_bool()
                 .context("binning")?,
+            ..RunOptions::default()
         };
         let init = st
             .get(&format!("{name}_latents_init"))
@@ -477,11 +478,11 @@ fn real_size_fused_vs_portable(
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
     use sana_pipelines::dcae::{DcAeConfig, DcAeDecoder};
-    use sana_pipelines::loader::{self, ModelRepo, ModelSource, WeightVariant};
+    use sana_pipelines::loader::{self, ModelRepo, ModelSource};
     use sana_pipelines::transformer::SanaTransformer2DModel;
     let mut repo = ModelRepo::open(&ModelSource::new(base_dir.display().to_string()))?;
     let tr = SanaTransformer2DModel::load_component(
-        &repo.component("transformer", WeightVariant::Default)?,
+        &repo.component_for("transformer", DType::BF16)?,
         DType::BF16,
         device,
     )?;
@@ -502,7 +503,7 @@ fn real_size_fused_vs_portable(
         Some(r <= 3e-2),
     );
     drop(tr);
-    let v_files = repo.component("vae", WeightVariant::Default)?;
+    let v_files = repo.component_for("vae", DType::BF16)?;
     let vae_cfg = DcAeConfig::from_json_file(&v_files.config)?;
     let vae = DcAeDecoder::load(
         loader::var_builder(&v_files.weights, DType::BF16, device)?,

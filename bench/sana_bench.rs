@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use sana_pipelines::dcae::{DcAeConfig, DcAeDecoder};
-use sana_pipelines::loader::{self, ModelRepo, ModelSource, WeightVariant};
+use sana_pipelines::loader::{self, ModelRepo, ModelSource};
 use sana_pipelines::transformer::SanaTransformer2DModel;
 use sana_pipelines::{load_pipelines, GenerateRequest, NoProgress, PipelineKind, PipelinesConfig};
 
@@ -332,7 +332,7 @@ fn main() -> anyhow::Result<()> {
     });
 
     let mut repo = ModelRepo::open(&ModelSource::new(args[1].clone()))?;
-    let v_files = repo.component("vae", WeightVariant::Default)?;
+    let v_files = repo.component_for("vae", DType::BF16)?;
     let vae_cfg = DcAeConfig::from_json_file(&v_files.config)?;
     let vae = DcAeDecoder::load(
         loader::var_builder(&v_files.weights, DType::BF16, &device)?,
@@ -347,7 +347,7 @@ fn main() -> anyhow::Result<()> {
     drop(vae);
 
     let tr = SanaTransformer2DModel::load_component(
-        &repo.component("transformer", WeightVariant::Default)?,
+        &repo.component_for("transformer", DType::BF16)?,
         DType::BF16,
         &device,
     )?;
@@ -524,7 +524,7 @@ fn profile(which: &str, base_dir: &str, device: &Device) -> anyhow::Result<()> {
     let mut repo = ModelRepo::open(&ModelSource::new(base_dir.to_string()))?;
     let mut run: Box<dyn FnMut() -> anyhow::Result<()>> = match which {
         "decode" => {
-            let v_files = repo.component("vae", WeightVariant::Default)?;
+            let v_files = repo.component_for("vae", DType::BF16)?;
             let vae_cfg = DcAeConfig::from_json_file(&v_files.config)?;
             let vae = DcAeDecoder::load(
                 loader::var_builder(&v_files.weights, DType::BF16, device)?,
@@ -539,7 +539,7 @@ fn profile(which: &str, base_dir: &str, device: &Device) -> anyhow::Result<()> {
         }
         "fwd" => {
             let tr = SanaTransformer2DModel::load_component(
-                &repo.component("transformer", WeightVariant::Default)?,
+                &repo.component_for("transformer", DType::BF16)?,
                 DType::BF16,
                 device,
             )?;

@@ -246,3 +246,50 @@ async fn a_cancelled_event_stops_a_running_job_between_steps() {
     assert_eq!(left, 0, "the cancelled job was acked, not requeued");
     common::drop_topology(&conn, &topology).await;
 }
+
+/// A request whose images would not fit the worker's image-memory budget fails at once with
+/// `validation_error` (no generation run, no retry); one within the budget completes.
+#[tokio::test]
+async fn a_request_over_the_image_memory_budget_fails_before_generating() {
+    let conn = common::connect().await;
+    let topology = common::fresh_topology(&conn).await;
+    let (probe, _freed) = Probe::new();
+    let mut config = common::worker_config(&topology, "w-budget", common::s3_config());
+    // 1 MiB: 512×512 needs 3·512·512·2 = 1.5 MiB (over); 256×256 needs 384 KiB (under).
+    config.image_memory_budget = 1 << 20;
+    let worker = RunningWorker::spawn(config, ObservedFactory::boxed(probe.clone(), None));
+    let publisher = Publisher::new(&conn, topology.clone())
+        .await
+        .expect("publisher");
+    let mut log = EventLog::open(&conn, &topology).await;
+    let big = common::job(
+        EndpointKind::Sprint,
+        json!({"prompt": "too big", "image_size": {"width": 512, "height": 512}}),
+    );
+    publisher.publish_job(&big).await.expect("publish");
+    let failed = log.terminal(&big.request_id, WAIT).await;
+    assert_eq!(
+        failed.error_type(),
+        Some(ErrorType::ValidationError),
+        "{failed:?}"
+    );
+    let EventBody::Failed(failure) = &failed.body else {
+        panic!("not a failure: {failed:?}");
+    };
+    assert!(
+        failure.error.contains("need 2 MiB") && failure.error.contains("allows 1 MiB"),
+        "{}",
+        failure.error
+    );
+    assert_eq!(log.count(&big.request_id, EventKind::Started), 0);
+    assert_eq!(probe.runs.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    let small = common::job(
+        EndpointKind::Sprint,
+        json!({"prompt": "fits", "image_size": {"width": 256, "height": 256}}),
+    );
+    publisher.publish_job(&small).await.expect("publish");
+    let done = log.terminal(&small.request_id, WAIT).await;
+    assert_eq!(done.kind(), EventKind::Completed, "{done:?}");
+    worker.stop(WAIT).await;
+}

@@ -275,6 +275,122 @@ pub fn to_rgb_images(samples: &Tensor) -> Result<Vec<image::RgbImage>, PipelineE
     Ok(out)
 }
 
+/// Output size (pixels per image) above which [`resize_crop_to_rgb`] resizes on the host row by row
+/// instead of through tensors: 4096². Below it the tensor path runs on the decoder's device (on a GPU, no
+/// host work); above it the tensor path's full-size temporaries (about 59 bytes per output pixel on the CPU:
+/// the resized image, denormalised copies, the channels-last f32 copy and its host vector) would dominate.
+pub const STREAM_RESIZE_ABOVE_PIXELS: usize = 4096 * 4096;
+
+/// `resize_and_crop` + `to_rgb_images`: `(B,3,H,W)` decoder output in [−1, 1] → RGB images of exactly
+/// `new_width × new_height` (no resize when the sizes match).
+///
+/// Outputs above [`STREAM_RESIZE_ABOVE_PIXELS`] take the streaming path: the decoded image (generation
+/// size, a few MB) is copied to the host once and each output pixel is interpolated, denormalised and
+/// quantised straight into the `u8` image, so the memory of a request is its output bytes (3 per pixel)
+/// plus the decoded image. Same arithmetic as candle's CPU `upsample_bilinear2d` (f64, rounded to the
+/// decoder's dtype) and the same denormalisation in that dtype: on the CPU the two paths give identical
+/// bytes (tested); from a bf16 CUDA decode the interpolation is the CPU's, not the CUDA kernel's.
+pub fn resize_crop_to_rgb(
+    samples: &Tensor,
+    new_height: usize,
+    new_width: usize,
+) -> Result<Vec<image::RgbImage>, PipelineError> {
+    if new_height * new_width > STREAM_RESIZE_ABOVE_PIXELS {
+        return stream_resize_crop_to_rgb(samples, new_height, new_width);
+    }
+    to_rgb_images(&resize_and_crop(samples, new_height, new_width)?)
+}
+
+/// The streaming path of [`resize_crop_to_rgb`], for any size.
+pub fn stream_resize_crop_to_rgb(
+    samples: &Tensor,
+    new_height: usize,
+    new_width: usize,
+) -> Result<Vec<image::RgbImage>, PipelineError> {
+    let (b, c, h, w) = samples.dims4()?;
+    if c != 3 {
+        return Err(PipelineError::InvalidRequest(format!(
+            "expected 3 image channels, got {c}"
+        )));
+    }
+    let dtype = samples.dtype();
+    // Rounds an f64 to the decoder's dtype (what candle's `T::from_f64` does), as f32.
+    let round: fn(f64) -> f32 = match dtype {
+        DType::BF16 => |v| half::bf16::from_f64(v).to_f32(),
+        DType::F16 => |v| half::f16::from_f64(v).to_f32(),
+        _ => |v| v as f32,
+    };
+    // `(x·0.5 + 0.0)·1.0 + 0.5` then clamp, each step rounded to the dtype as candle's `affine` does.
+    let denorm: fn(f32) -> f32 = match dtype {
+        DType::BF16 => |x| {
+            let h = half::bf16::from_f32;
+            let y = h(h(x).to_f32() * 0.5).to_f32();
+            h(y + 0.5).to_f32().clamp(0.0, 1.0)
+        },
+        DType::F16 => |x| {
+            let h = half::f16::from_f32;
+            let y = h(h(x).to_f32() * 0.5).to_f32();
+            h(y + 0.5).to_f32().clamp(0.0, 1.0)
+        },
+        _ => |x| (x * 0.5 + 0.5).clamp(0.0, 1.0),
+    };
+    let src: Vec<f32> = samples.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let (rh, rw) = if h == new_height && w == new_width {
+        (h, w)
+    } else {
+        cover_size(h, w, new_height, new_width)
+    };
+    let (Some(extra_y), Some(extra_x)) = (rh.checked_sub(new_height), rw.checked_sub(new_width))
+    else {
+        return Err(PipelineError::InvalidRequest(format!(
+            "cannot crop {new_width}x{new_height} from {rw}x{rh}"
+        )));
+    };
+    let (start_y, start_x) = (extra_y / 2, extra_x / 2);
+    // Source index pairs and weights of each kept output row/column (candle's CPU formula).
+    let taps = |n_in: usize, n_out: usize, start: usize, len: usize| -> Vec<(usize, usize, f64)> {
+        let scale = n_in as f64 / n_out as f64;
+        (start..start + len)
+            .map(|o| {
+                if n_in == n_out {
+                    return (o, o, 0.0);
+                }
+                let s = (scale * (o as f64 + 0.5) - 0.5).max(0.0);
+                let i0 = s.floor() as usize;
+                (i0, (i0 + 1).min(n_in - 1), (s - i0 as f64).clamp(0.0, 1.0))
+            })
+            .collect()
+    };
+    let rows = taps(h, rh, start_y, new_height);
+    let cols = taps(w, rw, start_x, new_width);
+    let plane = h * w;
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let img = &src[i * 3 * plane..(i + 1) * 3 * plane];
+        let mut bytes = vec![0u8; new_height * new_width * 3];
+        for (y, &(h0, h1, wh)) in rows.iter().enumerate() {
+            let line = &mut bytes[y * new_width * 3..(y + 1) * new_width * 3];
+            for (x, &(w0, w1, ww)) in cols.iter().enumerate() {
+                for ch in 0..3 {
+                    let p = &img[ch * plane..(ch + 1) * plane];
+                    let v00 = f64::from(p[h0 * w + w0]);
+                    let v10 = f64::from(p[h0 * w + w1]);
+                    let v01 = f64::from(p[h1 * w + w0]);
+                    let v11 = f64::from(p[h1 * w + w1]);
+                    let top = v00 * (1.0 - ww) + v10 * ww;
+                    let bottom = v01 * (1.0 - ww) + v11 * ww;
+                    let v = round(top * (1.0 - wh) + bottom * wh);
+                    line[x * 3 + ch] = quantize(denorm(v));
+                }
+            }
+        }
+        let img = image::RgbImage::from_raw(new_width as u32, new_height as u32, bytes)
+            .expect("buffer length is exactly width·height·3 by construction");
+        out.push(img);
+    }
+    Ok(out)
+}
+
 /// numpy's `(x * 255).round().astype("uint8")` for `x` in [0, 1] (round half to even).
 fn quantize(x: f32) -> u8 {
     (x * 255.0).round_ties_even() as u8
@@ -442,6 +558,27 @@ mod tests {
         let x = Tensor::zeros((1, 3, bh as usize, bw as usize), DType::F32, &Device::Cpu).unwrap();
         let y = resize_and_crop(&x, 256, 944).unwrap();
         assert_eq!(y.dims(), &[1, 3, 256, 944]);
+    }
+
+    #[test]
+    fn streaming_resize_gives_the_tensor_paths_bytes() {
+        let dev = Device::Cpu;
+        // Values past ±1 exercise the clamp; sizes cover upscale, downscale, crop on either axis, no resize.
+        let x = Tensor::randn(0f32, 0.8, (2, 3, 13, 19), &dev).unwrap();
+        for (nh, nw) in [(40, 31), (7, 11), (13, 19), (50, 100), (13, 40)] {
+            let want = to_rgb_images(&resize_and_crop(&x, nh, nw).unwrap()).unwrap();
+            let got = stream_resize_crop_to_rgb(&x, nh, nw).unwrap();
+            assert_eq!(got.len(), 2);
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.dimensions(), (nw as u32, nh as u32));
+                assert!(g.as_raw() == w.as_raw(), "{nh}x{nw}: bytes differ");
+            }
+        }
+        // bf16: rounded to bf16 after interpolation and at each denormalisation step, as the tensor path.
+        let xb = x.to_dtype(DType::BF16).unwrap();
+        let want = to_rgb_images(&resize_and_crop(&xb, 40, 31).unwrap()).unwrap();
+        let got = stream_resize_crop_to_rgb(&xb, 40, 31).unwrap();
+        assert!(got[0].as_raw() == want[0].as_raw() && got[1].as_raw() == want[1].as_raw());
     }
 
     #[test]

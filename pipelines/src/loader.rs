@@ -188,6 +188,48 @@ impl ModelRepo {
         component: &str,
         variant: WeightVariant,
     ) -> Result<ComponentFiles, PipelineError> {
+        let (prefix, config, dir) = self.component_config(component)?;
+        let mut tried = Vec::new();
+        if let Some(weights) = self.weights(&prefix, variant, &mut tried)? {
+            return Ok(ComponentFiles {
+                dir,
+                config,
+                weights,
+            });
+        }
+        Err(load_err(format!(
+            "no safetensors weights in {}: looked for {}",
+            self.source.id,
+            tried.join(", ")
+        )))
+    }
+
+    /// [`Self::component`] for weights that will be used in `dtype`: the `bf16` variant when `dtype` is
+    /// bf16 and the component has one (no fp32→bf16 cast on load, half the bytes read), else the default
+    /// files (cast on load by [`var_builder`]).
+    pub fn component_for(
+        &mut self,
+        component: &str,
+        dtype: DType,
+    ) -> Result<ComponentFiles, PipelineError> {
+        if dtype == DType::BF16 {
+            let (prefix, config, dir) = self.component_config(component)?;
+            if let Some(weights) = self.weights(&prefix, WeightVariant::Bf16, &mut Vec::new())? {
+                return Ok(ComponentFiles {
+                    dir,
+                    config,
+                    weights,
+                });
+            }
+        }
+        self.component(component, WeightVariant::Default)
+    }
+
+    /// The component's repo-relative prefix (`"vae/"`, or `""` for the root), config path and local folder.
+    fn component_config(
+        &mut self,
+        component: &str,
+    ) -> Result<(String, PathBuf, PathBuf), PipelineError> {
         let prefix = if component.is_empty() {
             String::new()
         } else {
@@ -195,11 +237,21 @@ impl ModelRepo {
         };
         let config = self.file(&format!("{prefix}config.json"))?;
         let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok((prefix, config, dir))
+    }
+
+    /// The weight files of `variant` under `prefix`, or `None` when there are none (names looked for are
+    /// appended to `tried`).
+    fn weights(
+        &mut self,
+        prefix: &str,
+        variant: WeightVariant,
+        tried: &mut Vec<String>,
+    ) -> Result<Option<Vec<PathBuf>>, PipelineError> {
         let suffix = match variant {
             WeightVariant::Default => "",
             WeightVariant::Bf16 => ".bf16",
         };
-        let mut tried = Vec::new();
         for stem in ["diffusion_pytorch_model", "model"] {
             let single = format!("{prefix}{stem}{suffix}.safetensors");
             // diffusers names sharded variant indexes `<stem>.safetensors.index.<variant>.json`.
@@ -208,12 +260,7 @@ impl ModelRepo {
                 WeightVariant::Bf16 => format!("{prefix}{stem}.safetensors.index.bf16.json"),
             };
             if self.has_file(&single)? {
-                let weights = vec![self.file(&single)?];
-                return Ok(ComponentFiles {
-                    dir,
-                    config,
-                    weights,
-                });
+                return Ok(Some(vec![self.file(&single)?]));
             }
             if self.has_file(&index)? {
                 let index_path = self.file(&index)?;
@@ -222,20 +269,12 @@ impl ModelRepo {
                 for shard in shards {
                     weights.push(self.file(&format!("{prefix}{shard}"))?);
                 }
-                return Ok(ComponentFiles {
-                    dir,
-                    config,
-                    weights,
-                });
+                return Ok(Some(weights));
             }
             tried.push(single);
             tried.push(index);
         }
-        Err(load_err(format!(
-            "no safetensors weights in {}: looked for {}",
-            self.source.id,
-            tried.join(", ")
-        )))
+        Ok(None)
     }
 }
 
@@ -506,10 +545,33 @@ mod tests {
             repo.component("transformer", WeightVariant::Bf16)
                 .unwrap()
                 .weights,
-            vec![variant]
+            vec![variant.clone()]
         );
         assert_eq!(
             repo.component("transformer", WeightVariant::Default)
+                .unwrap()
+                .weights
+                .len(),
+            2
+        );
+        // Loading in bf16 takes the variant; in f32 the default shards; a component without the
+        // variant falls back to its default files.
+        assert_eq!(
+            repo.component_for("transformer", DType::BF16)
+                .unwrap()
+                .weights,
+            vec![variant.clone()]
+        );
+        assert_eq!(
+            repo.component_for("transformer", DType::F32)
+                .unwrap()
+                .weights
+                .len(),
+            2
+        );
+        std::fs::remove_file(&variant).unwrap();
+        assert_eq!(
+            repo.component_for("transformer", DType::BF16)
                 .unwrap()
                 .weights
                 .len(),

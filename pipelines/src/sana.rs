@@ -18,10 +18,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use serde::de::DeserializeOwned;
 
-use super::dcae::{DcAeConfig, DcAeDecoder};
+use super::dcae::{DcAeConfig, DcAeDecoder, DcAeTiling};
 use super::gemma2::{self, Gemma2Encoder};
 use super::image_ops;
-use super::loader::{self, ModelRepo, ModelSource, WeightVariant};
+use super::loader::{self, ModelRepo, ModelSource};
 use super::scheduler::{self, DpmSolverConfig, FlowDpmSolver, ScmConfig, ScmScheduler};
 use super::text::TextEncoder;
 use super::transformer::SanaTransformer2DModel;
@@ -37,12 +37,23 @@ pub use noise::{seeded_noise, InjectedNoise, NoiseSource};
 pub struct RunOptions {
     /// `use_resolution_binning` (default true).
     pub use_resolution_binning: bool,
+    /// Images whose decoded size (`h·w` at the generation size) exceeds this many pixels decode tiled,
+    /// as diffusers does after `vae.enable_tiling()` (512-px tiles every 448 px, [`DcAeTiling::default`]):
+    /// the decoder's activation memory then grows with the tile, not the image. Default
+    /// [`DECODE_TILE_ABOVE_PIXELS`]; `usize::MAX` never tiles.
+    pub decode_tile_above_pixels: usize,
 }
+
+/// Default of [`RunOptions::decode_tile_above_pixels`]: 2048² pixels. Every bin of the 512/1024/2048-px
+/// Sana checkpoints is at or below it (they decode exactly as diffusers' default, untiled); larger
+/// generation sizes (4K checkpoints, or binning off) decode tiled.
+pub const DECODE_TILE_ABOVE_PIXELS: usize = 2048 * 2048;
 
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             use_resolution_binning: true,
+            decode_tile_above_pixels: DECODE_TILE_ABOVE_PIXELS,
         }
     }
 }
@@ -65,10 +76,10 @@ impl DenoiserParts {
         device: &Device,
         files: &mut Vec<PathBuf>,
     ) -> Result<Self, PipelineError> {
-        let t_files = repo.component("transformer", WeightVariant::Default)?;
+        let t_files = repo.component_for("transformer", dtype)?;
         files.extend(t_files.weights.iter().cloned());
         let transformer = SanaTransformer2DModel::load_component(&t_files, dtype, device)?;
-        let v_files = repo.component("vae", WeightVariant::Default)?;
+        let v_files = repo.component_for("vae", dtype)?;
         files.extend(v_files.weights.iter().cloned());
         let vae_cfg = DcAeConfig::from_json_file(&v_files.config)?;
         let vb = loader::var_builder(&v_files.weights, dtype, device)?;
@@ -138,14 +149,25 @@ impl DenoiserParts {
         // One image at a time: the decoder's activations dominate peak memory (at 1024² about 2 GiB per
         // image), so n images cost one image's peak, not n; the decoder fills the GPU at batch 1.
         let mut out = Vec::with_capacity(z.dim(0)?);
+        let (_, _, h, w) = z.dims4()?;
+        let tiled = h * w * self.vae_scale * self.vae_scale > opts.decode_tile_above_pixels;
         for i in 0..z.dim(0)? {
-            let image = self.vae.decode(&z.narrow(0, i, 1)?)?;
-            let image = if opts.use_resolution_binning {
-                image_ops::resize_and_crop(&image, req.height as usize, req.width as usize)?
+            let zi = z.narrow(0, i, 1)?;
+            let image = if tiled {
+                self.vae.decode_tiled(&zi, &DcAeTiling::default())?
             } else {
-                image
+                self.vae.decode(&zi)?
             };
-            out.extend(image_ops::to_rgb_images(&image)?);
+            if opts.use_resolution_binning {
+                // Large outputs stream into u8 (bounded memory; see `resize_crop_to_rgb`).
+                out.extend(image_ops::resize_crop_to_rgb(
+                    &image,
+                    req.height as usize,
+                    req.width as usize,
+                )?);
+            } else {
+                out.extend(image_ops::to_rgb_images(&image)?);
+            }
         }
         Ok(out)
     }
@@ -406,7 +428,7 @@ pub fn load_text_encoder(
     device: &Device,
     files: &mut Vec<PathBuf>,
 ) -> Result<TextEncoder, PipelineError> {
-    let te = repo.component("text_encoder", WeightVariant::Default)?;
+    let te = repo.component_for("text_encoder", dtype)?;
     files.extend(te.weights.iter().cloned());
     let cfg: gemma2::Config = loader::read_json(&te.config)?;
     let vb = loader::var_builder(&te.weights, dtype, device)?;

@@ -89,6 +89,7 @@ fn run_base_case(name: &str) {
     let req = request(&meta, case, PipelineKind::Base);
     let opts = RunOptions {
         use_resolution_binning: case["use_resolution_binning"].as_bool().unwrap(),
+        ..RunOptions::default()
     };
     let mut noise = InjectedNoise::new([st[&format!("{name}_latents_init")].clone()]);
     let mut guard = pipelines().lock().unwrap_or_else(|p| p.into_inner());
@@ -130,6 +131,7 @@ fn sprint_512_matches_diffusers() {
     // diffusers ran without binning (its Sprint pipeline only bins for sample_size 32); 512² is its own bin.
     let opts = RunOptions {
         use_resolution_binning: case["use_resolution_binning"].as_bool().unwrap(),
+        ..RunOptions::default()
     };
     let mut guard = pipelines().lock().unwrap_or_else(|p| p.into_inner());
     let sprint = guard.sprint().expect("sprint loaded");
@@ -260,6 +262,7 @@ fn wrong_endpoint_and_unbinnable_sizes_are_rejected() {
     req.width = 300; // not a multiple of 32 without binning
     let opts = RunOptions {
         use_resolution_binning: false,
+        ..RunOptions::default()
     };
     let err = base
         .generate_with_noise(&req, &mut noise, opts, &mut NoProgress)

@@ -282,6 +282,7 @@ pub fn worker_config(
         idle_action: fleet_worker::IdleAction::Exit,
         drain_grace: Duration::from_secs(10),
         retry_backoff: Duration::ZERO,
+        image_memory_budget: 4096 << 20,
         storage,
     }
 }

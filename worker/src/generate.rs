@@ -206,6 +206,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let req = generate_request(args.endpoint, &input);
     let opts = RunOptions {
         use_resolution_binning: !args.no_resolution_binning,
+        ..RunOptions::default()
     };
     let mut noise: Box<dyn NoiseSource> = match &args.latents {
         Some(p) => Box::new(injected(p, &device)?),
@@ -246,7 +247,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "num_inference_steps": req.num_inference_steps,
             "generate_seconds": elapsed,
             "images": paths,
+            "peak_rss_bytes": peak_rss_bytes(),
         })
     );
     Ok(())
+}
+
+/// The process's peak resident set (`VmHWM` of `/proc/self/status`); `None` where there is no procfs.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -38,6 +38,15 @@ pub(crate) struct JobContext {
     pub hard_stop: CancellationToken,
     /// Pause before requeueing a retryable failure.
     pub retry_backoff: Duration,
+    /// Bytes one request's images may take ([`image_memory_need`]).
+    pub image_memory_budget: u64,
+}
+
+/// Host bytes a request's images take at most: each output image as RGB `u8` (3 bytes per pixel, held
+/// until upload) plus one more while it is encoded. The pipelines stream large outputs into `u8`
+/// (`sana_pipelines::image_ops::resize_crop_to_rgb`), so nothing else grows with the output size.
+pub fn image_memory_need(width: u32, height: u32, num_images: u32) -> u64 {
+    3 * u64::from(width) * u64::from(height) * (u64::from(num_images) + 1)
 }
 
 /// How the delivery is settled.
@@ -184,6 +193,28 @@ async fn run(ctx: &JobContext, job: &JobMessage, attempt: u32) -> Settle {
             };
         }
     };
+    let request = generate_request(job.endpoint, &input);
+    let need = image_memory_need(request.width, request.height, request.num_images);
+    if need > ctx.image_memory_budget {
+        let event = Event::failed(
+            &job.request_id,
+            job.endpoint,
+            ErrorType::ValidationError,
+            format!(
+                "{} image(s) of {}x{} need {} MiB of worker memory; this worker allows {} MiB: \
+                 ask for fewer or smaller images",
+                request.num_images,
+                request.width,
+                request.height,
+                need.div_ceil(1 << 20),
+                ctx.image_memory_budget >> 20
+            ),
+        );
+        return match publish_failed(ctx, event).await {
+            Ok(()) => Settle::DeadLetter,
+            Err(_) => Settle::Requeue,
+        };
+    }
     let cancel = ctx.hard_stop.child_token();
     let _running = ctx
         .tracker

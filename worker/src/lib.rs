@@ -76,6 +76,8 @@ pub struct WorkerConfig {
     pub drain_grace: Duration,
     /// Pause before requeueing a job whose attempt failed with a retryable error.
     pub retry_backoff: Duration,
+    /// Bytes one request's images may take ([`job::image_memory_need`]); larger requests fail at once.
+    pub image_memory_budget: u64,
     pub storage: StorageConfig,
 }
 
@@ -91,6 +93,7 @@ impl std::fmt::Debug for WorkerConfig {
             .field("idle_action", &self.idle_action)
             .field("drain_grace", &self.drain_grace)
             .field("retry_backoff", &self.retry_backoff)
+            .field("image_memory_budget", &self.image_memory_budget)
             .field("storage", &self.storage)
             .finish()
     }
@@ -169,6 +172,7 @@ pub async fn run(
         delivery_limit: config.topology.delivery_limit,
         hard_stop: CancellationToken::new(),
         retry_backoff: config.retry_backoff,
+        image_memory_budget: config.image_memory_budget,
     });
     let permits = Arc::new(Semaphore::new(usize::from(config.max_concurrency)));
     let tasks = TaskTracker::new();
@@ -292,6 +296,7 @@ mod tests {
             idle_action: IdleAction::Unload,
             drain_grace: Duration::from_secs(1),
             retry_backoff: Duration::ZERO,
+            image_memory_budget: 1 << 30,
             storage: StorageConfig {
                 endpoint: "http://s3:3900".into(),
                 public_endpoint: None,

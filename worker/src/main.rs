@@ -126,6 +126,11 @@ struct ServeArgs {
     /// Milliseconds to wait before requeueing a job whose attempt failed with a retryable error.
     #[arg(long, env = "FLEET_RETRY_BACKOFF_MS", default_value_t = 1000)]
     retry_backoff_ms: u64,
+    /// MiB of host memory one request's images may take: a request needs 3 bytes per output pixel per
+    /// image, plus one image while it is encoded (`3·w·h·(n+1)`); a larger one fails at once with
+    /// `validation_error` instead of exhausting the worker. 4096 MiB fits four 14142² images.
+    #[arg(long, env = "FLEET_IMAGE_MEMORY_BUDGET_MB", default_value_t = 4096)]
+    image_memory_budget_mb: u64,
     /// S3 API endpoint.
     #[arg(
         long,
@@ -231,6 +236,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         idle_action: args.idle_action,
         drain_grace: Duration::from_secs(args.drain_grace),
         retry_backoff: Duration::from_millis(args.retry_backoff_ms),
+        image_memory_budget: args.image_memory_budget_mb << 20,
         storage: StorageConfig {
             endpoint: args.s3_endpoint.clone(),
             public_endpoint: args.s3_public_endpoint.clone(),

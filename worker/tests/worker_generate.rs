@@ -146,3 +146,52 @@ fn service_validation_rules_apply() {
     assert!(err.to_string().contains("prompt"), "{err}");
     assert!(!out.exists());
 }
+
+/// Peak RSS of one `worker generate` process (the real binary) for a sprint image of `size`.
+fn peak_rss_of_generate(size: &str) -> u64 {
+    let model = fixtures().join("tiny/sana_sprint");
+    let out = temp_dir();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["generate", "--device", "cpu", "--endpoint", "sprint"])
+        .args(["--model", model.to_str().unwrap()])
+        .args(["--prompt", "a lighthouse", "--seed", "3", "--size", size])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .expect("run worker generate");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = String::from_utf8_lossy(&output.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+    let _ = std::fs::remove_dir_all(&out);
+    v["peak_rss_bytes"]
+        .as_u64()
+        .expect("peak_rss_bytes on Linux")
+}
+
+/// The memory bound the worker states (README, `image_memory_need`): a large output costs about its RGB
+/// bytes, not the ~59 bytes per pixel of resizing and converting full-size f32 tensors. 6144² is above the
+/// streaming threshold (4096²); the tiny model generates at its 512² bin either way.
+#[test]
+fn a_large_output_costs_about_its_rgb_bytes() {
+    let small = peak_rss_of_generate("512x512");
+    let big = peak_rss_of_generate("6144x6144");
+    let pixels = 6144u64 * 6144;
+    let bound = 3 * pixels * 2; // `3·w·h·(n+1)` for n = 1
+    let grew = big.saturating_sub(small);
+    eprintln!(
+        "peak RSS 512²: {} MiB, 6144²: {} MiB (+{} MiB, bound {} MiB)",
+        small >> 20,
+        big >> 20,
+        grew >> 20,
+        bound >> 20
+    );
+    assert!(
+        grew <= bound + (64 << 20),
+        "a 6144² image grew peak RSS by {} MiB; stated bound {} MiB",
+        grew >> 20,
+        bound >> 20
+    );
+}

@@ -169,6 +169,55 @@ fn tiled_decode_of_large_latent_has_full_size() -> Result<()> {
     Ok(())
 }
 
+/// diffusers' `enable_tiling(...)` + `decode` on the same tiny VAE and latents
+/// (`tools/make_tiled_decode_fixture.py`): tile split, per-tile decode, blending and cropping all match.
+#[test]
+fn tiled_decode_matches_diffusers_tiled_decode() -> Result<()> {
+    let dec = tiny_decoder()?;
+    let refs = candle_core::safetensors::load(
+        fixtures().join("reference/vae_tiled.safetensors"),
+        &Device::Cpu,
+    )?;
+    let cases = [
+        // diffusers' defaults: 16-latent tiles every 14 on 17×17 latents → 2×2 tiles, blends 64 px.
+        ("default", DcAeTiling::default()),
+        // non-square tiles, blends of 96 and 32 px, batch 2, on 9×7 latents → 2×2 tiles.
+        (
+            "custom",
+            DcAeTiling {
+                tile_sample_min_height: 256,
+                tile_sample_min_width: 192,
+                tile_sample_stride_height: 160,
+                tile_sample_stride_width: 160,
+            },
+        ),
+    ];
+    for (name, tiling) in cases {
+        let z = unscale(&dec, &refs[&format!("{name}_latent")])?;
+        let want = &refs[&format!("{name}_tiled")];
+        let got = dec.decode_tiled(&z, &tiling)?;
+        assert_eq!(got.dims(), want.dims(), "{name}");
+        let max_abs = (&got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        let untiled = dec.decode(&z)?;
+        let untiled_err = rel_l2(&untiled, want)?;
+        let err = rel_l2(&got, want)?;
+        assert!(
+            err < 1e-5 && max_abs < 1e-4,
+            "{name}: tiled decode vs diffusers: rel L2 {err:.3e}, max |Δ| {max_abs:.3e}"
+        );
+        // The comparison can fail: untiled decoding of the same latents is far from the reference.
+        assert!(
+            untiled_err > 1e-3,
+            "{name}: untiled rel L2 {untiled_err:.3e}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn sprint_vae_loads_with_its_own_weights() -> Result<()> {
     // Sana-Sprint ships its own VAE (spec §1.2): same architecture, different weights.

@@ -19,7 +19,7 @@ pub mod vit;
 use candle_core::{DType, Device};
 use image::RgbImage;
 
-use sana_pipelines::loader::{read_config, var_builder, ModelRepo, ModelSource, WeightVariant};
+use sana_pipelines::loader::{read_config, var_builder, ModelRepo, ModelSource};
 use sana_pipelines::PipelineError;
 
 /// Why checking could not produce flags.
@@ -138,7 +138,7 @@ struct CheckerFiles {
 impl CheckerFiles {
     fn resolve(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self, SafetyError> {
         let mut repo = ModelRepo::open(source)?;
-        let files = repo.component("", WeightVariant::Default)?;
+        let files = repo.component_for("", dtype)?;
         let preprocessor = repo.file("preprocessor_config.json")?;
         let preprocessor_json = std::fs::read_to_string(&preprocessor)
             .map_err(|e| SafetyError::Load(format!("reading {}: {e}", preprocessor.display())))?;
