@@ -263,3 +263,44 @@ async fn http_request_ids_are_validated() {
     d.stop().await;
     common::drop_topology(&conn, &topology).await;
 }
+
+/// A 20 MB submit gets a JSON 413 over HTTP/1.1 and over HTTP/2: the dispatcher drains what the client is
+/// still sending, so an HTTP/2 stream is answered, not reset. curl is the HTTP/2 client because it reports
+/// the reset (exit 92, no status) where reqwest's client returns the early answer regardless.
+#[tokio::test]
+async fn oversized_bodies_get_a_json_413_over_http1_and_http2() {
+    let conn = common::connect().await;
+    let topology = common::fresh_topology(&conn).await;
+    let d = InProcess::start(&topology, HttpConfig::default(), None).await;
+    let client = reqwest::Client::new();
+    wait_ready(&client, &d.base).await;
+    let file = std::env::temp_dir().join(format!("fleet-20mb-{}", uuid::Uuid::new_v4()));
+    std::fs::write(&file, vec![b'a'; 20_000_000]).expect("write body");
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "-w", "\n%{http_code} %{http_version}", version])
+            .args(["-H", "content-type: application/json", "--data-binary"])
+            .arg(format!("@{}", file.display()))
+            .arg(format!("{}/local/sana/sprint", d.base))
+            .output()
+            .await
+            .expect("run curl");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{version}: curl {:?}: {}{stdout}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (body, status) = stdout.rsplit_once('\n').expect("status line");
+        assert!(status.starts_with("413 "), "{version}: {status}: {body}");
+        let json: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+        assert_eq!(
+            json["detail"], "Failed to buffer the request body: length limit exceeded",
+            "{version}"
+        );
+    }
+    let _ = std::fs::remove_file(&file);
+    d.stop().await;
+    common::drop_topology(&conn, &topology).await;
+}

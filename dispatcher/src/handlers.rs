@@ -10,12 +10,12 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::app::AppState;
@@ -121,8 +121,9 @@ pub async fn submit_base(
     state: State<AppState>,
     headers: HeaderMap,
     q: Query<HashMap<String, String>>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
+    let body = read_body(body).await;
     submit_kind(state, EndpointKind::Base, headers, q, body).await
 }
 
@@ -130,9 +131,45 @@ pub async fn submit_sprint(
     state: State<AppState>,
     headers: HeaderMap,
     q: Query<HashMap<String, String>>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
+    let body = read_body(body).await;
     submit_kind(state, EndpointKind::Sprint, headers, q, body).await
+}
+
+/// Largest submit body read (axum's default limit, 2 MiB).
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+/// How much of an oversized body is read and discarded before the 413: a client that is still sending gets
+/// the answer instead of a reset stream (HTTP/2 cancels a stream whose body the server stops reading; curl
+/// reports that as exit 92 with no status). Past this the stream is reset after all.
+const DRAIN_BYTES: usize = 64 << 20;
+
+/// The body, up to [`MAX_BODY_BYTES`]; an oversized one is drained (up to [`DRAIN_BYTES`]) and answered 413.
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::Body(
+                StatusCode::BAD_REQUEST,
+                format!("Failed to read the request body: {e}"),
+            )
+        })?;
+        seen = seen.saturating_add(chunk.len());
+        if seen <= MAX_BODY_BYTES {
+            buf.extend_from_slice(&chunk);
+        } else if seen > DRAIN_BYTES {
+            break;
+        }
+    }
+    if seen > MAX_BODY_BYTES {
+        return Err(ApiError::Body(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Failed to buffer the request body: length limit exceeded".into(),
+        ));
+    }
+    Ok(Bytes::from(buf))
 }
 
 /// The submit options carried by the query (`fal_webhook`) and headers, or the header that does not parse.
@@ -178,15 +215,14 @@ async fn submit_kind(
     kind: EndpointKind,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<Bytes, ApiError>,
 ) -> Response {
     let metrics = state.metrics();
     let body = match body {
         Ok(body) => body,
-        Err(rejection) => {
-            // axum answers an oversized (413) or unreadable body in plain text; every error here is JSON.
+        Err(err) => {
             metrics.submission(kind, "http", "invalid");
-            return ApiError::Body(rejection.status(), rejection.body_text()).into_response();
+            return err.into_response();
         }
     };
     let parsed = match serde_json::from_slice::<Value>(&body) {
