@@ -2,12 +2,18 @@
 //! arbitrary JSON values, wrong types per field, unicode edge cases (NUL, lone surrogates, RTL, emoji),
 //! sizes at and past every limit, oversized bodies and ids. Properties: never a 5xx or a non-JSON error;
 //! every `fleet.submit` message carrying a usable id ends in exactly one event for it (`queued` or
-//! `failed`); only accepted requests are enqueued; the dispatcher still serves afterwards.
+//! `failed`); only accepted requests are enqueued; the dispatcher still serves afterwards; then a worker on
+//! the real tiny pipelines runs every accepted job, each ends in exactly one terminal event, and the worker
+//! still serves afterwards.
 //! The generator is a seeded xorshift (override with `FLEET_FUZZ_SEED`), so a failure replays.
 
 mod common;
 
+use std::time::Duration;
+
 use common::http::{jobs_enqueued, wait_ready, InProcess, WAIT};
+use common::realpipe::{ObservedFactory, Probe};
+use common::RunningWorker;
 use fleet::events::EventKind;
 use fleet::queue::Publisher;
 use fleet_dispatcher::http::HttpConfig;
@@ -163,6 +169,7 @@ async fn fuzz_http_bodies_and_amqp_envelopes() {
 
     // HTTP: every answer is JSON, never a server error; count what was accepted.
     let mut http_accepted = 0u32;
+    let mut accepted_ids: Vec<String> = Vec::new();
     for i in 0..120 {
         let path = rng.pick(&["/local/sana", "/local/sana/sprint"]).to_string();
         let body: Vec<u8> = match rng.below(10) {
@@ -200,6 +207,7 @@ async fn fuzz_http_bodies_and_amqp_envelopes() {
         if status == 200 {
             http_accepted += 1;
             assert!(parsed["request_id"].is_string(), "{what}");
+            accepted_ids.push(parsed["request_id"].as_str().unwrap_or_default().into());
         }
     }
 
@@ -280,6 +288,9 @@ async fn fuzz_http_bodies_and_amqp_envelopes() {
             "seed {seed}: {id} has {q} queued and {f} failed events"
         );
         amqp_queued += q as u32;
+        if q == 1 {
+            accepted_ids.push(id);
+        }
     }
     assert_eq!(
         jobs_enqueued(&conn, &topology).await,
@@ -295,6 +306,54 @@ async fn fuzz_http_bodies_and_amqp_envelopes() {
         .await
         .expect("submit");
     assert_eq!(resp.status().as_u16(), 200);
+    let last: Value = resp.json().await.expect("JSON");
+    accepted_ids.push(last["request_id"].as_str().expect("request_id").into());
+
+    // A worker on the real tiny pipelines runs every accepted job: each ends in exactly one terminal event
+    // (generous sizes meet the worker's image-memory budget, 64 MiB here, as `validation_error`), the
+    // worker survives them all, and the last, plain request completes.
+    let (probe, _freed) = Probe::new();
+    let mut config = common::worker_config(&topology, "w-fuzz", common::s3_config());
+    config.image_memory_budget = 64 << 20;
+    let worker = RunningWorker::spawn(config, ObservedFactory::boxed(probe, None));
+    let job_wait = Duration::from_secs(300);
+    for id in &accepted_ids {
+        let end = log.terminal(id, job_wait).await;
+        assert!(
+            matches!(end.kind(), EventKind::Completed | EventKind::Failed),
+            "seed {seed}: {id} ended {end:?}"
+        );
+    }
+    let mut outcomes = std::collections::BTreeMap::<String, u32>::new();
+    for id in &accepted_ids {
+        let ends: Vec<_> = log
+            .of(id)
+            .into_iter()
+            .filter(|e| matches!(e.kind(), EventKind::Completed | EventKind::Failed))
+            .collect();
+        assert_eq!(
+            ends.len(),
+            1,
+            "seed {seed}: {id} has {} terminal events",
+            ends.len()
+        );
+        let key = match ends[0].error_type() {
+            Some(t) => format!("failed {t:?}"),
+            None => format!("{:?}", ends[0].kind()),
+        };
+        *outcomes.entry(key).or_default() += 1;
+    }
+    eprintln!(
+        "seed {seed}: {} accepted jobs ran: {outcomes:?}",
+        accepted_ids.len()
+    );
+    let last_id = accepted_ids.last().expect("the plain request");
+    assert_eq!(
+        log.terminal(last_id, job_wait).await.kind(),
+        EventKind::Completed,
+        "the worker still serves after the fuzzed jobs"
+    );
+    worker.stop(job_wait).await;
     d.stop().await;
     common::drop_topology(&conn, &topology).await;
 }
