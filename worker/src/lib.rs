@@ -17,6 +17,7 @@ pub mod factory;
 mod job;
 pub mod model;
 pub mod safety;
+pub mod scaling;
 pub mod tracker;
 
 pub use factory::{SanaFactory, SanaFactoryConfig};
