@@ -126,6 +126,10 @@ struct ServeArgs {
     /// Milliseconds to wait before requeueing a job whose attempt failed with a retryable error.
     #[arg(long, env = "FLEET_RETRY_BACKOFF_MS", default_value_t = 1000)]
     retry_backoff_ms: u64,
+    /// How long an upload is retried while the object store is unavailable (exponential backoff, the
+    /// encoded images kept in memory) before the job fails with `storage_error`: `300s`, `5m`, `1h`.
+    #[arg(long, env = "FLEET_UPLOAD_RETRY_FOR", default_value = "300s", value_parser = parse_duration)]
+    upload_retry_for: Duration,
     /// S3 API endpoint.
     #[arg(
         long,
@@ -231,6 +235,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         idle_action: args.idle_action,
         drain_grace: Duration::from_secs(args.drain_grace),
         retry_backoff: Duration::from_millis(args.retry_backoff_ms),
+        upload_retry_for: args.upload_retry_for,
         storage: StorageConfig {
             endpoint: args.s3_endpoint.clone(),
             public_endpoint: args.s3_public_endpoint.clone(),
@@ -290,4 +295,23 @@ async fn main() -> anyhow::Result<()> {
             .context("generate task")?,
         None => serve(cli.serve).await,
     }
+}
+
+/// `300s`, `5m`, `1h` or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number with s, m or h (e.g. 300s)"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{text:?}: unit must be s, m or h")),
+    };
+    Ok(Duration::from_secs(secs))
 }
