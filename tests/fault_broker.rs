@@ -201,7 +201,7 @@ async fn broker_restart_mid_burst_fault() {
         "{tally:?}"
     );
     assert_eq!(tally.completed, BURST);
-    common::drop_topology(&conn, &topology).await;
     let _ = worker.kill().await;
     let _ = dispatcher.kill().await;
+    common::drop_topology(&conn, &topology).await;
 }
