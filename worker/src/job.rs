@@ -69,12 +69,16 @@ impl RunningIds {
             .entry(request_id.to_string())
             .or_default()
             .clone();
-        let guard = lock.clone().lock_owned().await;
+        let (guard, waited) = match lock.clone().try_lock_owned() {
+            Ok(guard) => (guard, false),
+            Err(_) => (lock.clone().lock_owned().await, true),
+        };
         RunningIdGuard {
             ids: self,
             request_id: request_id.to_string(),
             lock,
             guard: Some(guard),
+            waited,
         }
     }
 
@@ -91,6 +95,8 @@ struct RunningIdGuard<'a> {
     request_id: String,
     lock: Arc<tokio::sync::Mutex<()>>,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// Another job of the same request held the lock first.
+    waited: bool,
 }
 
 impl Drop for RunningIdGuard<'_> {
@@ -212,14 +218,16 @@ async fn publish_failed(ctx: &JobContext, mut event: Event) -> Result<(), QueueE
 }
 
 async fn run(ctx: &JobContext, job: &JobMessage, attempt: u32) -> Settle {
-    let _one_at_a_time = ctx.running.hold(&job.request_id).await;
-    if let Err(e) = ctx.tracker.sync().await {
-        tracing::warn!(error = %e, "results stream not caught up; requeueing");
-        return Settle::Requeue;
+    if let Some(settle) = already_ended(ctx, job).await {
+        return settle;
     }
-    if let Some(kind) = ctx.tracker.terminal(&job.request_id) {
-        tracing::info!(already = kind.as_str(), "request already ended; skipping");
-        return Settle::Ack;
+    // A run of the same request in this worker (its delivery's channel died) finishes first; what it
+    // published decides whether this one runs at all.
+    let one_at_a_time = ctx.running.hold(&job.request_id).await;
+    if one_at_a_time.waited {
+        if let Some(settle) = already_ended(ctx, job).await {
+            return settle;
+        }
     }
     if let Some(deadline) = job.deadline {
         if now_unix() > deadline {
@@ -275,6 +283,20 @@ async fn run(ctx: &JobContext, job: &JobMessage, attempt: u32) -> Settle {
         }
         Err(e) => failure(ctx, &job, attempt, e).await,
     }
+}
+
+/// Dedupe against the results stream: `Ack` when the request already ended, `Requeue` when the stream
+/// cannot be synced, `None` to go on.
+async fn already_ended(ctx: &JobContext, job: &JobMessage) -> Option<Settle> {
+    if let Err(e) = ctx.tracker.sync().await {
+        tracing::warn!(error = %e, "results stream not caught up; requeueing");
+        return Some(Settle::Requeue);
+    }
+    if let Some(kind) = ctx.tracker.terminal(&job.request_id) {
+        tracing::info!(already = kind.as_str(), "request already ended; skipping");
+        return Some(Settle::Ack);
+    }
+    None
 }
 
 async fn failure(ctx: &JobContext, job: &JobMessage, attempt: u32, err: JobError) -> Settle {
