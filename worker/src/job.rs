@@ -542,6 +542,28 @@ pub fn encode(img: &RgbImage, format: OutputFormat) -> Result<Vec<u8>, image::Im
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_second_job_of_a_request_waits_for_the_first_and_knows_it_waited() {
+        let ids = RunningIds::default();
+        let first = ids.hold("r").await;
+        assert!(!first.waited);
+        let other = ids.hold("other").await;
+        assert!(!other.waited, "other requests do not wait");
+        let second = tokio::time::timeout(Duration::from_millis(50), ids.hold("r")).await;
+        assert!(
+            second.is_err(),
+            "the same request waits while the first runs"
+        );
+        let waiting = async { ids.hold("r").await.waited };
+        let (waited, ()) = tokio::join!(waiting, async move { drop(first) });
+        assert!(waited);
+        drop(other);
+        assert!(
+            ids.map().is_empty(),
+            "entries are removed once nobody holds them"
+        );
+    }
+
     #[test]
     fn encodes_both_formats_at_their_size() {
         let img = RgbImage::from_fn(40, 24, |x, y| {
