@@ -184,10 +184,16 @@ async fn broker_restart_mid_burst_fault() {
     log.terminal(&probe.request_id, WAIT).await;
 
     let tally = Tally::count(&accepted, &log.seen, &s3, EndpointKind::Sprint, 1).await;
+    // Runs of the model (`started` events); a job whose `started` could not be published when the broker
+    // left is run again after it, which is not a second result.
+    let generations: usize = accepted
+        .iter()
+        .map(|id| log.count(id, fleet::events::EventKind::Started))
+        .sum();
     tally.print(
         "broker_restart",
         &format!(
-            "outage={:.1}s refused_503={refused} status_reads_during_outage={reads} \
+            "outage={:.1}s generations={generations} refused_503={refused} status_reads_during_outage={reads} \
              all_completed_after_restart={:.1}s resubmits_accepted_after={:.1}s",
             outage.as_secs_f64(),
             all_done.as_secs_f64(),
