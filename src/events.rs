@@ -50,6 +50,10 @@ pub enum ErrorType {
     ClientCancelled,
     BadRequest,
     ValidationError,
+    /// The images were generated but could not be stored: the object store stayed unavailable for the
+    /// worker's whole upload retry window (`--upload-retry-for`). Not part of fal's list; 500 like
+    /// `runner_server_error`, so clients treat it the same way.
+    StorageError,
 }
 
 impl ErrorType {
@@ -61,6 +65,7 @@ impl ErrorType {
             ErrorType::ClientCancelled => 499,
             ErrorType::BadRequest => 400,
             ErrorType::ValidationError => 422,
+            ErrorType::StorageError => 500,
         }
     }
 
@@ -72,6 +77,7 @@ impl ErrorType {
             ErrorType::ClientCancelled => "client_cancelled",
             ErrorType::BadRequest => "bad_request",
             ErrorType::ValidationError => "validation_error",
+            ErrorType::StorageError => "storage_error",
         }
     }
 }

@@ -49,7 +49,7 @@ async fn always_failing_job_is_dead_lettered_after_the_delivery_limit() {
     let failed = log.terminal(&job.request_id, WAIT).await;
     assert_eq!(failed.kind(), EventKind::Failed, "{failed:?}");
     assert_eq!(failed.billable_units(), Some(0));
-    assert_eq!(failed.error_type(), Some(ErrorType::RunnerServerError));
+    assert_eq!(failed.error_type(), Some(ErrorType::StorageError));
 
     let delivery = tokio::time::timeout(WAIT, dead.next())
         .await

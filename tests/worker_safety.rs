@@ -375,7 +375,7 @@ async fn worker_refuses_to_start_when_the_checker_cannot_load() {
         "stderr names the missing weight:\n{stderr}"
     );
     let depth = queue::queue_depth(
-        broker.publisher.channel(),
+        &broker.publisher.channel(),
         &broker.topology.job_queue(EndpointKind::Sprint),
     )
     .await

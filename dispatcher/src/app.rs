@@ -24,6 +24,9 @@ pub struct HttpConfig {
     pub admission_timeout: Duration,
     /// How long submit/cancel wait to read their own event back from the stream.
     pub read_your_writes_timeout: Duration,
+    /// How long the request routes wait for the replay at start before answering 503 (never a 404 from a
+    /// half-built view).
+    pub replay_wait: Duration,
     /// Whether the server speaks TLS (for derived URLs).
     pub https: bool,
 }
@@ -38,6 +41,7 @@ impl Default for HttpConfig {
             max_concurrency: 256,
             admission_timeout: Duration::from_secs(30),
             read_your_writes_timeout: Duration::from_secs(5),
+            replay_wait: Duration::from_secs(10),
             https: false,
         }
     }
@@ -56,6 +60,7 @@ impl std::fmt::Debug for HttpConfig {
             .field("max_concurrency", &self.max_concurrency)
             .field("admission_timeout", &self.admission_timeout)
             .field("read_your_writes_timeout", &self.read_your_writes_timeout)
+            .field("replay_wait", &self.replay_wait)
             .field("https", &self.https)
             .finish()
     }
@@ -122,5 +127,18 @@ impl AppState {
     pub async fn wait_ready(&self, timeout: Duration) {
         let mut rx = self.0.ready.clone();
         let _ = tokio::time::timeout(timeout, rx.wait_for(|r| *r)).await;
+    }
+
+    /// For the request routes: Ok once the replay is complete (waiting at most `replay_wait`), else the
+    /// 503 to answer. A view still being rebuilt would answer 404 for requests it has not reached yet.
+    pub async fn replayed(&self) -> Result<(), crate::reply::ApiError> {
+        if !self.is_ready() {
+            self.wait_ready(self.0.cfg.replay_wait).await;
+        }
+        if self.is_ready() {
+            Ok(())
+        } else {
+            Err(crate::reply::ApiError::Replaying)
+        }
     }
 }

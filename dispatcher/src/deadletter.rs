@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use super::deadlines::{retry_or_fail, run_deadlines, RequestWatch};
 use fleet::events::{ErrorType, Event, JobMessage};
 use fleet::job::EndpointKind;
-use fleet::queue::{self, header_str, message_id, QueueError, Topology, HEADER_ENDPOINT};
+use fleet::queue::{
+    self, header_str, message_id, Backoff, Link, QueueError, Topology, HEADER_ENDPOINT,
+};
 
 /// Dead-lettered messages a dispatcher holds unacknowledged at once (they are handled one by one).
 const PREFETCH: u16 = 16;
@@ -33,22 +35,17 @@ const DEAD_MESSAGE: &str = "The runner failed to process the request";
 /// Runs the start-deadline timer and the dead-letter consumer over `watch` until `shutdown`; the first
 /// permanent error of either ends both.
 pub async fn run_recovery(
-    conn: &Connection,
-    topology: &Topology,
+    link: &Link,
     watch: &RequestWatch,
     shutdown: &CancellationToken,
 ) -> Result<(), QueueError> {
-    tokio::try_join!(
-        run_deadlines(watch, shutdown),
-        run(conn, topology, watch, shutdown),
-    )
-    .map(|_| ())
+    tokio::try_join!(run_deadlines(watch, shutdown), run(link, watch, shutdown),).map(|_| ())
 }
 
-/// Consumes `{prefix}.dead.watch` until `shutdown` or a permanent broker error.
+/// Consumes `{prefix}.dead.watch` until `shutdown` or a permanent broker error, consuming again on the
+/// link's next connection when the broker goes away.
 pub async fn run(
-    conn: &Connection,
-    topology: &Topology,
+    link: &Link,
     watch: &RequestWatch,
     shutdown: &CancellationToken,
 ) -> Result<(), QueueError> {
@@ -57,6 +54,32 @@ pub async fn run(
         _ = shutdown.cancelled() => return Ok(()),
         _ = watch.caught_up() => {}
     }
+    let mut backoff = Backoff::reconnect();
+    loop {
+        let conn = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            conn = link.connection() => conn,
+        };
+        let Some(conn) = conn else { return Ok(()) };
+        match consume_once(&conn, link.topology(), watch, shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, "dead-letter watch interrupted; consuming again after a pause");
+                if !backoff.wait(shutdown).await {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn consume_once(
+    conn: &Connection,
+    topology: &Topology,
+    watch: &RequestWatch,
+    shutdown: &CancellationToken,
+) -> Result<(), QueueError> {
     let channel = queue::open_channel(conn).await?;
     let mut consumer = queue::consume(&channel, &topology.dead_watch_queue(), "", PREFETCH).await?;
     tracing::info!(queue = %topology.dead_watch_queue(), "watching dead-lettered jobs");
@@ -91,6 +114,9 @@ pub async fn run(
             }
             if let Err(e) = retry_or_fail(e, shutdown).await {
                 break Err(e);
+            }
+            if !channel.status().connected() {
+                break Err(QueueError::Closed("dead-letter channel closed".into()));
             }
         }
     };

@@ -230,17 +230,19 @@ pub async fn run_deadlines(
         let cutoff = now_micros().saturating_sub(grace_micros());
         let due = watch.lock().due(cutoff, BATCH);
         for (request_id, kind) in due {
-            // Taken out first: the loop must not fire twice while our own `failed` travels the stream.
-            if !watch.lock().forget(&request_id) {
-                continue;
-            }
             let event = Event::failed(
                 &request_id,
                 kind,
                 ErrorType::RequestTimeout,
                 TIMEOUT_MESSAGE,
             );
-            watch.publisher().publish_event(&event).await?;
+            // Kept in the index until the broker confirmed the `failed` (a broker outage retries it);
+            // then taken out, so the loop does not fire again while that event travels the stream.
+            if let Err(e) = watch.publisher().publish_event(&event).await {
+                retry_or_fail(e, shutdown).await?;
+                break;
+            }
+            watch.lock().forget(&request_id);
             tracing::info!(request_id, endpoint = %kind, "start deadline missed; request timed out");
         }
     }

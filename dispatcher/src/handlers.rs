@@ -290,6 +290,9 @@ pub async fn status(
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
+    if let Err(e) = state.replayed().await {
+        return e.into_response();
+    }
     let base = app_base(&state, &headers);
     match state
         .registry()
@@ -311,6 +314,9 @@ pub async fn status_stream(
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
+    if let Err(e) = state.replayed().await {
+        return e.into_response();
+    }
     let base = app_base(&state, &headers);
     let logs = wants_logs(&q);
     if state.registry().read(|r| r.get(&id).is_none()) {
@@ -348,6 +354,9 @@ pub async fn result(
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
+    if let Err(e) = state.replayed().await {
+        return e.into_response();
+    }
     let Some(view) = state.registry().read(|r| r.get(&id).cloned()) else {
         return ApiError::RequestNotFound(id).into_response();
     };
@@ -406,6 +415,9 @@ pub async fn cancel(
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
+    if let Err(e) = state.replayed().await {
+        return e.into_response();
+    }
     let Some((kind, terminal)) = state
         .registry()
         .read(|r| r.get(&id).map(|v| (v.endpoint, v.is_terminal())))

@@ -649,3 +649,97 @@ async fn oversized_bodies_get_a_json_413_and_huge_inputs_are_echoed_bounded() {
     assert_eq!(v["detail"][0]["loc"], json!(["body", "prompt"]));
     assert!(h.bus.jobs.lock().expect("lock").is_empty());
 }
+
+#[tokio::test]
+async fn submits_answer_503_with_retry_after_while_the_broker_is_away() {
+    let h = harness(HttpConfig::default());
+    h.bus.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (code, headers, body) = call(
+        &h.app,
+        Method::POST,
+        "/local/sana/sprint",
+        Some(json!({"prompt": "x"})),
+        &[],
+    )
+    .await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(
+        headers.get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("2")
+    );
+    assert_eq!(body["error_type"], "internal_error", "{body}");
+    assert!(body["detail"].is_string(), "{body}");
+    h.bus.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (code, _, _) = call(
+        &h.app,
+        Method::POST,
+        "/local/sana/sprint",
+        Some(json!({"prompt": "x"})),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        code,
+        StatusCode::OK,
+        "accepted again once the broker is back"
+    );
+}
+
+#[tokio::test]
+async fn request_routes_wait_for_the_replay_instead_of_answering_404() {
+    // Short wait: the replay does not finish, so the routes answer 503, never 404.
+    let h = harness(HttpConfig {
+        replay_wait: std::time::Duration::from_millis(50),
+        ..HttpConfig::default()
+    });
+    h.ready.send_replace(false);
+    for (method, path) in [
+        (Method::GET, "/local/sana/requests/r-1/status"),
+        (Method::GET, "/local/sana/requests/r-1"),
+        (Method::PUT, "/local/sana/requests/r-1/cancel"),
+        (Method::GET, "/local/sana/requests/r-1/status/stream"),
+    ] {
+        let (code, headers, body) = call(&h.app, method.clone(), path, None, &[]).await;
+        assert_eq!(
+            code,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{method} {path}: {body}"
+        );
+        assert_eq!(
+            headers.get("retry-after").and_then(|v| v.to_str().ok()),
+            Some("1"),
+            "{method} {path}"
+        );
+        assert!(body["detail"].is_string(), "{method} {path}: {body}");
+    }
+
+    // Long wait: a poll during the replay answers from the complete view once the replay ends.
+    let h = harness(HttpConfig {
+        replay_wait: std::time::Duration::from_secs(10),
+        ..HttpConfig::default()
+    });
+    h.ready.send_replace(false);
+    let poll = tokio::spawn({
+        let app = h.app.clone();
+        async move {
+            call(
+                &app,
+                Method::GET,
+                "/local/sana/requests/r-2/status",
+                None,
+                &[],
+            )
+            .await
+        }
+    });
+    let queued = testing::body(EndpointKind::Sprint, EventKind::Queued);
+    use super::submit::Bus as _;
+    h.bus
+        .publish_event(&Event::new("r-2", EndpointKind::Sprint, queued))
+        .await
+        .expect("apply queued");
+    h.ready.send_replace(true);
+    let (code, _, body) = poll.await.expect("join");
+    assert_eq!(code, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["status"], "IN_QUEUE");
+}

@@ -21,7 +21,7 @@ use fleet::events::{ErrorType, Event};
 use fleet::job::{
     bounded_echo, bounded_prefix, validate_request_id, EndpointKind, FieldError, ValidationError,
 };
-use fleet::queue::{consume, message_id, open_channel, QueueError, Topology};
+use fleet::queue::{consume, message_id, open_channel, Backoff, Link, QueueError, Topology};
 
 /// The body of a `fleet.submit` message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,15 +40,60 @@ pub struct SubmitMessage {
     pub start_timeout: Option<f64>,
 }
 
-/// Consumes the submit queue until `shutdown` or a broker error.
+/// Consumes the submit queue until `shutdown` or a permanent broker error. When the broker goes away
+/// (or a submission cannot be published) the channel is dropped, which returns its unacknowledged
+/// deliveries to the queue, and consuming starts again on the link's next connection.
 pub async fn run(
+    link: &Link,
+    bus: &dyn Bus,
+    registry: &SharedRegistry,
+    metrics: &Metrics,
+    prefetch: u16,
+    shutdown: CancellationToken,
+) -> Result<(), QueueError> {
+    let topology = link.topology();
+    let mut backoff = Backoff::reconnect();
+    loop {
+        let conn = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            conn = link.connection() => conn,
+        };
+        let Some(conn) = conn else { return Ok(()) };
+        let result = consume_once(
+            &conn,
+            topology,
+            bus,
+            registry,
+            metrics,
+            prefetch,
+            &shutdown,
+            &mut backoff,
+        )
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, "AMQP ingress interrupted; consuming again after a pause");
+                if !backoff.wait(&shutdown).await {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One channel's worth of consuming: Ok on shutdown, the error that ended it otherwise.
+#[allow(clippy::too_many_arguments)]
+async fn consume_once(
     conn: &Connection,
     topology: &Topology,
     bus: &dyn Bus,
     registry: &SharedRegistry,
     metrics: &Metrics,
     prefetch: u16,
-    shutdown: CancellationToken,
+    shutdown: &CancellationToken,
+    backoff: &mut Backoff,
 ) -> Result<(), QueueError> {
     let channel = open_channel(conn).await?;
     let tag = format!("dispatcher-{}", uuid::Uuid::new_v4());
@@ -58,20 +103,33 @@ pub async fn run(
         prefetch,
         "consuming AMQP submissions"
     );
-    loop {
+    *backoff = Backoff::reconnect();
+    let result = loop {
         let delivery = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => break Ok(()),
             d = consumer.next() => d,
         };
         let Some(delivery) = delivery else {
-            return Err(QueueError::Closed("submit consumer cancelled".into()));
+            break Err(QueueError::Closed("submit consumer cancelled".into()));
         };
-        let delivery = delivery.map_err(|source| QueueError::Broker {
-            op: "submit delivery",
-            source,
-        })?;
-        handle(delivery, bus, registry, metrics).await?;
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(source) => {
+                break Err(QueueError::Broker {
+                    op: "submit delivery",
+                    source,
+                })
+            }
+        };
+        if let Err(e) = handle(delivery, bus, registry, metrics).await {
+            break Err(e);
+        }
+    };
+    // Unacknowledged deliveries return to the queue when the channel closes.
+    if let Err(e) = channel.close(200, "ingress stopping".into()).await {
+        tracing::debug!(error = %e, "closing the submit channel");
     }
+    result
 }
 
 /// What one `fleet.submit` message turned into before anything was published.

@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use deadlines::{RequestWatch, WatchIndex};
-use fleet::queue::{connect_declared, EventSink, Publisher, QueueError, StreamReader, Topology};
+use fleet::queue::{EventSink, Link, QueueError, StreamReader, Topology};
 use fleet::telemetry::redact_url;
 use follow::{Follower, WebhookConfig};
 use http::{AppState, HttpConfig, ListenConfig};
@@ -77,21 +77,22 @@ pub enum DispatcherError {
     Metrics(#[from] prometheus::Error),
 }
 
-/// Runs the dispatcher until `shutdown` (or until a part fails, which shuts the rest down: the
-/// process is meant to be restarted, and a restart replays the stream). `on_bound` receives the
-/// listening address.
+/// Runs the dispatcher until `shutdown` (or until a part fails for good, which shuts the rest down: the
+/// process is meant to be restarted, and a restart replays the stream). A broker that goes away is not
+/// such a failure: the [`Link`] reconnects with backoff, the stream reader resumes after its last
+/// offset, the consumers start again, and meanwhile the HTTP API serves reads from its view and answers
+/// submits 503 with `Retry-After`. `on_bound` receives the listening address.
 pub async fn serve(
     cfg: ServeConfig,
     shutdown: CancellationToken,
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<(), DispatcherError> {
     tracing::info!(config = ?cfg, "dispatcher starting");
-    let conn = connect_declared(&cfg.amqp_url, &cfg.topology).await?;
-    let publisher = Publisher::new(&conn, cfg.topology.clone()).await?;
+    let link = Link::connect(&cfg.amqp_url, &cfg.topology).await?;
     let registry = SharedRegistry::new();
     let metrics = Arc::new(Metrics::new()?);
     let (ready_tx, ready_rx) = watch::channel(false);
-    let bus: Arc<dyn submit::Bus> = Arc::new(publisher.clone());
+    let bus: Arc<dyn submit::Bus> = Arc::new(link.publisher().clone());
     let state = AppState::new(
         cfg.http.clone(),
         registry.clone(),
@@ -112,11 +113,11 @@ pub async fn serve(
     });
     let watch_index = Arc::new(WatchIndex::default());
     let sinks: Vec<Arc<dyn EventSink>> = vec![follower, watch_index.clone()];
-    let (reader, reading) = StreamReader::open(&conn, publisher.clone(), sinks).await?;
+    let (reader, reading) = StreamReader::open(link.clone(), sinks).await?;
     let watch = RequestWatch::new(watch_index, reader);
     let (ingress_on, ingress_prefetch, listen) =
         (cfg.ingress, cfg.ingress_prefetch, cfg.listen.clone());
-    let (conn, topology, metrics, bus, watch) = (&conn, &cfg.topology, &metrics, &bus, &watch);
+    let (link_ref, metrics, bus, watch) = (&*link, &metrics, &bus, &watch);
     let registry = &ingress_registry;
     let follow_task = {
         let shutdown = shutdown.clone();
@@ -137,8 +138,7 @@ pub async fn serve(
                 return Ok(());
             }
             let r = ingress::run(
-                conn,
-                topology,
+                link_ref,
                 bus.as_ref(),
                 registry,
                 metrics,
@@ -157,7 +157,7 @@ pub async fn serve(
     let recovery_task = {
         let shutdown = shutdown.clone();
         async move {
-            let r = deadletter::run_recovery(conn, topology, watch, &shutdown).await;
+            let r = deadletter::run_recovery(link_ref, watch, &shutdown).await;
             if let Err(e) = &r {
                 tracing::error!(error = %e, "dead-letter and deadline watch stopped");
             }
@@ -174,9 +174,7 @@ pub async fn serve(
         }
     };
     let (f, i, r, h) = tokio::join!(follow_task, ingress_task, recovery_task, http_task);
-    if let Err(e) = conn.close(200, "dispatcher shutting down".into()).await {
-        tracing::debug!(error = %e, "closing the broker connection");
-    }
+    link.close("dispatcher shutting down").await;
     f.and(i).and(r).and(h)
 }
 

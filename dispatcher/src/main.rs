@@ -116,6 +116,9 @@ struct ServeArgs {
     /// Seconds a request may wait for a slot before it gets 503.
     #[arg(long, env = "FLEET_ADMISSION_TIMEOUT", default_value_t = 30)]
     admission_timeout: u64,
+    /// Seconds the request routes wait for the results-stream replay at start before answering 503.
+    #[arg(long, env = "FLEET_REPLAY_WAIT", default_value_t = 10)]
+    replay_wait: u64,
     /// Consume the AMQP submit queue.
     #[arg(long, env = "FLEET_INGRESS", default_value_t = true, action = clap::ArgAction::Set)]
     ingress: bool,
@@ -282,6 +285,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             max_concurrency: args.max_concurrency,
             admission_timeout: Duration::from_secs(args.admission_timeout),
             read_your_writes_timeout: Duration::from_secs(5),
+            replay_wait: Duration::from_secs(args.replay_wait),
             https,
         },
         listen: ListenConfig {

@@ -108,7 +108,7 @@ pub fn document(owner: &str, app: &str) -> Value {
                     "type": "object", "properties": {"loc": {"type": "array", "items": {"type": "string"}},
                     "msg": {"type": "string"}, "type": {"type": "string"}, "input": {}}}}}},
                 "RequestError": {"type": "object", "properties": {"detail": {"type": "string"}, "error_type": {"type": "string",
-                    "enum": ["request_timeout", "runner_server_error", "internal_error", "client_cancelled", "bad_request", "validation_error"]}}}
+                    "enum": ["request_timeout", "runner_server_error", "internal_error", "client_cancelled", "bad_request", "validation_error", "storage_error"]}}}
             }
         },
         "security": [{"Key": []}, {}],
@@ -131,7 +131,7 @@ pub fn document(owner: &str, app: &str) -> Value {
                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Output"}}}},
                               "400": {"description": "Not finished yet (`Request is still in progress`), or bad_request"}, "404": {"description": "Unknown request"},
                               "422": {"description": "validation_error"}, "499": {"description": "client_cancelled"},
-                              "500": {"description": "runner_server_error or internal_error",
+                              "500": {"description": "runner_server_error, internal_error or storage_error",
                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RequestError"}}}},
                               "504": {"description": "request_timeout"}}}},
             format!("{base}/requests/{{request_id}}/cancel"): {"put": {

@@ -32,6 +32,19 @@ pub fn json_response(status: StatusCode, body: &Value, request_id: Option<&str>)
     resp
 }
 
+/// Seconds in `Retry-After` while the broker is away (it reconnects with backoff of at most 5 s).
+const RETRY_AFTER_QUEUE: &str = "2";
+/// Seconds in `Retry-After` while the replay at start runs.
+const RETRY_AFTER_REPLAY: &str = "1";
+
+/// 503 with `Retry-After: secs` and a JSON body.
+fn retry_later(body: &Value, secs: &'static str) -> Response {
+    let mut resp = json_response(StatusCode::SERVICE_UNAVAILABLE, body, None);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
+    resp
+}
+
 /// Every error the HTTP API answers. No variant is 408, 409 or 429: fal's clients retry those.
 #[derive(Debug)]
 pub enum ApiError {
@@ -39,8 +52,11 @@ pub enum ApiError {
     Unauthorized,
     /// 503 with `Retry-After: 1`: no admission permit within `admission_timeout`.
     Overloaded,
-    /// 503: the broker did not confirm a publish (the cause is logged by the caller).
+    /// 503 with `Retry-After`: the broker did not confirm a publish (it is away or restarting; the cause
+    /// is logged by the caller).
     QueueUnavailable,
+    /// 503 with `Retry-After`: the dispatcher is still replaying the results stream after its start.
+    Replaying,
     /// 404 of the request routes for an unknown `request_id`.
     RequestNotFound(String),
     /// 404 of the cancel route for an unknown `request_id`, in fal's cancel vocabulary.
@@ -70,10 +86,13 @@ impl IntoResponse for ApiError {
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 resp
             }
-            ApiError::QueueUnavailable => json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::QueueUnavailable => retry_later(
                 &json!({"detail": "The queue is unavailable; try again later", "error_type": "internal_error"}),
-                None,
+                RETRY_AFTER_QUEUE,
+            ),
+            ApiError::Replaying => retry_later(
+                &json!({"detail": "The dispatcher is starting (replaying the results stream); try again shortly", "error_type": "internal_error"}),
+                RETRY_AFTER_REPLAY,
             ),
             ApiError::RequestNotFound(id) => json_response(
                 StatusCode::NOT_FOUND,

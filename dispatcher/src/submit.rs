@@ -155,6 +155,7 @@ pub fn validation_failed(request_id: &str, kind: EndpointKind, err: &ValidationE
 #[cfg(test)]
 pub(crate) mod testing {
     //! An in-memory bus for handler tests: events go straight into a registry, jobs into a list.
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
 
     use super::*;
@@ -166,11 +167,23 @@ pub(crate) mod testing {
         pub jobs: Mutex<Vec<(JobMessage, Option<u8>)>>,
         pub events: Mutex<Vec<Event>>,
         offset: Mutex<u64>,
+        /// While true every publish fails as it does while the broker is away.
+        pub down: AtomicBool,
+    }
+
+    impl MemoryBus {
+        fn check_up(&self) -> Result<(), QueueError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(QueueError::Timeout("the publisher confirm"));
+            }
+            Ok(())
+        }
     }
 
     impl Bus for MemoryBus {
         fn publish_event<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), QueueError>> {
             Box::pin(async move {
+                self.check_up()?;
                 let offset = {
                     let mut o = self
                         .offset
@@ -194,6 +207,7 @@ pub(crate) mod testing {
             priority: Option<u8>,
         ) -> BoxFuture<'a, Result<(), QueueError>> {
             Box::pin(async move {
+                self.check_up()?;
                 self.jobs
                     .lock()
                     .map_err(|_| QueueError::Closed("poisoned".into()))?

@@ -10,17 +10,21 @@
 //!   `message_id = request_id` and header `x-endpoint = kind`.
 //! - [`subscribe_results`] reads the `fleet.results` stream from a [`StreamOffset`] and yields
 //!   `(offset, Event)`; keep the last offset and resume from `StreamOffset::Offset(last + 1)`.
+//! - [`Link`] keeps one connection alive across broker restarts (reconnect with backoff, topology
+//!   declared again, the publisher moved over); consumers re-subscribe on its new connection.
 //! - [`QueueError::is_retryable`] tells a transient broker problem from a permanent one.
 //!
 //! Mirrors RabbitMQ's documented AMQP 0.9.1 usage of quorum queues (`x-delivery-limit`,
 //! `x-dead-letter-exchange`) and streams (`x-queue-type=stream`, `x-max-age`, `x-stream-offset`), as seen
 //! working on RabbitMQ 3.10.8 with lapin 4.12.
 
+mod link;
 mod publish;
 mod reader;
 mod stream;
 
-pub use publish::{Publisher, MARKER_ROUTING_KEY, MARKER_TYPE};
+pub use link::{Backoff, Link};
+pub use publish::{Publisher, CONFIRM_TIMEOUT, MARKER_ROUTING_KEY, MARKER_TYPE};
 pub use reader::{EventSink, Reading, StreamReader};
 pub use stream::{subscribe_raw, subscribe_results, ResultStream, StreamItem, StreamOffset};
 

@@ -1,7 +1,12 @@
 //! Confirmed publishing (service-contract §5): every `publish_*` returns only after the broker's
 //! `basic.ack`; `basic.nack` and `basic.return` (mandatory, unroutable) are errors. One channel in
 //! confirm mode, shared by clones of [`Publisher`]; lapin matches confirms to publishes by delivery tag,
-//! so concurrent publishes from several tasks are fine.
+//! so concurrent publishes from several tasks are fine. A [`super::Link`] moves the publisher onto a new
+//! channel after a reconnect ([`Publisher::reopen`]); a publish on a dead channel fails at once, and a
+//! confirm that does not come within [`CONFIRM_TIMEOUT`] is an error (both retryable).
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -16,20 +21,23 @@ pub const MARKER_ROUTING_KEY: &str = "_marker";
 /// AMQP `type` property of stream markers; [`super::subscribe_results`] skips such messages.
 pub const MARKER_TYPE: &str = "fleet.marker";
 
+/// Longest wait for the broker's confirm of one publish.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
 
 /// A channel in confirm mode plus the topology it publishes into. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    channel: Arc<RwLock<Channel>>,
     topology: Topology,
 }
 
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Publisher")
-            .field("channel", &self.channel.id())
+            .field("channel", &self.channel().id())
             .field("topology", &self.topology)
             .finish()
     }
@@ -38,12 +46,26 @@ impl std::fmt::Debug for Publisher {
 impl Publisher {
     /// Opens a new channel on `conn` and puts it in confirm mode.
     pub async fn new(conn: &Connection, topology: Topology) -> Result<Self, QueueError> {
-        let channel = super::open_channel(conn).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(QueueError::broker("confirm.select"))?;
-        Ok(Publisher { channel, topology })
+        let channel = confirm_channel(conn).await?;
+        Ok(Publisher {
+            channel: Arc::new(RwLock::new(channel)),
+            topology,
+        })
+    }
+
+    /// Moves this publisher (and every clone of it) onto a new confirm channel of `conn`.
+    pub async fn reopen(&self, conn: &Connection) -> Result<(), QueueError> {
+        let channel = confirm_channel(conn).await?;
+        *self
+            .channel
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = channel;
+        Ok(())
+    }
+
+    /// True while the current channel is open.
+    pub fn is_open(&self) -> bool {
+        self.channel().status().connected()
     }
 
     /// The topology this publisher targets.
@@ -51,9 +73,12 @@ impl Publisher {
         &self.topology
     }
 
-    /// The underlying channel (confirm mode); usable for declares and passive queue checks.
-    pub fn channel(&self) -> &Channel {
-        &self.channel
+    /// The current channel (confirm mode); usable for declares and passive queue checks.
+    pub fn channel(&self) -> Channel {
+        self.channel
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Publishes a job to `{prefix}.jobs` with routing key = its endpoint kind: persistent JSON,
@@ -153,13 +178,17 @@ impl Publisher {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let confirm = self
-            .channel
-            .basic_publish(exchange.into(), routing_key.into(), opts, body, props)
-            .await
-            .map_err(QueueError::broker("basic.publish"))?
-            .await
-            .map_err(QueueError::broker("publisher confirm"))?;
+        let channel = self.channel();
+        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, async {
+            channel
+                .basic_publish(exchange.into(), routing_key.into(), opts, body, props)
+                .await
+                .map_err(QueueError::broker("basic.publish"))?
+                .await
+                .map_err(QueueError::broker("publisher confirm"))
+        })
+        .await
+        .map_err(|_| QueueError::Timeout("the publisher confirm"))??;
         match confirm {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
@@ -178,6 +207,15 @@ impl Publisher {
             }),
         }
     }
+}
+
+async fn confirm_channel(conn: &Connection) -> Result<Channel, QueueError> {
+    let channel = super::open_channel(conn).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(QueueError::broker("confirm.select"))?;
+    Ok(channel)
 }
 
 fn json_props(message_id: &str) -> BasicProperties {

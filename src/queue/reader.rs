@@ -7,17 +7,23 @@
 //! marker back the replay is complete ([`StreamReader::caught_up`]), and events from then on are `live`.
 //! [`StreamReader::sync`] publishes a marker of its own and waits until it is read back: every event the
 //! broker confirmed before the call has then been handed to every sink.
+//!
+//! The reader survives a broker restart: when its consumer ends it subscribes again on the [`Link`]'s next
+//! connection from the offset after the last one it read, so no event is applied twice or skipped. A
+//! marker whose publish was confirmed is read back after the restart; `sync` callers waiting meanwhile
+//! time out (retryable).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::Connection;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{subscribe_raw, Publisher, QueueError, ResultStream, StreamItem, StreamOffset};
+use super::{
+    subscribe_raw, Backoff, Link, Publisher, QueueError, ResultStream, StreamItem, StreamOffset,
+};
 use crate::events::Event;
 
 /// How long [`StreamReader::sync`] waits for its marker to come back.
@@ -33,7 +39,7 @@ pub trait EventSink: Send + Sync {
 
 /// The process's reader of the results stream; see the module docs.
 pub struct StreamReader {
-    publisher: Publisher,
+    link: Arc<Link>,
     sinks: Vec<Arc<dyn EventSink>>,
     markers: Mutex<HashMap<String, oneshot::Sender<()>>>,
     caught_up: watch::Sender<bool>,
@@ -44,21 +50,26 @@ pub struct Reading {
     reader: Arc<StreamReader>,
     stream: ResultStream<StreamItem>,
     start_marker: String,
+    /// Offset of the last message read (events and markers): a resubscription starts after it.
+    last_offset: Option<u64>,
 }
 
 impl StreamReader {
-    /// Subscribes from the first offset and publishes the start marker (through `publisher`, which the
-    /// reader also uses for the markers of [`sync`](Self::sync)).
+    /// Subscribes from the first offset on `link`'s connection and publishes the start marker (through
+    /// the link's publisher, which the reader also uses for the markers of [`sync`](Self::sync)).
     pub async fn open(
-        conn: &Connection,
-        publisher: Publisher,
+        link: Arc<Link>,
         sinks: Vec<Arc<dyn EventSink>>,
     ) -> Result<(Arc<StreamReader>, Reading), QueueError> {
-        let stream = subscribe_raw(conn, publisher.topology(), StreamOffset::First).await?;
+        let conn = link
+            .connection()
+            .await
+            .ok_or_else(|| QueueError::Closed("broker link closed".into()))?;
+        let stream = subscribe_raw(&conn, link.topology(), StreamOffset::First).await?;
         let start_marker = uuid::Uuid::new_v4().to_string();
-        publisher.publish_marker(&start_marker).await?;
+        link.publisher().publish_marker(&start_marker).await?;
         let reader = Arc::new(StreamReader {
-            publisher,
+            link,
             sinks,
             markers: Mutex::new(HashMap::new()),
             caught_up: watch::channel(false).0,
@@ -67,6 +78,7 @@ impl StreamReader {
             reader: reader.clone(),
             stream,
             start_marker,
+            last_offset: None,
         };
         Ok((reader, reading))
     }
@@ -91,7 +103,7 @@ impl StreamReader {
         let (tx, rx) = oneshot::channel();
         self.markers().insert(token.clone(), tx);
         let result = async {
-            self.publisher.publish_marker(&token).await?;
+            self.link.publisher().publish_marker(&token).await?;
             match tokio::time::timeout(SYNC_TIMEOUT, rx).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(QueueError::Closed("results stream reader stopped".into())),
@@ -105,24 +117,41 @@ impl StreamReader {
 
     /// The confirmed publisher the reader uses.
     pub fn publisher(&self) -> &Publisher {
-        &self.publisher
+        self.link.publisher()
     }
 }
 
 impl Reading {
-    /// Reads the stream until `shutdown` (Ok) or until it breaks (the error).
+    /// Reads the stream until `shutdown` (Ok) or until it breaks for good (the error). A consumer that
+    /// ends with a retryable error (the broker went away) is resubscribed after the last offset read.
     pub async fn run(mut self, shutdown: &CancellationToken) -> Result<(), QueueError> {
-        let reader = &self.reader;
+        let reader = self.reader.clone();
         let mut live = false;
         loop {
             let item = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 item = self.stream.next() => item,
             };
-            let Some(item) = item else {
-                return Err(QueueError::Closed("results stream ended".into()));
+            let item = match item {
+                Some(Ok(item)) => item,
+                Some(Err(e)) if !e.is_retryable() => return Err(e),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, last_offset = ?self.last_offset, "results stream interrupted; resubscribing");
+                    if !self.resubscribe(shutdown).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                None => {
+                    tracing::warn!(last_offset = ?self.last_offset, "results stream ended; resubscribing");
+                    if !self.resubscribe(shutdown).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
             };
-            match item? {
+            self.last_offset = Some(item.0);
+            match item {
                 (_, StreamItem::Marker(token)) if !live && token == self.start_marker => {
                     live = true;
                     reader.caught_up.send_replace(true);
@@ -140,6 +169,34 @@ impl Reading {
                         sink.apply(offset, &event, live);
                     }
                 }
+            }
+        }
+    }
+
+    /// Subscribes again after the last offset read, on the link's live connection, with backoff; false
+    /// when `shutdown` (or the link closing) came first.
+    async fn resubscribe(&mut self, shutdown: &CancellationToken) -> bool {
+        let from = self
+            .last_offset
+            .map_or(StreamOffset::First, |o| StreamOffset::Offset(o + 1));
+        let link = self.reader.link.clone();
+        let mut backoff = Backoff::reconnect();
+        loop {
+            let conn = tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                conn = link.connection() => conn,
+            };
+            let Some(conn) = conn else { return false };
+            match subscribe_raw(&conn, link.topology(), from).await {
+                Ok(stream) => {
+                    tracing::info!(?from, "results stream resubscribed");
+                    self.stream = stream;
+                    return true;
+                }
+                Err(e) => tracing::debug!(error = %e, "resubscribing to the results stream failed"),
+            }
+            if !backoff.wait(shutdown).await {
+                return false;
             }
         }
     }

@@ -3,6 +3,7 @@
 //! Tests never skip when a server is missing: they fail with a message that says what to set.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod faults;
 pub mod http;
 pub mod realpipe;
 
@@ -283,6 +284,7 @@ pub fn worker_config(
         drain_grace: Duration::from_secs(10),
         retry_backoff: Duration::ZERO,
         image_memory_budget: 4096 << 20,
+        upload_retry_for: Duration::from_secs(300),
         storage,
     }
 }

@@ -3,9 +3,17 @@
 //! `completed` (confirmed) and only then the ack. Failures: retryable → requeue while the quorum queue's
 //! delivery count is below its limit; permanent or out of attempts → `failed` (billing 0), then reject
 //! without requeue, which dead-letters the message to `{prefix}.dead`.
+//!
+//! Outages are ridden out where the work is, not by generating again: an upload that fails because the
+//! store is unavailable is retried with exponential backoff for `upload_retry_for` while the encoded
+//! images stay in memory (then `failed` with `storage_error`), and a `completed` that cannot be published
+//! because the broker is away is retried until it is back (bounded by [`PUBLISH_RETRY_FOR`]). One job per
+//! request id runs at a time in a worker ([`RunningIds`]): the broker's redelivery of a job whose channel
+//! died while it ran waits for that run, then finds the request ended.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use image::RgbImage;
 use lapin::message::Delivery;
@@ -21,9 +29,9 @@ use fleet::events::{
 };
 use fleet::job::{revalidate, EndpointKind, OutputFormat};
 use fleet::queue::{
-    delivery_attempt, header_str, message_id, Publisher, QueueError, HEADER_ENDPOINT,
+    delivery_attempt, header_str, message_id, Backoff, Publisher, QueueError, HEADER_ENDPOINT,
 };
-use fleet::storage::{object_key, Storage, StorageError};
+use fleet::storage::{object_key, Storage, StorageError, StoredObject};
 use sana_pipelines::{GenerateRequest, PipelineError};
 
 /// What a job shares with the rest of the worker.
@@ -40,6 +48,68 @@ pub(crate) struct JobContext {
     pub retry_backoff: Duration,
     /// Bytes one request's images may take ([`image_memory_need`]).
     pub image_memory_budget: u64,
+    /// How long an upload to an unavailable store is retried before the job fails.
+    pub upload_retry_for: Duration,
+    /// Request ids with a job running in this worker.
+    pub running: RunningIds,
+}
+
+/// Longest time a `completed` event is retried while the broker is away. Past it the attempt fails as
+/// retryable and the broker's redelivery generates again.
+pub(crate) const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(300);
+
+/// One async lock per request id with a job running in this worker, so a redelivery of the same job
+/// (its first channel died while it ran) waits for the first run instead of generating beside it.
+#[derive(Default)]
+pub(crate) struct RunningIds(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl RunningIds {
+    /// Holds the request's lock until the returned guard is dropped.
+    async fn hold(&self, request_id: &str) -> RunningIdGuard<'_> {
+        let lock = self
+            .map()
+            .entry(request_id.to_string())
+            .or_default()
+            .clone();
+        let (guard, waited) = match lock.clone().try_lock_owned() {
+            Ok(guard) => (guard, false),
+            Err(_) => (lock.clone().lock_owned().await, true),
+        };
+        RunningIdGuard {
+            ids: self,
+            request_id: request_id.to_string(),
+            lock,
+            guard: Some(guard),
+            waited,
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        // Only plain map operations happen under this lock; a poisoned map is still consistent.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+struct RunningIdGuard<'a> {
+    ids: &'a RunningIds,
+    request_id: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// Another job of the same request held the lock first.
+    waited: bool,
+}
+
+impl Drop for RunningIdGuard<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut map = self.ids.map();
+        // The map's entry and ours are the only references left: nobody else waits on this id.
+        if Arc::strong_count(&self.lock) == 2 {
+            map.remove(&self.request_id);
+        }
+    }
 }
 
 /// Host bytes a request's images take at most: each output image as RGB `u8` (3 bytes per pixel, held
@@ -64,6 +134,9 @@ enum JobError {
     Queue(#[from] QueueError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The store stayed unavailable for the whole upload retry window.
+    #[error("gave up uploading after {0:?}: {1}")]
+    StorageGaveUp(Duration, StorageError),
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("image encoding: {0}")]
@@ -75,6 +148,7 @@ impl JobError {
         match self {
             JobError::Queue(e) => e.is_retryable(),
             JobError::Storage(e) => e.is_retryable(),
+            JobError::StorageGaveUp(..) => false,
             JobError::Model(e) => e.is_retryable(),
             JobError::Encode(_) => false,
         }
@@ -85,10 +159,10 @@ impl JobError {
             JobError::Model(ModelError::Pipeline(PipelineError::InvalidRequest(_))) => {
                 ErrorType::BadRequest
             }
-            JobError::Model(_)
-            | JobError::Storage(_)
-            | JobError::Queue(_)
-            | JobError::Encode(_) => ErrorType::RunnerServerError,
+            JobError::Storage(_) | JobError::StorageGaveUp(..) => ErrorType::StorageError,
+            JobError::Model(_) | JobError::Queue(_) | JobError::Encode(_) => {
+                ErrorType::RunnerServerError
+            }
         }
     }
 }
@@ -153,13 +227,16 @@ async fn publish_failed(ctx: &JobContext, mut event: Event) -> Result<(), QueueE
 }
 
 async fn run(ctx: &JobContext, job: &JobMessage, attempt: u32) -> Settle {
-    if let Err(e) = ctx.tracker.sync().await {
-        tracing::warn!(error = %e, "results stream not caught up; requeueing");
-        return Settle::Requeue;
+    if let Some(settle) = already_ended(ctx, job).await {
+        return settle;
     }
-    if let Some(kind) = ctx.tracker.terminal(&job.request_id) {
-        tracing::info!(already = kind.as_str(), "request already ended; skipping");
-        return Settle::Ack;
+    // A run of the same request in this worker (its delivery's channel died) finishes first; what it
+    // published decides whether this one runs at all.
+    let one_at_a_time = ctx.running.hold(&job.request_id).await;
+    if one_at_a_time.waited {
+        if let Some(settle) = already_ended(ctx, job).await {
+            return settle;
+        }
     }
     if let Some(deadline) = job.deadline {
         if now_unix() > deadline {
@@ -239,6 +316,20 @@ async fn run(ctx: &JobContext, job: &JobMessage, attempt: u32) -> Settle {
     }
 }
 
+/// Dedupe against the results stream: `Ack` when the request already ended, `Requeue` when the stream
+/// cannot be synced, `None` to go on.
+async fn already_ended(ctx: &JobContext, job: &JobMessage) -> Option<Settle> {
+    if let Err(e) = ctx.tracker.sync().await {
+        tracing::warn!(error = %e, "results stream not caught up; requeueing");
+        return Some(Settle::Requeue);
+    }
+    if let Some(kind) = ctx.tracker.terminal(&job.request_id) {
+        tracing::info!(already = kind.as_str(), "request already ended; skipping");
+        return Some(Settle::Ack);
+    }
+    None
+}
+
 async fn failure(ctx: &JobContext, job: &JobMessage, attempt: u32, err: JobError) -> Settle {
     // x-delivery-count = attempt - 1; the broker drops the message once it exceeds the limit.
     let attempts_left = attempt <= ctx.delivery_limit;
@@ -248,12 +339,12 @@ async fn failure(ctx: &JobContext, job: &JobMessage, attempt: u32, err: JobError
     }
     tracing::error!(error = %err, retryable = err.is_retryable(), "job failed for good; dead-lettering");
     // Internal causes stay in the log; the client gets a generic message.
-    let event = Event::failed(
-        &job.request_id,
-        job.endpoint,
-        err.error_type(),
-        "image generation failed",
-    );
+    let error_type = err.error_type();
+    let message = match error_type {
+        ErrorType::StorageError => "the generated images could not be stored",
+        _ => "image generation failed",
+    };
+    let event = Event::failed(&job.request_id, job.endpoint, error_type, message);
     match publish_failed(ctx, event).await {
         Ok(()) => Settle::DeadLetter,
         Err(e) => {
@@ -282,11 +373,8 @@ async fn execute(
     let uploads = encoded.into_iter().enumerate().map(|(i, (bytes, w, h))| {
         let key = object_key(job.endpoint, &job.request_id, i, format.extension());
         async move {
-            let stored = ctx
-                .storage
-                .put_object(&key, bytes, format.content_type())
-                .await?;
-            Ok::<_, StorageError>(json!({
+            let stored = upload(ctx, &key, bytes, format.content_type()).await?;
+            Ok::<_, JobError>(json!({
                 "url": stored.url,
                 "width": w,
                 "height": h,
@@ -313,13 +401,83 @@ async fn execute(
         inference_time: output.inference_time,
     });
     let completed = Event::new(&job.request_id, job.endpoint, completed);
-    ctx.publisher.publish_event(&completed).await?;
+    publish_retrying(ctx, &completed).await?;
     tracing::info!(
         inference_time = output.inference_time,
         units = input.billable_units(),
         "completed"
     );
     Ok(())
+}
+
+/// Uploads one object, retrying while the store is unavailable (exponential backoff from 0.5 s to 15 s,
+/// for at most `upload_retry_for`); the bytes stay in memory meanwhile. Other errors return at once.
+async fn upload(
+    ctx: &JobContext,
+    key: &str,
+    bytes: Vec<u8>,
+    content_type: &str,
+) -> Result<StoredObject, JobError> {
+    let first_failure = Instant::now();
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(15));
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let err = match ctx
+            .storage
+            .put_object(key, bytes.clone(), content_type)
+            .await
+        {
+            Ok(stored) => {
+                if tries > 1 {
+                    tracing::info!(key, tries, "upload succeeded after the store came back");
+                }
+                return Ok(stored);
+            }
+            Err(e) => e,
+        };
+        let outage = match &err {
+            StorageError::Unavailable { .. } => true,
+            StorageError::Config(_)
+            | StorageError::Misconfigured { .. }
+            | StorageError::Rejected { .. }
+            | StorageError::Build { .. } => false,
+        };
+        if !outage {
+            return Err(err.into());
+        }
+        let waited = first_failure.elapsed();
+        if waited >= ctx.upload_retry_for {
+            return Err(JobError::StorageGaveUp(waited, err));
+        }
+        let pause = backoff.next_delay().min(ctx.upload_retry_for - waited);
+        tracing::warn!(key, tries, error = %err, ?pause, "store unavailable; retrying the upload");
+        tokio::select! {
+            // A drain that runs out of grace requeues the job instead of waiting for the store.
+            _ = ctx.hard_stop.cancelled() => return Err(err.into()),
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Publishes `event`, retrying retryable broker errors (the broker restarting) with backoff for at
+/// most [`PUBLISH_RETRY_FOR`].
+async fn publish_retrying(ctx: &JobContext, event: &Event) -> Result<(), QueueError> {
+    let started = Instant::now();
+    let mut backoff = Backoff::reconnect();
+    loop {
+        match ctx.publisher.publish_event(event).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() && started.elapsed() < PUBLISH_RETRY_FOR => {
+                tracing::warn!(error = %e, event = event.kind().as_str(), "publish failed; retrying");
+                tokio::select! {
+                    _ = ctx.hard_stop.cancelled() => return Err(e),
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Runs the model while publishing `started` when the model thread takes the job up (a job waiting
@@ -370,7 +528,10 @@ async fn generate_with_progress(
                     message: None,
                 });
                 let event = Event::new(&job.request_id, job.endpoint, progress);
-                ctx.publisher.publish_event(&event).await?;
+                // Progress is informative: a broker outage must not cost the generation.
+                if let Err(e) = ctx.publisher.publish_event(&event).await {
+                    tracing::warn!(step, total, error = %e, "progress event not published");
+                }
             }
             result = &mut generation => return Ok(result?),
         }
@@ -411,6 +572,28 @@ pub fn encode(img: &RgbImage, format: OutputFormat) -> Result<Vec<u8>, image::Im
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_second_job_of_a_request_waits_for_the_first_and_knows_it_waited() {
+        let ids = RunningIds::default();
+        let first = ids.hold("r").await;
+        assert!(!first.waited);
+        let other = ids.hold("other").await;
+        assert!(!other.waited, "other requests do not wait");
+        let second = tokio::time::timeout(Duration::from_millis(50), ids.hold("r")).await;
+        assert!(
+            second.is_err(),
+            "the same request waits while the first runs"
+        );
+        let waiting = async { ids.hold("r").await.waited };
+        let (waited, ()) = tokio::join!(waiting, async move { drop(first) });
+        assert!(waited);
+        drop(other);
+        assert!(
+            ids.map().is_empty(),
+            "entries are removed once nobody holds them"
+        );
+    }
 
     #[test]
     fn encodes_both_formats_at_their_size() {

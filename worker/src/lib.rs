@@ -30,15 +30,17 @@ pub use model::{
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::SelectAll;
 use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicNackOptions};
+use lapin::{Channel, Consumer};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use fleet::job::EndpointKind;
-use fleet::queue::{self, Publisher, QueueError, Topology};
+use fleet::queue::{self, Backoff, Link, QueueError, Topology};
 use fleet::storage::{Storage, StorageConfig, StorageError};
 use fleet::telemetry::redact_url;
 use job::JobContext;
@@ -79,6 +81,9 @@ pub struct WorkerConfig {
     pub retry_backoff: Duration,
     /// Bytes one request's images may take ([`job::image_memory_need`]); larger requests fail at once.
     pub image_memory_budget: u64,
+    /// How long an upload that fails because the object store is unavailable is retried (exponential
+    /// backoff, the encoded images kept in memory) before the job fails with `storage_error`.
+    pub upload_retry_for: Duration,
     pub storage: StorageConfig,
 }
 
@@ -95,6 +100,7 @@ impl std::fmt::Debug for WorkerConfig {
             .field("drain_grace", &self.drain_grace)
             .field("retry_backoff", &self.retry_backoff)
             .field("image_memory_budget", &self.image_memory_budget)
+            .field("upload_retry_for", &self.upload_retry_for)
             .field("storage", &self.storage)
             .finish()
     }
@@ -147,21 +153,11 @@ pub async fn run(
     )?;
     model.load().await?;
 
-    let conn = queue::connect_declared(&config.amqp_url, &config.topology).await?;
-    let publisher = Publisher::new(&conn, config.topology.clone()).await?;
-    let (tracker, mut tracker_task) = Tracker::start(&conn, publisher.clone()).await?;
+    let link = Link::connect(&config.amqp_url, &config.topology).await?;
+    let publisher = link.publisher().clone();
+    let (tracker, mut tracker_task) = Tracker::start(link.clone()).await?;
 
-    let consume_ch = queue::open_channel(&conn).await?;
-    let mut tags = Vec::new();
-    let mut consumers = Vec::new();
-    for kind in &config.endpoints {
-        let tag = format!("{}-{}", config.worker_id, kind.as_str());
-        let queue_name = config.topology.job_queue(*kind);
-        consumers
-            .push(queue::consume(&consume_ch, &queue_name, &tag, config.max_concurrency).await?);
-        tags.push(tag);
-    }
-    let mut deliveries = futures::stream::select_all(consumers);
+    let (mut consume_ch, mut deliveries, tags) = open_consumers(&link, &config).await?;
     tracing::info!(endpoints = ?config.endpoints, "consuming");
 
     let ctx = Arc::new(JobContext {
@@ -174,6 +170,8 @@ pub async fn run(
         hard_stop: CancellationToken::new(),
         retry_backoff: config.retry_backoff,
         image_memory_budget: config.image_memory_budget,
+        upload_retry_for: config.upload_retry_for,
+        running: job::RunningIds::default(),
     });
     let permits = Arc::new(Semaphore::new(usize::from(config.max_concurrency)));
     let tasks = TaskTracker::new();
@@ -215,9 +213,24 @@ pub async fn run(
             },
             next = deliveries.next() => {
                 let delivery = match next {
-                    None => return Err(QueueError::Closed("job consumer cancelled by the broker".into()).into()),
-                    Some(Err(e)) => return Err(QueueError::Broker { op: "job delivery", source: e }.into()),
                     Some(Ok(d)) => d,
+                    ended => {
+                        match ended {
+                            Some(Err(e)) => tracing::warn!(error = %e, "job consumer failed; consuming again"),
+                            _ => tracing::warn!("job consumer ended; consuming again"),
+                        }
+                        // The dead channel's unacknowledged jobs go back to the queue on the broker's side.
+                        let reopened = tokio::select! {
+                            _ = shutdown.cancelled() => break WorkerExit::Shutdown,
+                            r = reopen_consumers(&link, &config) => r,
+                        };
+                        let Some((ch, d, _)) = reopened else {
+                            break WorkerExit::Shutdown;
+                        };
+                        (consume_ch, deliveries) = (ch, d);
+                        tracing::info!(endpoints = ?config.endpoints, "consuming again");
+                        continue;
+                    }
                 };
                 in_flight += 1;
                 unloaded = false;
@@ -267,11 +280,50 @@ pub async fn run(
         }
     }
     tracker_task.abort();
-    if let Err(e) = conn.close(200, "worker stopped".into()).await {
-        tracing::warn!(error = %e, "closing the broker connection failed");
-    }
+    link.close("worker stopped").await;
     tracing::info!(?exit, "worker stopped");
     Ok(exit)
+}
+
+type Deliveries = SelectAll<Consumer>;
+
+/// Opens a channel on the link's live connection and starts one consumer per served endpoint, with
+/// `basic.qos(prefetch = max_concurrency)`. Returns the channel, the merged deliveries and the tags.
+async fn open_consumers(
+    link: &Link,
+    config: &WorkerConfig,
+) -> Result<(Channel, Deliveries, Vec<String>), QueueError> {
+    let conn = link
+        .connection()
+        .await
+        .ok_or_else(|| QueueError::Closed("broker link closed".into()))?;
+    let consume_ch = queue::open_channel(&conn).await?;
+    let mut tags = Vec::new();
+    let mut consumers = Vec::new();
+    for kind in &config.endpoints {
+        let tag = format!("{}-{}", config.worker_id, kind.as_str());
+        let queue_name = config.topology.job_queue(*kind);
+        consumers
+            .push(queue::consume(&consume_ch, &queue_name, &tag, config.max_concurrency).await?);
+        tags.push(tag);
+    }
+    Ok((consume_ch, futures::stream::select_all(consumers), tags))
+}
+
+/// [`open_consumers`] with backoff until it works; `None` once the link is closed.
+async fn reopen_consumers(
+    link: &Link,
+    config: &WorkerConfig,
+) -> Option<(Channel, Deliveries, Vec<String>)> {
+    let mut backoff = Backoff::reconnect();
+    loop {
+        match open_consumers(link, config).await {
+            Ok(opened) => return Some(opened),
+            Err(QueueError::Closed(_)) if link.connection().await.is_none() => return None,
+            Err(e) => tracing::debug!(error = %e, "consuming again failed; retrying"),
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -298,6 +350,7 @@ mod tests {
             drain_grace: Duration::from_secs(1),
             retry_backoff: Duration::ZERO,
             image_memory_budget: 1 << 30,
+            upload_retry_for: Duration::from_secs(300),
             storage: StorageConfig {
                 endpoint: "http://s3:3900".into(),
                 public_endpoint: None,

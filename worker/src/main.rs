@@ -131,6 +131,10 @@ struct ServeArgs {
     /// `validation_error` instead of exhausting the worker. 4096 MiB fits four 14142² images.
     #[arg(long, env = "FLEET_IMAGE_MEMORY_BUDGET_MB", default_value_t = 4096)]
     image_memory_budget_mb: u64,
+    /// How long an upload is retried while the object store is unavailable (exponential backoff, the
+    /// encoded images kept in memory) before the job fails with `storage_error`: `300s`, `5m`, `1h`.
+    #[arg(long, env = "FLEET_UPLOAD_RETRY_FOR", default_value = "300s", value_parser = parse_duration)]
+    upload_retry_for: Duration,
     /// S3 API endpoint.
     #[arg(
         long,
@@ -237,6 +241,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         drain_grace: Duration::from_secs(args.drain_grace),
         retry_backoff: Duration::from_millis(args.retry_backoff_ms),
         image_memory_budget: args.image_memory_budget_mb << 20,
+        upload_retry_for: args.upload_retry_for,
         storage: StorageConfig {
             endpoint: args.s3_endpoint.clone(),
             public_endpoint: args.s3_public_endpoint.clone(),
@@ -295,5 +300,39 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("generate task")?,
         None => serve(cli.serve).await,
+    }
+}
+
+/// `300s`, `5m`, `1h` or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number with s, m or h (e.g. 300s)"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{text:?}: unit must be s, m or h")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("300s"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("42"), Ok(Duration::from_secs(42)));
+        assert!(parse_duration("5 days").is_err());
+        assert!(parse_duration("m").is_err());
     }
 }

@@ -10,12 +10,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use lapin::Connection;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use fleet::events::{Event, EventKind};
-use fleet::queue::{EventSink, Publisher, QueueError, StreamReader};
+use fleet::queue::{EventSink, Link, QueueError, StreamReader};
 
 #[derive(Default)]
 struct State {
@@ -74,15 +73,13 @@ impl EventSink for Sink {
 }
 
 impl Tracker {
-    /// Starts the process's reader of the stream with the tracker as its sink. The returned task ends
-    /// only with an error (the stream broke); the worker treats that as fatal.
-    pub async fn start(
-        conn: &Connection,
-        publisher: Publisher,
-    ) -> Result<(Self, JoinHandle<QueueError>), QueueError> {
+    /// Starts the process's reader of the stream on `link` with the tracker as its sink. The reader
+    /// resubscribes across broker restarts; the returned task ends only with a permanent error, which the
+    /// worker treats as fatal.
+    pub async fn start(link: Arc<Link>) -> Result<(Self, JoinHandle<QueueError>), QueueError> {
         let state = Arc::new(Mutex::new(State::default()));
         let sink = Arc::new(Sink(state.clone()));
-        let (reader, reading) = StreamReader::open(conn, publisher, vec![sink]).await?;
+        let (reader, reading) = StreamReader::open(link, vec![sink]).await?;
         let task = tokio::spawn(async move {
             match reading.run(&CancellationToken::new()).await {
                 Ok(()) => QueueError::Closed("results stream reader stopped".into()),
