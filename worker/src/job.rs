@@ -285,6 +285,7 @@ async fn execute(
     ctx.publisher.publish_event(&completed).await?;
     tracing::info!(
         inference_time = output.inference_time,
+        batch_size = output.batch_size,
         units = input.billable_units(),
         "completed"
     );
