@@ -113,7 +113,8 @@ impl TimeEmbed {
     ) -> Result<(Tensor, Tensor)> {
         if timestep.dim(0)? == 1 {
             let guidance = guidance.map(|g| g.repeat(2)).transpose()?;
-            let (temb6, embedded) = self.forward_rows(&timestep.repeat(2)?, guidance.as_ref(), dtype)?;
+            let (temb6, embedded) =
+                self.forward_rows(&timestep.repeat(2)?, guidance.as_ref(), dtype)?;
             return Ok((temb6.narrow(0, 0, 1)?, embedded.narrow(0, 0, 1)?));
         }
         self.forward_rows(timestep, guidance, dtype)
