@@ -28,8 +28,13 @@
 //! Environment: `SANA_BENCH_ONLY="a|b"` runs only the cases whose name contains one of the parts;
 //! `SANA_BENCH_JSON=path` writes the results as JSON (a list of cases with `case`, `ours_ms`,
 //! `diffusers_ms`, `diffusers_compiled_ms`, `ratio`, `ratio_compiled`, `peak_gib`, `diffusers_peak_gib`);
+//! `SANA_BENCH_ONLY=batch` runs only the cross-request batching cases (`sana_bench_batch.rs`: Sprint and
+//! base 1024² bursts of 1, 2, 4, 8 requests, batched against one at a time; images/s, p50/p99 latency,
+//! peak memory; its own JSON shape);
 //! `SANA_BENCH_PROFILE=fwd|decode` loads only that component, runs it twice, then once more between
 //! `cuProfilerStart`/`cuProfilerStop` (for `ncu --profile-from-start off`) and exits.
+
+mod sana_bench_batch;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -307,6 +312,10 @@ fn main() -> anyhow::Result<()> {
         text.max_length(true),
         text.max_length(false)
     );
+
+    if std::env::var("SANA_BENCH_ONLY").is_ok_and(|only| only == "batch") {
+        return sana_bench_batch::run(&mut pipes, &device, &cuda, &card, bench.runs);
+    }
 
     // Components.
     let ids510 = token_ids(510, 1, &device)?;

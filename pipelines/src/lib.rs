@@ -108,6 +108,30 @@ impl StepObserver for NoProgress {
     }
 }
 
+/// What requests must share to run as one batch: the pipeline, the binned generation size (latent shape),
+/// the step count (one sampler schedule) and, for base, whether CFG is on (`guidance_scale > 1`, which
+/// doubles a request's rows). Guidance scales, prompts, seeds, `num_images` and requested output sizes may
+/// differ: they are applied per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    pub endpoint: PipelineKind,
+    /// Generation (binned) size in pixels.
+    pub height: u32,
+    pub width: u32,
+    pub steps: u32,
+    pub cfg: bool,
+}
+
+/// One request of a batched run and the observer of its own steps.
+pub struct BatchEntry<'a> {
+    pub request: &'a GenerateRequest,
+    pub observer: &'a mut dyn StepObserver,
+}
+
+/// Per-request outcomes of a batched run, in the order of the entries: images, or the error that is the
+/// request's own (invalid or incompatible request, cancelled by its observer, its decode failed).
+pub type BatchOutcome = Vec<Result<Vec<image::RgbImage>, PipelineError>>;
+
 /// One text-to-image pipeline. Owned and called by the single model thread of a worker; never from async code.
 pub trait ImagePipeline: Send {
     /// Generates `req.num_images` RGB images of exactly `req.width × req.height`.
@@ -116,4 +140,27 @@ pub trait ImagePipeline: Send {
         req: &GenerateRequest,
         observer: &mut dyn StepObserver,
     ) -> Result<Vec<image::RgbImage>, PipelineError>;
+
+    /// The batch `req` can join (requests with equal keys can run as one batch), or why `req` cannot
+    /// run on this pipeline at all (`InvalidRequest`: the request's own failure).
+    fn batch_key(&self, req: &GenerateRequest) -> Result<BatchKey, PipelineError>;
+
+    /// Runs compatible requests as one batch: each request's images are those its solo
+    /// [`ImagePipeline::generate`] gives (the implementation states the bound), each observer sees its
+    /// own request's steps, and an observer that cancels takes only its request out of the batch.
+    /// `Err` = the batch as a whole failed (a model or device error: the caller may retry per request).
+    /// The default runs the entries one after another.
+    fn generate_batch(
+        &mut self,
+        batch: &mut [BatchEntry<'_>],
+    ) -> Result<BatchOutcome, PipelineError> {
+        let mut out = Vec::with_capacity(batch.len());
+        for entry in batch.iter_mut() {
+            out.push(match self.generate(entry.request, &mut *entry.observer) {
+                Err(PipelineError::Candle(e)) => return Err(PipelineError::Candle(e)),
+                other => other,
+            });
+        }
+        Ok(out)
+    }
 }

@@ -10,7 +10,8 @@
 //! per-step observer after every step, decode at the binned size, bilinear resize + centre crop back to the
 //! requested size, `(x·0.5+0.5)` post-processing. [`SanaPipeline::generate_with_noise`] /
 //! [`SanaSprintPipeline::generate_with_noise`] take the noise from any [`NoiseSource`] (tests and
-//! `worker generate` inject recorded latents through it).
+//! `worker generate` inject recorded latents through it). Both run through the batched loop of
+//! `sana/batch.rs` ([`ImagePipeline::generate_batch`]): a solo run is a batch of one.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,14 +23,18 @@ use super::dcae::{DcAeConfig, DcAeDecoder, DcAeTiling};
 use super::gemma2::{self, Gemma2Encoder};
 use super::image_ops;
 use super::loader::{self, ModelRepo, ModelSource};
-use super::scheduler::{self, DpmSolverConfig, FlowDpmSolver, ScmConfig, ScmScheduler};
+use super::scheduler::{DpmSolverConfig, FlowDpmSolver, ScmConfig, ScmScheduler};
 use super::text::TextEncoder;
 use super::transformer::SanaTransformer2DModel;
-use super::{GenerateRequest, ImagePipeline, PipelineError, StepObserver};
+use super::{
+    BatchEntry, BatchKey, BatchOutcome, GenerateRequest, ImagePipeline, PipelineError, StepObserver,
+};
 use crate::PipelineKind;
 
+mod batch;
 mod noise;
 
+pub use batch::BatchMember;
 pub use noise::{seeded_noise, InjectedNoise, NoiseSource};
 
 /// Knobs diffusers exposes that the service keeps at their defaults.
@@ -215,20 +220,6 @@ impl<S: DeserializeOwned> PipelineCore<S> {
     }
 }
 
-impl<S> PipelineCore<S> {
-    /// `encode_prompt` for one prompt and `n` images: embeddings `(n, T, hidden)` and mask `(n, T)`, i.e.
-    /// `prompt_embeds.repeat(1, n, 1).view(n, T, -1)` (and the mask likewise).
-    fn encode_prompt(
-        &self,
-        prompt: &str,
-        use_chi: bool,
-        n: usize,
-    ) -> Result<(Tensor, Tensor), PipelineError> {
-        let (embeds, mask) = self.text.encode_prompts(&[prompt.to_owned()], use_chi)?;
-        Ok((embeds.repeat((n, 1, 1))?, mask.repeat((n, 1))?))
-    }
-}
-
 /// Sana 1600M: CFG over `[negative; positive]`, flow DPM-Solver++(2M).
 pub struct SanaPipeline {
     core: PipelineCore<DpmSolverConfig>,
@@ -262,48 +253,12 @@ impl SanaPipeline {
         opts: RunOptions,
         observer: &mut dyn StepObserver,
     ) -> Result<Vec<image::RgbImage>, PipelineError> {
-        let core = &self.core;
-        let n = check_request(req, PipelineKind::Base)?;
-        let (h, w) = core.parts.generation_size(req, opts)?;
-        let cfg_on = req.guidance_scale > 1.0;
-        let (pos, pos_mask) = core.encode_prompt(&req.prompt, true, n)?;
-        let (embeds, mask) = if cfg_on {
-            let (neg, neg_mask) = core.encode_prompt(&req.negative_prompt, false, n)?;
-            (
-                Tensor::cat(&[&neg, &pos], 0)?,
-                Tensor::cat(&[&neg_mask, &pos_mask], 0)?,
-            )
-        } else {
-            (pos, pos_mask)
-        };
-        let transformer = &core.parts.transformer;
-        let text = transformer.prepare_text(&embeds, &mask)?;
-
-        let mut sched = FlowDpmSolver::new(&core.scheduler, req.num_inference_steps as usize)?;
-        let mut latents = noise.randn(&core.parts.latent_shape(n, h, w), &core.device)?;
-        let total = req.num_inference_steps;
-        let timestep_scale = transformer.config().timestep_scale as f32;
-        let timesteps = sched.timesteps().to_vec();
-        for (i, t) in timesteps.iter().enumerate() {
-            let x_in = if cfg_on {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            // int64 timestep × timestep_scale → float32, one value for every row.
-            let t = Tensor::new(&[*t as f32 * timestep_scale], &core.device)?;
-            let out = transformer
-                .forward(&x_in, &t, None, &text)?
-                .to_dtype(DType::F32)?;
-            let v = if cfg_on {
-                scheduler::classifier_free_guidance(&out, req.guidance_scale)?
-            } else {
-                out
-            };
-            latents = sched.step(&v, &latents)?;
-            observer.on_step(i as u32 + 1, total)?;
-        }
-        core.parts.decode_to_images(&latents, req, opts)
+        let mut members = [BatchMember {
+            request: req,
+            noise,
+            observer,
+        }];
+        one_outcome(self.generate_batch_with_noise(&mut members, opts)?)
     }
 }
 
@@ -315,6 +270,25 @@ impl ImagePipeline for SanaPipeline {
     ) -> Result<Vec<image::RgbImage>, PipelineError> {
         let mut g = seeded_noise(req.seed, &self.core.device)?;
         self.generate_with_noise(req, g.as_mut(), RunOptions::default(), observer)
+    }
+
+    fn batch_key(&self, req: &GenerateRequest) -> Result<BatchKey, PipelineError> {
+        batch::batch_key(
+            &self.core.parts,
+            PipelineKind::Base,
+            req,
+            RunOptions::default(),
+        )
+    }
+
+    fn generate_batch(
+        &mut self,
+        batch: &mut [BatchEntry<'_>],
+    ) -> Result<BatchOutcome, PipelineError> {
+        let device = self.core.device.clone();
+        with_seeded_members(batch, &device, |members| {
+            self.generate_batch_with_noise(members, RunOptions::default())
+        })
     }
 }
 
@@ -368,45 +342,12 @@ impl SanaSprintPipeline {
         opts: RunOptions,
         observer: &mut dyn StepObserver,
     ) -> Result<Vec<image::RgbImage>, PipelineError> {
-        let core = &self.core;
-        let n = check_request(req, PipelineKind::Sprint)?;
-        let (h, w) = core.parts.generation_size(req, opts)?;
-        let (embeds, mask) = core.encode_prompt(&req.prompt, true, n)?;
-        let transformer = &core.parts.transformer;
-        let text = transformer.prepare_text(&embeds, &mask)?;
-
-        let mut sched = ScmScheduler::new(&core.scheduler, req.num_inference_steps as usize)?;
-        let shape = core.parts.latent_shape(n, h, w);
-        let sigma_data = sched.sigma_data();
-        let mut latents = noise
-            .randn(&shape, &core.device)?
-            .affine(f64::from(sigma_data), 0.0)?;
-        let cfg = transformer.config();
-        let g = sprint_guidance(
-            req.guidance_scale,
-            cfg.guidance_embeds_scale,
-            transformer.dtype(),
-        );
-        let guidance = Tensor::new(&[g], &core.device)?;
-        let total = req.num_inference_steps;
-        let mut denoised = None;
-        for i in 0..sched.num_steps() {
-            let inp = sched.step_input();
-            let x_in = sched.model_input(&latents, inp)?;
-            let tau = Tensor::new(&[inp.scm_timestep], &core.device)?;
-            let v = transformer.forward(&x_in, &tau, Some(&guidance), &text)?;
-            let f = sched.trigflow_output(&x_in, &v, inp)?;
-            let z = noise.randn(&shape, &core.device)?;
-            let (prev, x0) = sched.step(&f, &latents, &z)?;
-            latents = prev;
-            denoised = Some(x0);
-            observer.on_step(i as u32 + 1, total)?;
-        }
-        let x0 =
-            denoised.ok_or_else(|| PipelineError::InvalidRequest("no denoising steps".into()))?;
-        // latents = denoised / sigma_data
-        let latents = x0.broadcast_div(&Tensor::new(sigma_data, x0.device())?)?;
-        core.parts.decode_to_images(&latents, req, opts)
+        let mut members = [BatchMember {
+            request: req,
+            noise,
+            observer,
+        }];
+        one_outcome(self.generate_batch_with_noise(&mut members, opts)?)
     }
 }
 
@@ -419,6 +360,57 @@ impl ImagePipeline for SanaSprintPipeline {
         let mut g = seeded_noise(req.seed, &self.core.device)?;
         self.generate_with_noise(req, g.as_mut(), RunOptions::default(), observer)
     }
+
+    fn batch_key(&self, req: &GenerateRequest) -> Result<BatchKey, PipelineError> {
+        batch::batch_key(
+            &self.core.parts,
+            PipelineKind::Sprint,
+            req,
+            RunOptions::default(),
+        )
+    }
+
+    fn generate_batch(
+        &mut self,
+        batch: &mut [BatchEntry<'_>],
+    ) -> Result<BatchOutcome, PipelineError> {
+        let device = self.core.device.clone();
+        with_seeded_members(batch, &device, |members| {
+            self.generate_batch_with_noise(members, RunOptions::default())
+        })
+    }
+}
+
+/// The outcome of a batch of one.
+fn one_outcome(mut outcome: BatchOutcome) -> Result<Vec<image::RgbImage>, PipelineError> {
+    outcome.pop().unwrap_or_else(|| {
+        Err(PipelineError::InvalidRequest(
+            "a batch of one gave no outcome".into(),
+        ))
+    })
+}
+
+/// Gives every entry its own seeded generator (`seeded_noise(request.seed)`, as its solo run) and runs
+/// `f` on the members.
+fn with_seeded_members(
+    batch: &mut [BatchEntry<'_>],
+    device: &Device,
+    f: impl FnOnce(&mut [BatchMember<'_>]) -> Result<BatchOutcome, PipelineError>,
+) -> Result<BatchOutcome, PipelineError> {
+    let mut noises = batch
+        .iter()
+        .map(|e| seeded_noise(e.request.seed, device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut members: Vec<BatchMember<'_>> = batch
+        .iter_mut()
+        .zip(noises.iter_mut())
+        .map(|(e, noise)| BatchMember {
+            request: e.request,
+            noise: noise.as_mut(),
+            observer: &mut *e.observer,
+        })
+        .collect();
+    f(&mut members)
 }
 
 /// Loads the Gemma-2 text encoder and tokenizer of `repo` (`text_encoder/`, `tokenizer/`).
@@ -464,6 +456,14 @@ impl Pipelines {
         match kind {
             PipelineKind::Base => self.base.as_mut().map(|p| p as &mut dyn ImagePipeline),
             PipelineKind::Sprint => self.sprint.as_mut().map(|p| p as &mut dyn ImagePipeline),
+        }
+    }
+
+    /// The pipeline of `kind`, read-only (e.g. its batch key).
+    pub fn get(&self, kind: PipelineKind) -> Option<&dyn ImagePipeline> {
+        match kind {
+            PipelineKind::Base => self.base.as_ref().map(|p| p as &dyn ImagePipeline),
+            PipelineKind::Sprint => self.sprint.as_ref().map(|p| p as &dyn ImagePipeline),
         }
     }
 

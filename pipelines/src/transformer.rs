@@ -219,6 +219,23 @@ impl TextContext {
     pub fn batch_size(&self) -> usize {
         self.batch
     }
+
+    /// The context of the rows `rows` only (a batched run whose request left keeps the others' rows):
+    /// the values are copied unchanged, so the remaining rows compute exactly as before.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<TextContext> {
+        let dev = self.mask_bias.device();
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::from_vec(idx, rows.len(), dev)?;
+        Ok(TextContext {
+            blocks: self
+                .blocks
+                .iter()
+                .map(|kv| kv.index_rows(&idx))
+                .collect::<Result<Vec<_>>>()?,
+            mask_bias: self.mask_bias.index_select(&idx, 0)?,
+            batch: rows.len(),
+        })
+    }
 }
 
 /// Intermediates shown to the parity tests' taps (names follow the reference keys).

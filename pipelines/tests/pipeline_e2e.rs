@@ -2,7 +2,9 @@
 //! random-weight checkpoints in `tests/fixtures/tiny/`, with the initial latents (and Sprint's per-step
 //! noises) that the reference run used injected through `InjectedNoise`. Reference images:
 //! `tests/fixtures/reference/e2e_*.png` (settings in `e2e.json`, tensors in `e2e.safetensors`, produced by
-//! `tools/make_tiny_fixtures.py`). Also covers the shared text encoder, seeded generation and cancellation.
+//! `tools/make_tiny_fixtures.py`). Also covers the shared text encoder, seeded generation and cancellation,
+//! and cross-request batching: a request run in a batch gives bit-for-bit the images of its solo run
+//! (`batched_*`; see `BATCH_EXACTNESS`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -11,7 +13,9 @@ use candle_core::{DType, Device, Tensor};
 use sana_pipelines::image_ops::psnr;
 use sana_pipelines::loader::ModelSource;
 use sana_pipelines::sana::{load_pipelines, InjectedNoise, Pipelines, PipelinesConfig, RunOptions};
-use sana_pipelines::{GenerateRequest, NoProgress, PipelineError, PipelineKind, StepObserver};
+use sana_pipelines::{
+    BatchEntry, GenerateRequest, NoProgress, PipelineError, PipelineKind, StepObserver,
+};
 
 /// Images must match the diffusers reference to this PSNR (8-bit RGB). The f32 CPU computation differs only
 /// in summation order (matmul/conv blocking, libm), so almost every pixel is identical.
@@ -277,4 +281,181 @@ fn warm_up_runs_every_loaded_pipeline_once_at_the_given_size() {
     let kinds: Vec<PipelineKind> = times.iter().map(|(k, _)| *k).collect();
     assert_eq!(kinds, vec![PipelineKind::Base, PipelineKind::Sprint]);
     assert!(times.iter().all(|(_, s)| *s > 0.0));
+}
+
+/// Exactness of a batched request against its solo run on the CPU in f32: bit-exact. Every op of the text
+/// encoder, transformer and sampler is row-independent and candle's CPU kernels sum in an order that does
+/// not depend on the batch size (observed: identical images), so equality is asserted, not a PSNR bound.
+/// (On CUDA, cuBLAS may pick another GEMM algorithm per batch size; there the bound is PSNR ≥ 60 dB.)
+const BATCH_EXACTNESS: &str = "bit-exact (assert_eq on the RGB images)";
+
+/// Requests of one batch: other prompts, negative prompts, seeds, guidance scales, image counts and output
+/// sizes, all binned to the same generation size (300×200 and 600×400 share the 512-table bin of 2:3).
+fn batch_requests(kind: PipelineKind, steps: u32) -> Vec<GenerateRequest> {
+    let one = |prompt: &str, neg: &str, (w, h): (u32, u32), seed, g, n| GenerateRequest {
+        endpoint: kind,
+        prompt: prompt.into(),
+        negative_prompt: neg.into(),
+        width: w,
+        height: h,
+        num_inference_steps: steps,
+        guidance_scale: g,
+        seed,
+        num_images: n,
+    };
+    vec![
+        one("a lighthouse at dusk", "", (300, 200), 7, 5.0, 1),
+        one("three red apples", "blurry", (600, 400), 11, 4.5, 2),
+        one("a fox in the snow", "low quality", (300, 200), 12, 7.0, 1),
+    ]
+}
+
+fn solo_runs(kind: PipelineKind, reqs: &[GenerateRequest]) -> Vec<Vec<image::RgbImage>> {
+    let mut guard = pipelines().lock().unwrap_or_else(|p| p.into_inner());
+    let p = guard.get_mut(kind).expect("loaded");
+    reqs.iter()
+        .map(|r| p.generate(r, &mut NoProgress).expect("solo run"))
+        .collect()
+}
+
+/// Runs `reqs` as one batch with a recorder per request (cancelling where `cancel_at` says).
+fn batched_run(
+    kind: PipelineKind,
+    reqs: &[GenerateRequest],
+    cancel_at: &[Option<u32>],
+) -> (
+    Vec<Result<Vec<image::RgbImage>, PipelineError>>,
+    Vec<Recorder>,
+) {
+    let mut recorders: Vec<Recorder> = cancel_at
+        .iter()
+        .map(|&cancel_at| Recorder {
+            steps: vec![],
+            cancel_at,
+        })
+        .collect();
+    let mut guard = pipelines().lock().unwrap_or_else(|p| p.into_inner());
+    let p = guard.get_mut(kind).expect("loaded");
+    let keys: Vec<_> = reqs.iter().map(|r| p.batch_key(r).expect("key")).collect();
+    assert!(
+        keys.windows(2).all(|k| k[0] == k[1]),
+        "{kind}: one batch key: {keys:?}"
+    );
+    let mut entries: Vec<BatchEntry<'_>> = reqs
+        .iter()
+        .zip(recorders.iter_mut())
+        .map(|(request, rec)| BatchEntry {
+            request,
+            observer: rec,
+        })
+        .collect();
+    let out = p.generate_batch(&mut entries).expect("the batch runs");
+    drop(entries);
+    (out, recorders)
+}
+
+fn assert_batched_equals_solo(kind: PipelineKind, steps: u32) {
+    let reqs = batch_requests(kind, steps);
+    let solo = solo_runs(kind, &reqs);
+    let (batched, recorders) = batched_run(kind, &reqs, &[None, None, None]);
+    assert_eq!(batched.len(), reqs.len());
+    for (i, ((got, want), rec)) in batched.into_iter().zip(&solo).zip(&recorders).enumerate() {
+        let got = got.unwrap_or_else(|e| panic!("{kind} request {i}: {e}"));
+        assert_eq!(got.len(), want.len(), "{kind} request {i}: image count");
+        for (a, b) in got.iter().zip(want) {
+            assert_eq!(
+                a.dimensions(),
+                (reqs[i].width, reqs[i].height),
+                "its own size"
+            );
+            let p = psnr(a, b);
+            eprintln!("{kind} batched request {i} vs solo: PSNR {p} dB");
+            assert!(
+                a == b,
+                "{kind} request {i}: {BATCH_EXACTNESS} violated (PSNR {p:.2} dB)"
+            );
+        }
+        assert_eq!(
+            rec.steps,
+            (1..=steps).map(|s| (s, steps)).collect::<Vec<_>>(),
+            "{kind} request {i}: its own progress, every step"
+        );
+    }
+}
+
+#[test]
+fn batched_sprint_equals_solo_runs() {
+    assert_batched_equals_solo(PipelineKind::Sprint, 2);
+}
+
+#[test]
+fn batched_base_with_per_request_guidance_equals_solo_runs() {
+    assert_batched_equals_solo(PipelineKind::Base, 3);
+}
+
+#[test]
+fn a_cancelled_request_leaves_the_batch_without_disturbing_the_others() {
+    for (kind, steps) in [(PipelineKind::Base, 4), (PipelineKind::Sprint, 3)] {
+        let reqs = batch_requests(kind, steps);
+        let solo = solo_runs(kind, &reqs);
+        let (batched, recorders) = batched_run(kind, &reqs, &[None, Some(2), None]);
+        let err = batched[1].as_ref().unwrap_err();
+        assert!(matches!(err, PipelineError::Cancelled), "{kind}: {err:?}");
+        assert_eq!(recorders[1].steps, vec![(1, steps), (2, steps)], "{kind}");
+        for i in [0, 2] {
+            let got = batched[i].as_ref().expect("the others complete");
+            assert!(
+                got == &solo[i],
+                "{kind} request {i}: {BATCH_EXACTNESS} after a member left"
+            );
+            assert_eq!(recorders[i].steps.len(), steps as usize);
+        }
+    }
+}
+
+#[test]
+fn incompatible_and_invalid_requests_fail_alone_in_a_batch() {
+    let mut reqs = batch_requests(PipelineKind::Base, 2);
+    reqs.truncate(2);
+    let mut other_size = reqs[0].clone();
+    other_size.width = 512;
+    other_size.height = 512;
+    let mut no_cfg = reqs[0].clone();
+    no_cfg.guidance_scale = 1.0;
+    let mut wrong_kind = reqs[0].clone();
+    wrong_kind.endpoint = PipelineKind::Sprint;
+    let mut guard = pipelines().lock().unwrap_or_else(|p| p.into_inner());
+    let base = guard.base().expect("base loaded");
+    for (why, bad) in [("size", &other_size), ("cfg", &no_cfg)] {
+        let (a, b) = (
+            sana_pipelines::ImagePipeline::batch_key(base, &reqs[0]).unwrap(),
+            sana_pipelines::ImagePipeline::batch_key(base, bad).unwrap(),
+        );
+        assert_ne!(a, b, "{why} changes the batch key");
+    }
+    assert!(sana_pipelines::ImagePipeline::batch_key(base, &wrong_kind).is_err());
+    drop(guard);
+    let all = [reqs[0].clone(), other_size, wrong_kind, reqs[1].clone()];
+    let solo = solo_runs(PipelineKind::Base, &[reqs[0].clone(), reqs[1].clone()]);
+    let mut guard = pipelines().lock().unwrap_or_else(|p| p.into_inner());
+    let p = guard.get_mut(PipelineKind::Base).unwrap();
+    let mut observers = [NoProgress, NoProgress, NoProgress, NoProgress];
+    let mut entries: Vec<BatchEntry<'_>> = all
+        .iter()
+        .zip(observers.iter_mut())
+        .map(|(request, o)| BatchEntry {
+            request,
+            observer: o,
+        })
+        .collect();
+    let out = p.generate_batch(&mut entries).expect("the batch runs");
+    for i in [1, 2] {
+        assert!(
+            matches!(out[i], Err(PipelineError::InvalidRequest(_))),
+            "request {i}: {:?}",
+            out[i].as_ref().err()
+        );
+    }
+    assert!(out[0].as_ref().unwrap() == &solo[0], "{BATCH_EXACTNESS}");
+    assert!(out[3].as_ref().unwrap() == &solo[1], "{BATCH_EXACTNESS}");
 }

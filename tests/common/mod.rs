@@ -279,6 +279,8 @@ pub fn worker_config(
             fleet::job::EndpointKind::Base,
         ],
         max_concurrency: 1,
+        max_batch: 1,
+        batch_wait: Duration::ZERO,
         keep_alive: None,
         idle_action: fleet_worker::IdleAction::Exit,
         drain_grace: Duration::from_secs(10),

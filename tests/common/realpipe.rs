@@ -5,7 +5,8 @@
 //! The only test-side additions are observation and timing control around the real objects:
 //! - [`ObservedFactory`] delegates every load to the real factory, counts loads, and reports when the
 //!   loaded pipeline set and checker are actually freed (keep-alive `unload` is observable);
-//! - every pipeline call goes through a wrapper that counts runs and, when the test gives a [`Gate`],
+//! - every pipeline call goes through a wrapper that counts runs (and records the size of each batched
+//!   call, `Probe::batches`) and, when the test gives a [`Gate`],
 //!   holds the real run inside its first denoising step (after the step's computation, before its
 //!   progress report and cancellation check) until the test lets it go. The images are always the
 //!   real pipeline's.
@@ -24,7 +25,9 @@ use image::RgbImage;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use sana_pipelines::loader::ModelSource;
-use sana_pipelines::{GenerateRequest, ImagePipeline, PipelineError, StepObserver};
+use sana_pipelines::{
+    BatchEntry, BatchKey, BatchOutcome, GenerateRequest, ImagePipeline, PipelineError, StepObserver,
+};
 use tokio::sync::{mpsc, watch};
 
 /// `tests/fixtures/tiny/<name>`.
@@ -120,8 +123,11 @@ pub enum Freed {
 pub struct Probe {
     /// Completed calls of the real factory.
     pub loads: Arc<AtomicUsize>,
-    /// Calls of a real pipeline's `generate`.
+    /// Requests run by a real pipeline (`generate` calls plus the requests of `generate_batch` calls).
     pub runs: Arc<AtomicUsize>,
+    /// Number of requests of each `generate_batch` call, in call order (the worker runs even a single
+    /// request through it).
+    pub batches: Arc<Mutex<Vec<usize>>>,
     freed: mpsc::UnboundedSender<Freed>,
 }
 
@@ -131,6 +137,7 @@ impl Probe {
         let probe = Probe {
             loads: Arc::default(),
             runs: Arc::default(),
+            batches: Arc::default(),
             freed: tx,
         };
         (probe, rx)
@@ -203,6 +210,10 @@ impl PipelineSet for ObservedSet {
         self.kind = Some(kind);
         Some(self)
     }
+
+    fn pipeline_ref(&self, kind: EndpointKind) -> Option<&dyn ImagePipeline> {
+        self.inner.as_ref()?.pipeline_ref(kind)
+    }
 }
 
 impl ImagePipeline for ObservedSet {
@@ -229,6 +240,55 @@ impl ImagePipeline for ObservedSet {
             gate: self.gate.as_deref(),
         };
         real.generate(req, &mut gated)
+    }
+
+    fn batch_key(&self, req: &GenerateRequest) -> Result<BatchKey, PipelineError> {
+        let kind = self.kind.ok_or_else(|| {
+            PipelineError::InvalidRequest("batch_key before a pipeline lookup".into())
+        })?;
+        self.inner
+            .as_ref()
+            .and_then(|set| set.pipeline_ref(kind))
+            .ok_or_else(|| PipelineError::InvalidRequest(format!("no {kind} pipeline")))?
+            .batch_key(req)
+    }
+
+    fn generate_batch(
+        &mut self,
+        batch: &mut [BatchEntry<'_>],
+    ) -> Result<BatchOutcome, PipelineError> {
+        let kind = self.kind.ok_or_else(|| {
+            PipelineError::InvalidRequest("generate before a pipeline lookup".into())
+        })?;
+        let gate = self.gate.clone();
+        let real = self
+            .inner
+            .as_mut()
+            .and_then(|set| set.pipeline(kind))
+            .ok_or_else(|| PipelineError::InvalidRequest(format!("no {kind} pipeline")))?;
+        self.probe.runs.fetch_add(batch.len(), Ordering::SeqCst);
+        self.probe
+            .batches
+            .lock()
+            .expect("probe lock")
+            .push(batch.len());
+        if batch.iter().any(|e| e.request.prompt == PANIC_PROMPT) {
+            panic!("test pipeline asked to panic");
+        }
+        let requests: Vec<&GenerateRequest> = batch.iter().map(|e| e.request).collect();
+        let mut gated: Vec<GatedObserver<'_>> = batch
+            .iter_mut()
+            .map(|e| GatedObserver {
+                inner: &mut *e.observer,
+                gate: gate.as_deref(),
+            })
+            .collect();
+        let mut entries: Vec<BatchEntry<'_>> = requests
+            .into_iter()
+            .zip(gated.iter_mut())
+            .map(|(request, observer)| BatchEntry { request, observer })
+            .collect();
+        real.generate_batch(&mut entries)
     }
 }
 

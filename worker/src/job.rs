@@ -404,6 +404,7 @@ async fn execute(
     publish_retrying(ctx, &completed).await?;
     tracing::info!(
         inference_time = output.inference_time,
+        batch_size = output.batch_size,
         units = input.billable_units(),
         "completed"
     );

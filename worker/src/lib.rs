@@ -3,8 +3,9 @@
 //!
 //! Shape: models load on the model thread ([`model`]) before anything touches the broker (a worker that
 //! cannot load refuses to start); then the topology is declared, the results [`tracker`] starts, and one
-//! consumer per served endpoint runs with `basic.qos(prefetch = max_concurrency)`. A semaphore of the same
-//! size caps running jobs across endpoints. The consumer loop is one `select!` over shutdown, the tracker,
+//! consumer per served endpoint runs with `basic.qos(prefetch = depth)`. A semaphore of the same size
+//! caps the jobs in flight across endpoints (`depth` = [`WorkerConfig::pipeline_depth`]: `max_concurrency`,
+//! raised to `max_batch` so that enough jobs can wait for the model thread to fill a batch). The consumer loop is one `select!` over shutdown, the tracker,
 //! finished jobs, the keep-alive timer and the next delivery (vector `sources/amqp.rs`).
 //!
 //! Keep-alive: after `keep_alive` with no job in flight the worker either returns
@@ -13,6 +14,7 @@
 //! consumers are cancelled, running jobs get `drain_grace` to finish, then they are stopped between
 //! denoising steps and requeued; anything still unsettled returns to the queue when the channel closes.
 
+mod batch;
 pub mod factory;
 mod job;
 pub mod model;
@@ -20,6 +22,7 @@ pub mod safety;
 pub mod scaling;
 pub mod tracker;
 
+pub use batch::Batching;
 pub use factory::{SanaFactory, SanaFactoryConfig};
 pub use job::encode;
 pub use model::{
@@ -70,8 +73,13 @@ pub struct WorkerConfig {
     pub topology: Topology,
     /// Endpoint kinds this worker serves (a queue consumer and a pipeline each).
     pub endpoints: Vec<EndpointKind>,
-    /// Prefetch per consumer and the cap on concurrently running jobs.
+    /// Prefetch per consumer and the cap on jobs in flight (the pipeline depth: waiting for the model
+    /// thread, running, encoding, uploading); raised to `max_batch` when smaller.
     pub max_concurrency: u16,
+    /// Most compatible requests the model thread runs as one batch (1 = one at a time).
+    pub max_batch: u16,
+    /// How long the model thread waits for more compatible jobs to fill a batch (0 = only those queued).
+    pub batch_wait: Duration,
     /// Idle time after which `idle_action` happens; `None` = never.
     pub keep_alive: Option<Duration>,
     pub idle_action: IdleAction,
@@ -95,6 +103,8 @@ impl std::fmt::Debug for WorkerConfig {
             .field("topology", &self.topology)
             .field("endpoints", &self.endpoints)
             .field("max_concurrency", &self.max_concurrency)
+            .field("max_batch", &self.max_batch)
+            .field("batch_wait", &self.batch_wait)
             .field("keep_alive", &self.keep_alive)
             .field("idle_action", &self.idle_action)
             .field("drain_grace", &self.drain_grace)
@@ -103,6 +113,21 @@ impl std::fmt::Debug for WorkerConfig {
             .field("upload_retry_for", &self.upload_retry_for)
             .field("storage", &self.storage)
             .finish()
+    }
+}
+
+impl WorkerConfig {
+    /// Jobs in flight at once (prefetch per endpoint queue, and the cap across endpoints):
+    /// `max(max_concurrency, max_batch)`, so a full batch can wait for the model thread.
+    pub fn pipeline_depth(&self) -> u16 {
+        self.max_concurrency.max(self.max_batch)
+    }
+
+    fn batching(&self) -> Batching {
+        Batching {
+            max_batch: usize::from(self.max_batch.max(1)),
+            batch_wait: self.batch_wait,
+        }
     }
 }
 
@@ -140,16 +165,26 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<WorkerExit, WorkerError> {
     tracing::info!(config = ?config, "worker starting");
-    if config.endpoints.is_empty() || config.max_concurrency == 0 {
+    if config.endpoints.is_empty() || config.max_concurrency == 0 || config.max_batch == 0 {
         return Err(WorkerError::Config(
-            "need at least one endpoint and max_concurrency >= 1".into(),
+            "need at least one endpoint, max_concurrency >= 1 and max_batch >= 1".into(),
         ));
+    }
+    let depth = config.pipeline_depth();
+    if depth > config.max_concurrency {
+        tracing::warn!(
+            max_concurrency = config.max_concurrency,
+            max_batch = config.max_batch,
+            depth,
+            "max_concurrency below max_batch: raised so a batch can fill"
+        );
     }
     let storage = Arc::new(Storage::new(config.storage.clone())?);
     let model = ModelHandle::spawn(
         factory,
         config.endpoints.clone(),
-        usize::from(config.max_concurrency),
+        usize::from(depth),
+        config.batching(),
     )?;
     model.load().await?;
 
@@ -173,11 +208,11 @@ pub async fn run(
         upload_retry_for: config.upload_retry_for,
         running: job::RunningIds::default(),
     });
-    let permits = Arc::new(Semaphore::new(usize::from(config.max_concurrency)));
+    let permits = Arc::new(Semaphore::new(usize::from(depth)));
     let tasks = TaskTracker::new();
     // Every in-flight job sends exactly one `done`; in-flight jobs are bounded by prefetch × endpoints.
     let (done_tx, mut done_rx) =
-        mpsc::channel::<()>(usize::from(config.max_concurrency) * config.endpoints.len() + 1);
+        mpsc::channel::<()>(usize::from(depth) * config.endpoints.len() + 1);
     let mut in_flight = 0usize;
     let mut idle_since = Instant::now();
     let mut unloaded = false;
@@ -304,7 +339,7 @@ async fn open_consumers(
         let tag = format!("{}-{}", config.worker_id, kind.as_str());
         let queue_name = config.topology.job_queue(*kind);
         consumers
-            .push(queue::consume(&consume_ch, &queue_name, &tag, config.max_concurrency).await?);
+            .push(queue::consume(&consume_ch, &queue_name, &tag, config.pipeline_depth()).await?);
         tags.push(tag);
     }
     Ok((consume_ch, futures::stream::select_all(consumers), tags))
@@ -345,6 +380,8 @@ mod tests {
             topology: Topology::default(),
             endpoints: vec![EndpointKind::Base],
             max_concurrency: 1,
+            max_batch: 1,
+            batch_wait: Duration::ZERO,
             keep_alive: None,
             idle_action: IdleAction::Unload,
             drain_grace: Duration::from_secs(1),

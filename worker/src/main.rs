@@ -110,9 +110,20 @@ struct ServeArgs {
     /// Hub revision of the checker.
     #[arg(long, env = "FLEET_SAFETY_REVISION")]
     safety_revision: Option<String>,
-    /// Jobs run at once (RabbitMQ prefetch per endpoint queue).
+    /// Pipeline depth: jobs in flight at once (RabbitMQ prefetch per endpoint queue, and the cap across
+    /// endpoints) — waiting for the model thread, running, encoding, uploading. Raised to --max-batch when
+    /// smaller; 2 × --max-batch lets the next batch gather while one runs and the last one uploads.
     #[arg(long, env = "FLEET_MAX_CONCURRENCY", default_value_t = 1)]
     max_concurrency: u16,
+    /// Most compatible requests (same endpoint, binned size, steps and CFG on/off) the model thread runs
+    /// as one batch; 1 = one at a time. Needs that many jobs in flight (see --max-concurrency).
+    #[arg(long, env = "FLEET_MAX_BATCH", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    max_batch: u16,
+    /// Milliseconds the model thread waits for more compatible jobs when a batch is not full
+    /// (0 = run what is already waiting). The oldest waiting job always runs next: none starves.
+    #[arg(long, env = "FLEET_BATCH_WAIT_MS", default_value_t = 0)]
+    batch_wait: u64,
     /// Seconds without a job before `--idle-action` (0 = never).
     #[arg(long, env = "FLEET_KEEP_ALIVE", default_value_t = 0)]
     keep_alive: u64,
@@ -236,6 +247,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         endpoints: args.endpoints.clone(),
         max_concurrency: args.max_concurrency,
+        max_batch: args.max_batch,
+        batch_wait: Duration::from_millis(args.batch_wait),
         keep_alive: (args.keep_alive > 0).then(|| Duration::from_secs(args.keep_alive)),
         idle_action: args.idle_action,
         drain_grace: Duration::from_secs(args.drain_grace),

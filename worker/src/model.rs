@@ -2,16 +2,18 @@
 //! pipelines and the safety checker, fed by a bounded channel, replying through `oneshot`. Async code
 //! never runs a model forward. Models are loaded through a [`PipelineFactory`] so the binary plugs in the
 //! real Sana pipelines and tests plug in a deterministic stand-in; unloading drops them (keep-alive
-//! `unload`) and the next job loads them again.
+//! `unload`) and the next job loads them again. Jobs waiting for the thread are run in batches of up to
+//! `max_batch` compatible ones ([`crate::batch`]); with `max_batch = 1` one at a time, in arrival order.
 
-use std::collections::HashMap;
-use std::time::Instant;
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use image::RgbImage;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::safety::{self, SafetyChecker, SafetyError};
+use crate::batch::{self, Batching};
+use crate::safety::{SafetyChecker, SafetyError};
 use fleet::job::{EndpointKind, JobInput};
 use sana_pipelines::{GenerateRequest, ImagePipeline, PipelineError, PipelineKind, StepObserver};
 
@@ -43,6 +45,8 @@ pub fn generate_request(kind: EndpointKind, input: &JobInput) -> GenerateRequest
 /// between its two pipelines, so it cannot be split into independent boxes).
 pub trait PipelineSet: Send {
     fn pipeline(&mut self, kind: EndpointKind) -> Option<&mut dyn ImagePipeline>;
+    /// The same pipeline, read-only (its batch key).
+    fn pipeline_ref(&self, kind: EndpointKind) -> Option<&dyn ImagePipeline>;
 }
 
 impl PipelineSet for HashMap<EndpointKind, Box<dyn ImagePipeline>> {
@@ -50,11 +54,19 @@ impl PipelineSet for HashMap<EndpointKind, Box<dyn ImagePipeline>> {
         self.get_mut(&kind)
             .map(|p| p.as_mut() as &mut dyn ImagePipeline)
     }
+
+    fn pipeline_ref(&self, kind: EndpointKind) -> Option<&dyn ImagePipeline> {
+        self.get(&kind).map(|p| p.as_ref() as &dyn ImagePipeline)
+    }
 }
 
 impl PipelineSet for sana_pipelines::sana::Pipelines {
     fn pipeline(&mut self, kind: EndpointKind) -> Option<&mut dyn ImagePipeline> {
         self.get_mut(pipeline_kind(kind))
+    }
+
+    fn pipeline_ref(&self, kind: EndpointKind) -> Option<&dyn ImagePipeline> {
+        self.get(pipeline_kind(kind))
     }
 }
 
@@ -111,8 +123,11 @@ impl ModelError {
 pub struct GenerateOutput {
     pub images: Vec<RgbImage>,
     pub has_nsfw_concepts: Vec<bool>,
-    /// Seconds spent in the pipeline and the checker.
+    /// Seconds spent in the pipeline and the checker (for a batch: the batch's pipeline run and this
+    /// request's check).
     pub inference_time: f64,
+    /// Requests in the batch this one ran in (1 = alone).
+    pub batch_size: usize,
 }
 
 /// One generation request for the model thread.
@@ -131,7 +146,7 @@ pub struct GenerateJob {
     pub started: oneshot::Sender<()>,
 }
 
-enum Command {
+pub(crate) enum Command {
     Load(oneshot::Sender<Result<(), ModelError>>),
     Generate(
         Box<GenerateJob>,
@@ -154,15 +169,26 @@ impl std::fmt::Debug for ModelHandle {
 
 impl ModelHandle {
     /// Spawns the thread `fleet-model`; nothing is loaded until [`ModelHandle::load`] or the first job.
+    /// `queue_depth` bounds the jobs waiting for the thread; `batching` says how it groups them.
     pub fn spawn(
         factory: Box<dyn PipelineFactory>,
         endpoints: Vec<EndpointKind>,
         queue_depth: usize,
+        batching: Batching,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(queue_depth.max(1));
+        // Only for waiting on the channel with a timeout while a batch fills (`batch_wait`).
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
+        let inbox = Inbox {
+            rx,
+            pending: VecDeque::new(),
+            timer,
+        };
         std::thread::Builder::new()
             .name("fleet-model".into())
-            .spawn(move || model_loop(factory, endpoints, rx))?;
+            .spawn(move || model_loop(factory, endpoints, inbox, batching))?;
         Ok(ModelHandle { tx })
     }
 
@@ -197,9 +223,9 @@ impl ModelHandle {
     }
 }
 
-struct Observer<'a> {
-    cancel: &'a CancellationToken,
-    progress: &'a mpsc::Sender<(u32, u32)>,
+pub(crate) struct Observer<'a> {
+    pub(crate) cancel: &'a CancellationToken,
+    pub(crate) progress: &'a mpsc::Sender<(u32, u32)>,
 }
 
 impl StepObserver for Observer<'_> {
@@ -213,7 +239,7 @@ impl StepObserver for Observer<'_> {
     }
 }
 
-fn ensure_loaded<'a>(
+pub(crate) fn ensure_loaded<'a>(
     models: &'a mut Option<LoadedModels>,
     factory: &mut dyn PipelineFactory,
     endpoints: &[EndpointKind],
@@ -226,39 +252,10 @@ fn ensure_loaded<'a>(
     models.as_mut().ok_or(ModelError::Stopped)
 }
 
-fn run_job(models: &mut LoadedModels, job: &GenerateJob) -> Result<GenerateOutput, ModelError> {
-    let started = Instant::now();
-    if job.cancel.is_cancelled() {
-        return Err(PipelineError::Cancelled.into());
-    }
-    let pipeline = models.pipelines.pipeline(job.endpoint).ok_or_else(|| {
-        PipelineError::InvalidRequest(format!(
-            "this worker does not serve the {} endpoint",
-            job.endpoint
-        ))
-    })?;
-    let mut observer = Observer {
-        cancel: &job.cancel,
-        progress: &job.progress,
-    };
-    let mut images = pipeline.generate(&job.request, &mut observer)?;
-    let flags = if job.check_safety {
-        models.safety.check(&images)?
-    } else {
-        vec![false; images.len()]
-    };
-    safety::apply(&mut images, &flags);
-    Ok(GenerateOutput {
-        images,
-        has_nsfw_concepts: flags,
-        inference_time: started.elapsed().as_secs_f64(),
-    })
-}
-
 /// Runs `f` on the model thread, turning a panic into [`ModelError::Panicked`] for this command only:
 /// the thread keeps serving, so one bad job cannot turn the worker into a black hole that consumes and
 /// fails everything after it. The models are dropped after a panic and reloaded on demand.
-fn guarded<T>(
+pub(crate) fn guarded<T>(
     models: &mut Option<LoadedModels>,
     f: impl FnOnce(&mut Option<LoadedModels>) -> Result<T, ModelError>,
 ) -> Result<T, ModelError> {
@@ -280,13 +277,49 @@ fn guarded<T>(
     }
 }
 
+/// The thread's side of the channel: commands already received but not run yet stay in `pending`, in
+/// arrival order, so a batch can be picked from them.
+pub(crate) struct Inbox {
+    rx: mpsc::Receiver<Command>,
+    pub(crate) pending: VecDeque<Command>,
+    timer: tokio::runtime::Runtime,
+}
+
+impl Inbox {
+    /// Moves every command already in the channel to `pending` (bounded: every waiting job holds one of
+    /// the worker's permits).
+    fn drain(&mut self) {
+        while let Ok(cmd) = self.rx.try_recv() {
+            self.pending.push_back(cmd);
+        }
+    }
+
+    /// The oldest command, waiting for one when none is pending; `None` once every handle is gone.
+    fn next(&mut self) -> Option<Command> {
+        if self.pending.is_empty() {
+            let cmd = self.rx.blocking_recv()?;
+            self.pending.push_back(cmd);
+        }
+        self.drain();
+        self.pending.pop_front()
+    }
+
+    /// The next command to arrive within `wait` (pending ones are not looked at).
+    pub(crate) fn recv_within(&mut self, wait: Duration) -> Option<Command> {
+        let rx = &mut self.rx;
+        self.timer
+            .block_on(async { tokio::time::timeout(wait, rx.recv()).await.ok().flatten() })
+    }
+}
+
 fn model_loop(
     mut factory: Box<dyn PipelineFactory>,
     endpoints: Vec<EndpointKind>,
-    mut rx: mpsc::Receiver<Command>,
+    mut inbox: Inbox,
+    batching: Batching,
 ) {
     let mut models: Option<LoadedModels> = None;
-    while let Some(cmd) = rx.blocking_recv() {
+    while let Some(cmd) = inbox.next() {
         match cmd {
             Command::Load(reply) => {
                 let result = guarded(&mut models, |models| {
@@ -294,14 +327,16 @@ fn model_loop(
                 });
                 let _ = reply.send(result);
             }
-            Command::Generate(mut job, reply) => {
-                let (signal, _) = oneshot::channel();
-                let _ = std::mem::replace(&mut job.started, signal).send(());
-                let result = guarded(&mut models, |models| {
-                    ensure_loaded(models, factory.as_mut(), &endpoints)
-                        .and_then(|m| run_job(m, &job))
-                });
-                let _ = reply.send(result);
+            Command::Generate(job, reply) => {
+                let batch = batch::collect(
+                    &mut inbox,
+                    &mut models,
+                    factory.as_mut(),
+                    &endpoints,
+                    batching,
+                    (job, reply),
+                );
+                batch::run(&mut models, factory.as_mut(), &endpoints, batch);
             }
             Command::Unload(reply) => {
                 if models.take().is_some() {

@@ -134,6 +134,16 @@ pub struct CrossKv {
     v: Tensor,
 }
 
+impl CrossKv {
+    /// The rows `idx` (a `(k)` u32 tensor) of the batch, copied unchanged.
+    pub fn index_rows(&self, idx: &Tensor) -> Result<CrossKv> {
+        Ok(CrossKv {
+            k_t: self.k_t.index_select(idx, 0)?,
+            v: self.v.index_select(idx, 0)?,
+        })
+    }
+}
+
 /// `attn2`: softmax cross-attention to the projected caption, additive mask bias, scale `1/√d`.
 #[derive(Debug, Clone)]
 struct CrossAttention {

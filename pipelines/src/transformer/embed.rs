@@ -100,7 +100,27 @@ impl TimeEmbed {
     }
 
     /// `timestep`, `guidance`: `(B)` f32. Returns `(temb6 (B, 6D), embedded_timestep (B, D))` in `dtype`.
+    ///
+    /// One row (`B = 1`) is computed as two identical rows, row 0 kept: a one-row product takes the
+    /// matrix-vector path of the CPU GEMM, which sums in another order than the matrix path every larger
+    /// batch takes, so a request alone would not compute what it computes inside a batch (issue 14:
+    /// batched results equal solo ones bit for bit). The cost is one more row of three small products.
     pub fn forward(
+        &self,
+        timestep: &Tensor,
+        guidance: Option<&Tensor>,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
+        if timestep.dim(0)? == 1 {
+            let guidance = guidance.map(|g| g.repeat(2)).transpose()?;
+            let (temb6, embedded) =
+                self.forward_rows(&timestep.repeat(2)?, guidance.as_ref(), dtype)?;
+            return Ok((temb6.narrow(0, 0, 1)?, embedded.narrow(0, 0, 1)?));
+        }
+        self.forward_rows(timestep, guidance, dtype)
+    }
+
+    fn forward_rows(
         &self,
         timestep: &Tensor,
         guidance: Option<&Tensor>,
