@@ -30,7 +30,7 @@
 //! `diffusers_ms`, `diffusers_compiled_ms`, `ratio`, `ratio_compiled`, `peak_gib`, `diffusers_peak_gib`);
 //! `SANA_BENCH_ONLY=batch` runs only the cross-request batching cases (`sana_bench_batch.rs`: Sprint and
 //! base 1024² bursts of 1, 2, 4, 8 requests, batched against one at a time; images/s, p50/p99 latency,
-//! peak memory; its own JSON shape);
+//! peak memory; its own JSON shape; `SANA_BENCH_BATCH_KINDS=sprint` or `base` for one pipeline only);
 //! `SANA_BENCH_PROFILE=fwd|decode` loads only that component, runs it twice, then once more between
 //! `cuProfilerStart`/`cuProfilerStop` (for `ncu --profile-from-start off`) and exits.
 

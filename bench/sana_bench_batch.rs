@@ -143,7 +143,13 @@ pub fn run(
     println!("|---|---|---|---|---|---|---|---|");
     let mut cases = Vec::new();
     let mut errors = Vec::new();
-    for kind in [PipelineKind::Sprint, PipelineKind::Base] {
+    // `SANA_BENCH_BATCH_KINDS=sprint` (or `base`) runs one pipeline's cases only.
+    let kinds = match std::env::var("SANA_BENCH_BATCH_KINDS").as_deref() {
+        Ok("sprint") => vec![PipelineKind::Sprint],
+        Ok("base") => vec![PipelineKind::Base],
+        _ => vec![PipelineKind::Sprint, PipelineKind::Base],
+    };
+    for kind in kinds {
         for n in CONCURRENCY {
             let reqs = burst(kind, n);
             let name = format!("batch {kind} 1024x1024 {} steps", kind.default_steps());
