@@ -157,6 +157,9 @@ pub enum WorkerError {
 
 /// Upper bound on waiting for stopped jobs to settle after the grace period.
 const HARD_STOP_WAIT: Duration = Duration::from_secs(30);
+/// Longest wait for the broker's answer to `basic.cancel` or `connection.close` while stopping, so a
+/// broker that does not answer cannot keep a drained worker from exiting.
+const BROKER_CALL_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs a worker until keep-alive `exit`, `shutdown`, or a fatal error.
 pub async fn run(
@@ -292,11 +295,11 @@ pub async fn run(
     };
 
     for tag in &tags {
-        if let Err(e) = consume_ch
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await
-        {
-            tracing::warn!(error = %e, "basic.cancel failed");
+        let cancel = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+        match tokio::time::timeout(BROKER_CALL_WAIT, cancel).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "basic.cancel failed"),
+            Err(_) => tracing::warn!("basic.cancel unanswered; closing the connection cancels it"),
         }
     }
     drop(deliveries);
@@ -315,7 +318,12 @@ pub async fn run(
         }
     }
     tracker_task.abort();
-    link.close("worker stopped").await;
+    if tokio::time::timeout(BROKER_CALL_WAIT, link.close("worker stopped"))
+        .await
+        .is_err()
+    {
+        tracing::warn!("the broker did not answer connection.close; exiting anyway");
+    }
     tracing::info!(?exit, "worker stopped");
     Ok(exit)
 }
