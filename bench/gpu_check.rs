@@ -447,18 +447,35 @@ fn fused_op_cases(device: &Device, dtype: DType, rows: &mut Vec<Row>) -> anyhow:
     check("gated_residual (2,1024,2240)", &|| {
         ops::gated_residual(&h, &y, &table, &temb, 2)
     })?;
-    // DC-AE ResBlock norm + residual, NCHW (1, 128, 1024, 1024).
-    let hn = rnd(&[1, 128, 1024, 1024], 1.0)?;
-    let res = rnd(&[1, 128, 1024, 1024], 1.0)?;
+    // DC-AE ResBlock norm + residual, channels-last (1, 1024, 1024, 128); norm_out + SiLU; 1024 channels.
+    let hn = rnd(&[1, 1024, 1024, 128], 1.0)?;
+    let res = rnd(&[1, 1024, 1024, 128], 1.0)?;
     let w = rnd(&[128], 1.0)?;
     let b = rnd(&[128], 1.0)?;
-    check("rms_norm_nchw + residual (1,128,1024,1024)", &|| {
-        ops::rms_norm_nchw(&hn, &w, &b, Some(&res), 1e-5)
+    check("rms_norm_rows + residual (1,1024,1024,128)", &|| {
+        ops::rms_norm_rows(&hn, &w, &b, Some(&res), 1e-5, false)
     })?;
-    // DC-AE dense 3×3 conv + bias + SiLU through cuDNN, (1, 256, 256, 256) -> 256.
+    check("rms_norm_rows + silu (1,1024,1024,128)", &|| {
+        ops::rms_norm_rows(&hn, &w, &b, None, 1e-5, true)
+    })?;
+    let hw = rnd(&[1, 32, 32, 1024], 1.0)?;
+    let (w1, b1) = (rnd(&[1024], 1.0)?, rnd(&[1024], 1.0)?);
+    check("rms_norm_rows + residual (1,32,32,1024)", &|| {
+        ops::rms_norm_rows(&hw, &w1, &b1, Some(&hw), 1e-5, false)
+    })?;
+    // Up-block: nearest ×2 and the shortcut add, channels-last (1, 256, 256, 512) -> 256 channels.
+    let xu = rnd(&[1, 256, 256, 512], 1.0)?;
+    let mu = rnd(&[1, 512, 512, 256], 1.0)?;
+    check("upsample_nearest2x_nhwc (1,256,256,512)", &|| {
+        ops::upsample_nearest2x_nhwc(&xu)
+    })?;
+    check("up_shortcut_add nhwc (1,256,256,512)->256", &|| {
+        ops::up_shortcut_add(&mu, &xu, 2)
+    })?;
+    // DC-AE dense 3×3 conv + bias + SiLU through cuDNN, channels-last (1, 256, 256, 256) -> 256.
     let xc = rnd(&[1, 256, 256, 256], 1.0)?;
     let conv = ops::Conv2dLayer::new(rnd(&[256, 256, 3, 3], 0.02)?, Some(rnd(&[256], 1.0)?), 1);
-    check("conv3x3+bias+silu cuDNN (1,256,256,256)", &|| {
+    check("conv3x3+bias+silu cuDNN NHWC (1,256,256,256)", &|| {
         conv.forward_act(&xc, true)
     })?;
     // Linear bias + residual (2, 1024, 2240).
@@ -466,6 +483,38 @@ fn fused_op_cases(device: &Device, dtype: DType, rows: &mut Vec<Row>) -> anyhow:
     check("linear bias+residual (2,1024,2240)", &|| {
         ops::linear(&lin, &y, Some(&h))
     })?;
+    // Decoder output to 8-bit RGB on the device: 1344×768 resized/cropped to 3840×2160, and unresized.
+    let img = rnd(&[1, 3, 768, 1344], 0.6)?;
+    for (oh, ow) in [(2160usize, 3840usize), (768, 1344)] {
+        ops::force_portable(false);
+        let fused = sana_pipelines::image_ops::resize_crop_to_rgb(&img, oh, ow)?;
+        ops::force_portable(true);
+        let portable = sana_pipelines::image_ops::resize_crop_to_rgb(&img, oh, ow);
+        ops::force_portable(false);
+        let (a, b) = (fused[0].as_raw(), portable?[0].as_raw().clone());
+        anyhow::ensure!(
+            a.len() == b.len(),
+            "rgb_u8 {ow}x{oh}: {} vs {} bytes",
+            a.len(),
+            b.len()
+        );
+        let max = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap_or(0);
+        let off = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        row(
+            rows,
+            format!("fused rgb_u8 768x1344 -> {ow}x{oh} {dtype:?} vs portable"),
+            format!(
+                "max |Δ| {max} LSB, {off} of {} bytes differ (bound 1 LSB)",
+                a.len()
+            ),
+            Some(max <= 1),
+        );
+    }
     Ok(())
 }
 

@@ -55,8 +55,10 @@ if has compiled; then
 fi
 if has bench; then
   echo "== sana-bench ($(left) s left)"
-  D=""; [ -f "$OUT/diffusers_reference.json" ] && D="$OUT/diffusers_reference.json"
-  C=""; [ -f "$OUT/diffusers_compiled.json" ] && C="$OUT/diffusers_compiled.json"
+  # Diffusers figures of this call; DIFFUSERS_JSON / COMPILED_JSON name an earlier call's (a quick round
+  # between kernel changes; the committed results always come from one call that ran both).
+  D="${DIFFUSERS_JSON:-}"; [ -f "$OUT/diffusers_reference.json" ] && D="$OUT/diffusers_reference.json"
+  C="${COMPILED_JSON:-}"; [ -f "$OUT/diffusers_compiled.json" ] && C="$OUT/diffusers_compiled.json"
   [ -z "$D" ] && [ -n "$C" ] && D=/dev/null
   SANA_BENCH_JSON="$OUT/results.json" SANA_BENCH_DATE=$(date -u +%F) SANA_BENCH_CASE_BUDGET_S=${SANA_BENCH_CASE_BUDGET_S:-15} \
     timeout $(( $(left) - 5 )) /tmp/sana-bench /tmp/sana_real /tmp/sana_sprint_real $D $C; echo "sana-bench exit $? after $(( $(date +%s) - START )) s"

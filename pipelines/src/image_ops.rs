@@ -243,13 +243,18 @@ pub fn resize_and_crop(
         .narrow(3, start_x, new_width)?)
 }
 
-/// `postprocess(…, output_type="pil")`: `(B,3,H,W)` decoder output in [−1, 1] → RGB images.
+/// `postprocess(…, output_type="pil")`: `(B,3,H,W)` decoder output in [−1, 1] → RGB images. On CUDA one
+/// kernel quantises on the device ([`crate::kernels::rgb_u8`]) and only the bytes are copied back.
 pub fn to_rgb_images(samples: &Tensor) -> Result<Vec<image::RgbImage>, PipelineError> {
     let (b, c, h, w) = samples.dims4()?;
     if c != 3 {
         return Err(PipelineError::InvalidRequest(format!(
             "expected 3 image channels, got {c}"
         )));
+    }
+    #[cfg(feature = "cuda")]
+    if crate::ops::fused(samples) {
+        return u8_images(&crate::kernels::rgb_u8(&samples.contiguous()?, h, w, None)?);
     }
     // Denormalise in the decoder's dtype (bf16 in production), as diffusers does before `.float()`.
     let x = samples
@@ -295,10 +300,42 @@ pub fn resize_crop_to_rgb(
     new_height: usize,
     new_width: usize,
 ) -> Result<Vec<image::RgbImage>, PipelineError> {
+    #[cfg(feature = "cuda")]
+    if crate::ops::fused(samples) {
+        let (_, _, h, w) = samples.dims4()?;
+        let cover = if h == new_height && w == new_width {
+            None
+        } else {
+            let (rh, rw) = cover_size(h, w, new_height, new_width);
+            Some((rh, rw, (rh - new_height) / 2, (rw - new_width) / 2))
+        };
+        return u8_images(&crate::kernels::rgb_u8(
+            &samples.contiguous()?,
+            new_height,
+            new_width,
+            cover,
+        )?);
+    }
     if new_height * new_width > STREAM_RESIZE_ABOVE_PIXELS {
         return stream_resize_crop_to_rgb(samples, new_height, new_width);
     }
     to_rgb_images(&resize_and_crop(samples, new_height, new_width)?)
+}
+
+/// `(B, H, W, 3)` u8 (on any device) → RGB images.
+#[cfg(feature = "cuda")]
+fn u8_images(rgb: &Tensor) -> Result<Vec<image::RgbImage>, PipelineError> {
+    let (b, h, w, _) = rgb.dims4()?;
+    let data = rgb.flatten_all()?.to_vec1::<u8>()?;
+    let per = h * w * 3;
+    Ok(data
+        .chunks_exact(per.max(1))
+        .take(b)
+        .map(|px| {
+            image::RgbImage::from_raw(w as u32, h as u32, px.to_vec())
+                .expect("buffer length is exactly width·height·3 by construction")
+        })
+        .collect())
 }
 
 /// The streaming path of [`resize_crop_to_rgb`], for any size.

@@ -47,13 +47,18 @@ const NORM: Source = Source {
     module: "fleet_norm",
     code: include_str!("kernels/norm.cu"),
 };
-const ALL: [Source; 3] = [DWCONV, LINEAR_ATTN, NORM];
+const IMAGE: Source = Source {
+    module: "fleet_image",
+    code: include_str!("kernels/image.cu"),
+};
+const ALL: [Source; 4] = [DWCONV, LINEAR_ATTN, NORM, IMAGE];
 
 /// One function of each module, loaded by [`preload`] (loading one function loads its whole module).
-const PRELOAD: [(Source, &str); 3] = [
+const PRELOAD: [(Source, &str); 4] = [
     (DWCONV, "dwconv_bf16_v8_k3_glu"),
     (LINEAR_ATTN, "la_kv_reduce"),
     (NORM, "ln_modulate_bf16"),
+    (IMAGE, "rgb_u8_bf16"),
 ];
 
 fn ptx(src: Source, arch: &str) -> Result<String> {
@@ -355,8 +360,8 @@ fn linear_attention_typed<T: CudaDType + WithDType + DeviceRepr>(
     };
     let bg = b * g;
     let p = d * (d + 1);
-    // Enough blocks to fill the card (≈ 4 per SM on 132 SMs), chunks a multiple of the 32-token tile.
-    let want = (4 * 132usize).div_ceil(bg).clamp(1, n.div_ceil(32).max(1));
+    // Enough blocks to fill the card (≈ 8 per SM on 132 SMs), chunks a multiple of the 32-token tile.
+    let want = (8 * 132usize).div_ceil(bg).clamp(1, n.div_ceil(32).max(1));
     let chunk = n.div_ceil(want).div_ceil(32) * 32;
     let nchunks = n.div_ceil(chunk);
     let mut partial = unsafe { dev.alloc::<f32>(bg * nchunks * p) }?;
@@ -544,8 +549,18 @@ fn gated_residual_typed<T: CudaDType + WithDType + DeviceRepr>(
     }
     require_contiguous("gated_residual", y)?;
     let dev = cuda_dev(x)?;
-    let (suffix, _) = tag(x.dtype())?;
-    let (stream_f, f) = func(&dev, NORM, &format!("gated_residual_{suffix}"))?;
+    let (suffix, vec) = tag(x.dtype())?;
+    let v = if d.is_multiple_of(vec) && [x, y, table, temb6].iter().all(|t| aligned(t, vec)) {
+        vec
+    } else {
+        1
+    };
+    let name = if v > 1 {
+        format!("gated_residual_{suffix}_v{v}")
+    } else {
+        format!("gated_residual_{suffix}")
+    };
+    let (stream_f, f) = func(&dev, NORM, &name)?;
     let total = b * n * d;
     let mut out = unsafe { dev.alloc::<T>(total) }?;
     let (xs, xl) = x.storage_and_layout();
@@ -565,85 +580,23 @@ fn gated_residual_typed<T: CudaDType + WithDType + DeviceRepr>(
     lb.arg(&ni);
     lb.arg(&di);
     lb.arg(&gi);
-    unsafe { lb.launch(grid_1d(total)) }.w()?;
+    unsafe { lb.launch(grid_1d(total / v)) }.w()?;
     Ok(wrap(out, &dev, (b, n, d)))
 }
 
-/// diffusers `RMSNorm(C, eps, weight, bias)` over the channels of NCHW `h`, plus `residual` if given.
-pub fn rms_norm_nchw(
-    h: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    residual: Option<&Tensor>,
-    eps: f32,
-) -> Result<Tensor> {
-    match h.dtype() {
-        DType::BF16 => rms_nchw_typed::<half::bf16>(h, weight, bias, residual, eps),
-        DType::F32 => rms_nchw_typed::<f32>(h, weight, bias, residual, eps),
-        other => bail!("rms_norm_nchw: no kernel for {other:?}"),
-    }
+/// Whether `t`'s first element sits on a 16-byte boundary for `vec`-element accesses (allocations are;
+/// a view may start anywhere).
+fn aligned(t: &Tensor, vec: usize) -> bool {
+    t.layout().start_offset().is_multiple_of(vec)
 }
 
-fn rms_nchw_typed<T: CudaDType + WithDType + DeviceRepr>(
-    h: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    residual: Option<&Tensor>,
-    eps: f32,
-) -> Result<Tensor> {
-    let (b, c, hh, ww) = h.dims4()?;
-    if weight.dims() != [c] || bias.is_some_and(|t| t.dims() != [c]) {
-        bail!("rms_norm_nchw: weight/bias do not fit {c} channels");
+/// `t` contiguous and 16-byte aligned for `vec`-element accesses: itself when it is, else a fresh copy.
+fn vec_ready(t: &Tensor, vec: usize) -> Result<Tensor> {
+    if t.is_contiguous() && aligned(t, vec) {
+        Ok(t.clone())
+    } else {
+        t.copy()
     }
-    if residual.is_some_and(|r| r.dims() != h.dims()) {
-        bail!("rms_norm_nchw: residual shape differs");
-    }
-    for t in [Some(h), Some(weight), bias, residual]
-        .into_iter()
-        .flatten()
-    {
-        require_contiguous("rms_norm_nchw", t)?;
-        if t.dtype() != h.dtype() {
-            bail!("rms_norm_nchw: mixed dtypes");
-        }
-    }
-    let dev = cuda_dev(h)?;
-    let (suffix, _) = tag(h.dtype())?;
-    let (stream_f, f) = func(&dev, NORM, &format!("rms_nchw_{suffix}"))?;
-    let mut out = unsafe { dev.alloc::<T>(b * c * hh * ww) }?;
-    let (hs, hl) = h.storage_and_layout();
-    let (ws, wl) = weight.storage_and_layout();
-    let hv = view::<T>(&hs, hl)?;
-    let wv = view::<T>(&ws, wl)?;
-    let bias_g = bias.map(|t| t.storage_and_layout());
-    let res_g = residual.map(|t| t.storage_and_layout());
-    let bias_v = match &bias_g {
-        Some((s, l)) => Some(view::<T>(s, l)?),
-        None => None,
-    };
-    let res_v = match &res_g {
-        Some((s, l)) => Some(view::<T>(s, l)?),
-        None => None,
-    };
-    let (bi, ci, hw) = (b as i32, c as i32, (hh * ww) as i64);
-    let mut lb = stream_f.launch_builder(&f);
-    lb.arg(&hv);
-    lb.arg(&wv);
-    match &bias_v {
-        Some(v) => lb.arg(v),
-        None => lb.arg(&NULL),
-    };
-    match &res_v {
-        Some(v) => lb.arg(v),
-        None => lb.arg(&NULL),
-    };
-    lb.arg(&mut out);
-    lb.arg(&bi);
-    lb.arg(&ci);
-    lb.arg(&hw);
-    lb.arg(&eps);
-    unsafe { lb.launch(grid_1d(b * hh * ww)) }.w()?;
-    Ok(wrap(out, &dev, (b, c, hh, ww)))
 }
 
 /// `softmax(scores · scale + mask[b])` over the last dim, in `out_dtype`. `scores`: `(B, ..., T)` f32;
@@ -703,40 +656,6 @@ fn masked_softmax_typed<T: CudaDType + WithDType + DeviceRepr>(
     };
     unsafe { lb.launch(cfg) }.w()?;
     Ok(wrap(out, &dev, dims))
-}
-
-/// In place on a fresh NCHW tensor we own: `x = act(x + bias[c])`.
-fn bias_act_nchw_inplace<T: CudaDType + WithDType + DeviceRepr>(
-    dev: &CudaDevice,
-    out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-    bias: Option<&Tensor>,
-    dims: (usize, usize, usize, usize),
-    silu: bool,
-) -> Result<()> {
-    let (b, c, h, w) = dims;
-    let (suffix, vec) = tag(T::DTYPE)?;
-    let hw = h * w;
-    let v = if hw % vec == 0 { vec } else { 1 };
-    let (stream_f, f) = func(dev, NORM, &format!("bias_act_nchw_{suffix}_v{v}"))?;
-    let bias_g = bias.map(|t| t.storage_and_layout());
-    let bias_v = match &bias_g {
-        Some((s, l)) => Some(view::<T>(s, l)?),
-        None => None,
-    };
-    let total = b * c * hw;
-    let (tot, ci, hwi, si) = (total as i64, c as i32, hw as i64, i32::from(silu));
-    let mut lb = stream_f.launch_builder(&f);
-    lb.arg(out);
-    match &bias_v {
-        Some(v) => lb.arg(v),
-        None => lb.arg(&NULL),
-    };
-    lb.arg(&tot);
-    lb.arg(&ci);
-    lb.arg(&hwi);
-    lb.arg(&si);
-    unsafe { lb.launch(grid_1d(total / v)) }.w()?;
-    Ok(())
 }
 
 /// `y + bias` (row broadcast over the last dim), plus `residual` when given, into a new tensor.
@@ -811,12 +730,15 @@ fn bias_rows_typed<T: CudaDType + WithDType + DeviceRepr>(
     Ok(wrap(out, &dev, dims))
 }
 
-/// Dense 2-D convolution, NCHW, stride 1, dilation 1, through cuDNN with tensor-op math for bf16 (f32
-/// compute, the `PSEUDO_BFLOAT16` configuration) and default math for f32. The algorithm is chosen once
-/// per shape by cuDNN's heuristics and cached; the workspace is allocated per call from candle's pool.
-/// Then `act(y + bias)` in one pass. candle's own cuDNN path leaves the math type at its default, where
+/// Dense 2-D convolution, channels-last, stride 1, dilation 1, through cuDNN: `x` `(B, H, W, Cin)`,
+/// `weight` `(Cout, kh, kw, Cin)` (KRSC, the PyTorch weight permuted once), NHWC descriptors, so cuDNN's
+/// sm90 implicit-GEMM kernels run without the NCHW↔NHWC transposes it inserted around every NCHW conv
+/// (6.6 of 41.5 ms of a 1024² decode on the H200, `bench/results/2026-12-01-h200-profile-after.md`).
+/// Tensor-op math for bf16 (f32 compute), default math for f32. The algorithm is chosen once per shape
+/// by cuDNN's heuristics and cached; the workspace is allocated per call. Then `act(y + bias)` in one
+/// row-broadcast pass. candle's own cuDNN path is NCHW-only and leaves the math type at its default, where
 /// cuDNN picked an FFMA implicit GEMM (no tensor cores: 240 of 300 ms of a 1024² decode on an H200).
-pub fn conv2d_nchw(
+pub fn conv2d_nhwc(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
@@ -826,7 +748,7 @@ pub fn conv2d_nchw(
     match x.dtype() {
         DType::BF16 => conv2d_typed::<half::bf16>(x, weight, bias, padding, silu),
         DType::F32 => conv2d_typed::<f32>(x, weight, bias, padding, silu),
-        other => bail!("conv2d_nchw: no kernel for {other:?}"),
+        other => bail!("conv2d_nhwc: no kernel for {other:?}"),
     }
 }
 
@@ -860,11 +782,11 @@ where
 {
     use candle_core::cuda_backend::cudarc::cudnn::{sys as dnn, ConvForward, Cudnn};
     let dev = cuda_dev(x)?;
-    let (b, cin, h, w) = x.dims4()?;
-    let (cout, wcin, kh, kw) = weight.dims4()?;
+    let (b, h, w, cin) = x.dims4()?;
+    let (cout, kh, kw, wcin) = weight.dims4()?;
     if wcin != cin || weight.dtype() != x.dtype() || bias.is_some_and(|t| t.dims() != [cout]) {
         bail!(
-            "conv2d_nchw: weight {:?} / bias do not fit x {:?}",
+            "conv2d_nhwc: weight {:?} / bias do not fit x {:?}",
             weight.dims(),
             x.dims()
         );
@@ -893,16 +815,16 @@ where
         conv.set_math_type(dnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)
             .map_err(dnn_err)?;
     }
-    let nchw = dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    let nhwc = dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
     let i = |v: usize| v as i32;
     let xd = cudnn
-        .create_4d_tensor::<T>(nchw, [i(b), i(cin), i(h), i(w)])
+        .create_4d_tensor::<T>(nhwc, [i(b), i(cin), i(h), i(w)])
         .map_err(dnn_err)?;
     let wd = cudnn
-        .create_4d_filter::<T>(nchw, [i(cout), i(cin), i(kh), i(kw)])
+        .create_4d_filter::<T>(nhwc, [i(cout), i(cin), i(kh), i(kw)])
         .map_err(dnn_err)?;
     let yd = cudnn
-        .create_4d_tensor::<T>(nchw, [i(b), i(cout), i(ho), i(wo)])
+        .create_4d_tensor::<T>(nhwc, [i(b), i(cout), i(ho), i(wo)])
         .map_err(dnn_err)?;
     let fwd = ConvForward {
         conv: &conv,
@@ -946,11 +868,12 @@ where
         }
         .map_err(dnn_err)?;
     }
-    if bias.is_some() || silu {
-        let bc = bias.map(|t| t.contiguous()).transpose()?;
-        bias_act_nchw_inplace::<T>(&dev, &mut out, bc.as_ref(), (b, cout, ho, wo), silu)?;
+    let y = wrap(out, &dev, (b, ho, wo, cout));
+    match bias {
+        Some(bias) => bias_rows_act(y, bias, None, silu),
+        None if silu => y.silu(),
+        None => Ok(y),
     }
-    Ok(wrap(out, &dev, (b, cout, ho, wo)))
 }
 
 /// `(P, A, C, D)` → `(P, C, A, D)` contiguous, cast to `out_dtype` (bf16→f32, bf16→bf16 or f32→f32).
@@ -994,22 +917,174 @@ pub fn permute0213(x: &Tensor, out_dtype: DType) -> Result<Tensor> {
     }
 }
 
-/// `main + pixel_shuffle(repeat_interleave(x, r, dim=1), 2)`, NCHW, one pass.
-pub fn up_shortcut_add(main: &Tensor, x: &Tensor, r: usize) -> Result<Tensor> {
-    let (b, co, h2, w2) = main.dims4()?;
-    let (bx, ci, h, w) = x.dims4()?;
+/// Lanes per row of `rms_rows` for `nv` vectors a row, and the kernel's per-lane capacity (2 or 4: the
+/// `_m2` / `_m4` kernels): at least two vectors a lane where the row allows, so loads overlap.
+fn rms_lanes(nv: usize) -> Option<(usize, usize)> {
+    let lpr = [32usize, 16, 8, 4, 2, 1]
+        .into_iter()
+        .find(|l| nv >= 2 * l)
+        .unwrap_or(1);
+    match nv.div_ceil(lpr) {
+        0..=2 => Some((lpr, 2)),
+        3..=4 => Some((lpr, 4)),
+        _ => None,
+    }
+}
+
+/// Whether [`rms_norm_rows`] has a kernel for rows of `c` channels in `dtype`.
+pub fn rms_rows_fits(c: usize, dtype: DType) -> bool {
+    tag(dtype).is_ok_and(|(_, vec)| c.is_multiple_of(vec) && rms_lanes(c / vec).is_some())
+}
+
+/// diffusers `RMSNorm(C, eps, weight, bias)` over the last dim of contiguous `h` (`(..., C)`), plus
+/// `residual`, then SiLU when `silu` (of the rounded sum, as the unfused ops round it). One warp-slice a row.
+pub fn rms_norm_rows(
+    h: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    match h.dtype() {
+        DType::BF16 => rms_rows_typed::<half::bf16>(h, weight, bias, residual, eps, silu),
+        DType::F32 => rms_rows_typed::<f32>(h, weight, bias, residual, eps, silu),
+        other => bail!("rms_norm_rows: no kernel for {other:?}"),
+    }
+}
+
+fn rms_rows_typed<T: CudaDType + WithDType + DeviceRepr>(
+    h: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    let c = *h.dims().last().unwrap_or(&0);
+    let (suffix, vec) = tag(h.dtype())?;
+    if !rms_rows_fits(c, h.dtype())
+        || weight.dims() != [c]
+        || bias.is_some_and(|t| t.dims() != [c])
+        || residual.is_some_and(|r| r.dims() != h.dims())
+    {
+        bail!(
+            "rms_norm_rows: no kernel for {:?} with these operands",
+            h.dims()
+        );
+    }
+    if [Some(weight), bias, residual]
+        .into_iter()
+        .flatten()
+        .any(|t| t.dtype() != h.dtype())
+    {
+        bail!("rms_norm_rows: mixed dtypes");
+    }
+    let (h, weight) = (&vec_ready(h, vec)?, &vec_ready(weight, vec)?);
+    let bias = bias.map(|t| vec_ready(t, vec)).transpose()?;
+    let residual = residual.map(|t| vec_ready(t, vec)).transpose()?;
+    let (bias, residual) = (bias.as_ref(), residual.as_ref());
+    let (lpr, m) = rms_lanes(c / vec).unwrap_or((32, 4));
+    let rows = h.elem_count() / c.max(1);
+    let dev = cuda_dev(h)?;
+    let (stream_f, f) = func(&dev, NORM, &format!("rms_rows_{suffix}_m{m}"))?;
+    let mut out = unsafe { dev.alloc::<T>(h.elem_count()) }?;
+    let (hs, hl) = h.storage_and_layout();
+    let (ws, wl) = weight.storage_and_layout();
+    let (hv, wv) = (view::<T>(&hs, hl)?, view::<T>(&ws, wl)?);
+    let bias_g = bias.map(|t| t.storage_and_layout());
+    let res_g = residual.map(|t| t.storage_and_layout());
+    let bias_v = bias_g.as_ref().map(|(s, l)| view::<T>(s, l)).transpose()?;
+    let res_v = res_g.as_ref().map(|(s, l)| view::<T>(s, l)).transpose()?;
+    let (rows_i, ci, si, li) = (rows as i64, c as i32, i32::from(silu), lpr as i32);
+    let mut lb = stream_f.launch_builder(&f);
+    lb.arg(&hv);
+    lb.arg(&wv);
+    match &bias_v {
+        Some(v) => lb.arg(v),
+        None => lb.arg(&NULL),
+    };
+    match &res_v {
+        Some(v) => lb.arg(v),
+        None => lb.arg(&NULL),
+    };
+    lb.arg(&mut out);
+    lb.arg(&rows_i);
+    lb.arg(&ci);
+    lb.arg(&eps);
+    lb.arg(&si);
+    lb.arg(&li);
+    let per_block = 8 * (32 / lpr);
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(per_block).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { lb.launch(cfg) }.w()?;
+    drop(lb);
+    Ok(wrap(out, &dev, h.dims()))
+}
+
+/// Whether the channels-last layout kernels ([`upsample2x_nhwc`], [`up_shortcut_add_nhwc`]) take `c`
+/// channels of `dtype` (whole 16-byte vectors).
+pub fn nhwc_fits(c: usize, dtype: DType) -> bool {
+    tag(dtype).is_ok_and(|(_, vec)| c.is_multiple_of(vec))
+}
+
+/// Nearest ×2 upsample of contiguous channels-last `x` `(B, H, W, C)` → `(B, 2H, 2W, C)`.
+pub fn upsample2x_nhwc(x: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let (suffix, vec) = tag(x.dtype())?;
+    if !c.is_multiple_of(vec) {
+        bail!("upsample2x_nhwc: {c} channels are not whole 16-byte vectors");
+    }
+    let x = &vec_ready(x, vec)?;
+    let dev = cuda_dev(x)?;
+    let (stream_f, f) = func(&dev, NORM, &format!("upsample2x_nhwc_{suffix}_v{vec}"))?;
+    let total = 4 * x.elem_count();
+    let (xs, xl) = x.storage_and_layout();
+    let args = [b, h, w, c].map(|v| v as i32);
+    macro_rules! go {
+        ($t:ty) => {{
+            let xv = view::<$t>(&xs, xl)?;
+            let mut out = unsafe { dev.alloc::<$t>(total) }?;
+            let mut lb = stream_f.launch_builder(&f);
+            lb.arg(&xv);
+            lb.arg(&mut out);
+            for a in &args {
+                lb.arg(a);
+            }
+            unsafe { lb.launch(grid_1d(total / vec)) }.w()?;
+            drop(lb);
+            Ok(wrap(out, &dev, (b, 2 * h, 2 * w, c)))
+        }};
+    }
+    match x.dtype() {
+        DType::BF16 => go!(half::bf16),
+        _ => go!(f32),
+    }
+}
+
+/// `main + pixel_shuffle(repeat_interleave(x, r), 2)` channels-last: `main` `(B, 2H, 2W, Co)`, `x`
+/// `(B, H, W, Ci)` with `Ci·r = 4·Co`; one pass.
+pub fn up_shortcut_add_nhwc(main: &Tensor, x: &Tensor, r: usize) -> Result<Tensor> {
+    let (b, h2, w2, co) = main.dims4()?;
+    let (bx, h, w, ci) = x.dims4()?;
+    let (suffix, vec) = tag(x.dtype())?;
     if bx != b || h2 != 2 * h || w2 != 2 * w || ci * r != 4 * co || x.dtype() != main.dtype() {
         bail!(
-            "up_shortcut_add: main {:?} / x {:?} / r {r}",
+            "up_shortcut_add_nhwc: main {:?} / x {:?} / r {r}",
             main.dims(),
             x.dims()
         );
     }
-    require_contiguous("up_shortcut_add", main)?;
-    require_contiguous("up_shortcut_add", x)?;
+    require_contiguous("up_shortcut_add_nhwc", x)?;
+    if !co.is_multiple_of(vec) {
+        bail!("up_shortcut_add_nhwc: {co} channels are not whole 16-byte vectors");
+    }
+    let main = &vec_ready(main, vec)?;
     let dev = cuda_dev(x)?;
-    let (suffix, _) = tag(x.dtype())?;
-    let (stream_f, f) = func(&dev, NORM, &format!("up_shortcut_add_{suffix}"))?;
+    let (stream_f, f) = func(&dev, NORM, &format!("up_shortcut_add_nhwc_{suffix}_v{vec}"))?;
     let total = main.elem_count();
     let (ms, ml) = main.storage_and_layout();
     let (xs, xl) = x.storage_and_layout();
@@ -1025,13 +1100,390 @@ pub fn up_shortcut_add(main: &Tensor, x: &Tensor, r: usize) -> Result<Tensor> {
             for a in &args {
                 lb.arg(a);
             }
-            unsafe { lb.launch(grid_1d(total)) }.w()?;
+            unsafe { lb.launch(grid_1d(total / vec)) }.w()?;
             drop(lb);
-            Ok(wrap(out, &dev, (b, co, h2, w2)))
+            Ok(wrap(out, &dev, (b, h2, w2, co)))
         }};
     }
     match x.dtype() {
         DType::BF16 => go!(half::bf16),
         _ => go!(f32),
     }
+}
+
+/// Whether [`glu_dwconv_tiled`] takes `x` `(B, H, W, Cin)`: bf16, `Cin/2` a multiple of 32.
+pub fn glu_tiled_fits(x: &Tensor) -> bool {
+    x.dtype() == DType::BF16
+        && x.dims().last().is_some_and(|c| c.is_multiple_of(64))
+        && x.rank() == 4
+}
+
+/// Whether [`dwconv_tiled`] takes `x` `(B, H, W, C)` with a `k×k` kernel: bf16, C a multiple of 32, k 3 or 5.
+pub fn dwconv_tiled_fits(x: &Tensor, k: usize) -> bool {
+    x.dtype() == DType::BF16
+        && x.rank() == 4
+        && x.dims().last().is_some_and(|c| c.is_multiple_of(32))
+        && (k == 3 || k == 5)
+}
+
+/// Depthwise k×k (+ bias) of channels-last bf16 `x` through shared-memory tiles (`dwconv.cu::dwtile`).
+/// `taps` `(k, k, C)`; returns `(B, H, W, C)`.
+pub fn dwconv_tiled(x: &Tensor, taps: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let k = taps.dim(0)?;
+    if !dwconv_tiled_fits(x, k) || taps.dims() != [k, k, c] || bias.is_some_and(|t| t.dims() != [c])
+    {
+        bail!(
+            "dwconv_tiled: no kernel for x {:?} taps {:?}",
+            x.dims(),
+            taps.dims()
+        );
+    }
+    if taps.dtype() != DType::BF16 || bias.is_some_and(|t| t.dtype() != DType::BF16) {
+        bail!("dwconv_tiled: operands must be bf16");
+    }
+    let (x, taps) = (&vec_ready(x, 8)?, &vec_ready(taps, 8)?);
+    let bias = bias.map(|t| vec_ready(t, 8)).transpose()?;
+    let bias = bias.as_ref();
+    let dev = cuda_dev(x)?;
+    let (stream_f, f) = func(&dev, DWCONV, &format!("dwtile_bf16_k{k}"))?;
+    let mut out = unsafe { dev.alloc::<half::bf16>(x.elem_count()) }?;
+    let (xs, xl) = x.storage_and_layout();
+    let (ts, tl) = taps.storage_and_layout();
+    let xv = view::<half::bf16>(&xs, xl)?;
+    let tv = view::<half::bf16>(&ts, tl)?;
+    let bias_g = bias.map(|t| t.storage_and_layout());
+    let bias_v = bias_g
+        .as_ref()
+        .map(|(s, l)| view::<half::bf16>(s, l))
+        .transpose()?;
+    let args = [b, h, w, c].map(|v| v as i32);
+    let mut lb = stream_f.launch_builder(&f);
+    lb.arg(&xv);
+    lb.arg(&tv);
+    match &bias_v {
+        Some(v) => lb.arg(v),
+        None => lb.arg(&NULL),
+    };
+    lb.arg(&NULL);
+    lb.arg(&mut out);
+    for a in &args {
+        lb.arg(a);
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (b * h.div_ceil(8) * w.div_ceil(8)) as u32,
+            (c / 32) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { lb.launch(cfg) }.w()?;
+    drop(lb);
+    Ok(wrap(out, &dev, (b, h, w, c)))
+}
+
+/// GLUMBConv's middle in one launch (`dwconv.cu::dwtile_bf16_k3_glu`): `silu(x + in_bias)` rounded to bf16,
+/// depthwise 3×3 + `bias`, then `value · silu(gate)`. `x` `(B, H, W, Cin)` bf16, `taps` `(3, 3, Cin)`;
+/// returns `(B, H, W, Cin/2)`. Bit-equal to `bias_rows_act` + [`dwconv_nhwc`] (checked by the harness).
+pub fn glu_dwconv_tiled(
+    x: &Tensor,
+    taps: &Tensor,
+    bias: &Tensor,
+    in_bias: &Tensor,
+) -> Result<Tensor> {
+    let (b, h, w, cin) = x.dims4()?;
+    if !glu_tiled_fits(x)
+        || taps.dims() != [3, 3, cin]
+        || bias.dims() != [cin]
+        || in_bias.dims() != [cin]
+    {
+        bail!(
+            "glu_dwconv_tiled: no kernel for x {:?} taps {:?}",
+            x.dims(),
+            taps.dims()
+        );
+    }
+    if [taps, bias, in_bias]
+        .iter()
+        .any(|t| t.dtype() != DType::BF16)
+    {
+        bail!("glu_dwconv_tiled: operands must be bf16");
+    }
+    let (x, taps) = (&vec_ready(x, 8)?, &vec_ready(taps, 8)?);
+    let (bias, in_bias) = (&vec_ready(bias, 8)?, &vec_ready(in_bias, 8)?);
+    let dev = cuda_dev(x)?;
+    let (stream_f, f) = func(&dev, DWCONV, "dwtile_bf16_k3_glu")?;
+    let cout = cin / 2;
+    let mut out = unsafe { dev.alloc::<half::bf16>(b * h * w * cout) }?;
+    let (xs, xl) = x.storage_and_layout();
+    let (ts, tl) = taps.storage_and_layout();
+    let (bs, bl) = bias.storage_and_layout();
+    let (is, il) = in_bias.storage_and_layout();
+    let xv = view::<half::bf16>(&xs, xl)?;
+    let tv = view::<half::bf16>(&ts, tl)?;
+    let bv = view::<half::bf16>(&bs, bl)?;
+    let iv = view::<half::bf16>(&is, il)?;
+    let args = [b, h, w, cin].map(|v| v as i32);
+    let mut lb = stream_f.launch_builder(&f);
+    lb.arg(&xv);
+    lb.arg(&tv);
+    lb.arg(&bv);
+    lb.arg(&iv);
+    lb.arg(&mut out);
+    for a in &args {
+        lb.arg(a);
+    }
+    let tiles = b * h.div_ceil(8) * w.div_ceil(8);
+    let cfg = LaunchConfig {
+        grid_dim: (tiles as u32, (cout / 32) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { lb.launch(cfg) }.w()?;
+    drop(lb);
+    Ok(wrap(out, &dev, (b, h, w, cout)))
+}
+
+/// One cuBLAS strided-batched GEMM on bf16 operands with f32 compute, column-major as cuBLAS sees it:
+/// `C_i = op(A_i) · op(B_i)` for `i < batch`, `C` bf16 or f32 (`c_f32`). Pointers are device addresses
+/// (byte offsets already applied); leading dimensions and strides in elements.
+#[allow(clippy::too_many_arguments)]
+fn gemm_bf16(
+    dev: &CudaDevice,
+    (ta, tb): (bool, bool),
+    (m, n, k): (usize, usize, usize),
+    (a, lda, stride_a): (u64, usize, usize),
+    (b, ldb, stride_b): (u64, usize, usize),
+    (c, ldc, stride_c, c_f32): (u64, usize, usize, bool),
+    batch: usize,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::cublas::{result::gemm_strided_batched_ex, sys};
+    let op = |t: bool| {
+        if t {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let (one, zero) = (1f32, 0f32);
+    let bf = sys::cudaDataType_t::CUDA_R_16BF;
+    let c_type = if c_f32 {
+        sys::cudaDataType_t::CUDA_R_32F
+    } else {
+        bf
+    };
+    let i = |x: usize| x as i32;
+    let blas = dev.cublas_handle();
+    // SAFETY: the callers pass addresses inside live allocations sized for these shapes and strides,
+    // on the stream cuBLAS is bound to (candle's, the one every kernel here runs on).
+    unsafe {
+        gemm_strided_batched_ex(
+            *blas.handle(),
+            op(ta),
+            op(tb),
+            i(m),
+            i(n),
+            i(k),
+            (&one) as *const f32 as *const _,
+            a as *const _,
+            bf,
+            i(lda),
+            stride_a as i64,
+            b as *const _,
+            bf,
+            i(ldb),
+            stride_b as i64,
+            (&zero) as *const f32 as *const _,
+            c as *mut _,
+            c_type,
+            i(ldc),
+            stride_c as i64,
+            i(batch),
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+        )
+    }
+    .map_err(|e| candle_core::Error::Msg(format!("cuBLAS gemm: {e:?}")))
+}
+
+/// The DC-AE multiscale projection's grouped 1×1 conv on tokens: `y` `(rows, G·d_in)` bf16 contiguous,
+/// `w` `(G, d_out, d_in)` bf16 contiguous → `(rows, G·d_out)`, `out[r, g] = w[g] · y[r, g]`. One cuBLAS
+/// call batched over groups, reading and writing the token-major layout in place (no transposes).
+pub fn grouped_linear_bf16(y: &Tensor, w: &Tensor) -> Result<Tensor> {
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let (rows, cin) = y.dims2()?;
+    let (g, d_out, d_in) = w.dims3()?;
+    if g * d_in != cin || y.dtype() != DType::BF16 || w.dtype() != DType::BF16 {
+        bail!("grouped_linear_bf16: y {:?} w {:?}", y.dims(), w.dims());
+    }
+    require_contiguous("grouped_linear_bf16", y)?;
+    require_contiguous("grouped_linear_bf16", w)?;
+    let dev = cuda_dev(y)?;
+    let stream = dev.cuda_stream();
+    let mut out = unsafe { dev.alloc::<half::bf16>(rows * g * d_out) }?;
+    {
+        let (ys, yl) = y.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (yv, wv) = (view::<half::bf16>(&ys, yl)?, view::<half::bf16>(&ws, wl)?);
+        let (yp, _gy) = yv.device_ptr(&stream);
+        let (wp, _gw) = wv.device_ptr(&stream);
+        let (op, _go) = out.device_ptr_mut(&stream);
+        // Column-major: out_gᵀ (d_out × rows, ld G·d_out) = W_g (op T of d_in × d_out, ld d_in) · y_gᵀ
+        // (d_in × rows, ld G·d_in).
+        gemm_bf16(
+            &dev,
+            (true, false),
+            (d_out, rows, d_in),
+            (wp, d_in, d_out * d_in),
+            (yp, cin, d_in),
+            (op, g * d_out, d_out, false),
+            g,
+        )?;
+    }
+    Ok(wrap(out, &dev, (rows, g * d_out)))
+}
+
+/// `softmax(q·kᵀ·scale + mask) · v` per head, bf16: `q` `(B, N, H·d)`, `k`, `v` `(B, H, T, d)` contiguous,
+/// `mask` `(B, 1, 1, T)` f32. Scores `(B, H, N, T)` f32 from one cuBLAS strided-batched GEMM per batch row
+/// (bf16 operands, f32 compute and output: the products are exact, as in the fused SDPA kernels), then
+/// [`masked_softmax`] to bf16, then a second GEMM (f32 compute) that writes each head's `(N, d)` block
+/// straight into the token-major output `(B, N, H·d)` (leading dimension H·d). Returns that output.
+pub fn cross_attention_bf16(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let (b, n, inner) = q.dims3()?;
+    let (bk, h, t, d) = k.dims4()?;
+    if bk != b || h * d != inner || v.dims() != k.dims() || mask.elem_count() != b * t {
+        bail!(
+            "cross_attention_bf16: q {:?} k {:?} v {:?} mask {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            mask.dims()
+        );
+    }
+    for x in [q, k, v] {
+        require_contiguous("cross_attention_bf16", x)?;
+        if x.dtype() != DType::BF16 {
+            bail!("cross_attention_bf16: operands must be bf16");
+        }
+    }
+    let dev = cuda_dev(q)?;
+    let stream = dev.cuda_stream();
+    let mut scores = unsafe { dev.alloc::<f32>(b * h * n * t) }?;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (qv, kv, vv) = (
+        view::<half::bf16>(&qs, ql)?,
+        view::<half::bf16>(&ks, kl)?,
+        view::<half::bf16>(&vs, vl)?,
+    );
+    let bf = 2u64; // bytes per bf16
+    {
+        let (qp, _gq) = qv.device_ptr(&stream);
+        let (kp, _gk) = kv.device_ptr(&stream);
+        let (sp, _gs) = scores.device_ptr_mut(&stream);
+        for bi in 0..b as u64 {
+            // Column-major: scoresᵀ (T × N, ld T) = K_h (op T of d × T, ld d) · Q_hᵀ (d × N, ld H·d).
+            gemm_bf16(
+                &dev,
+                (true, false),
+                (t, n, d),
+                (kp + bi * (h * t * d) as u64 * bf, d, t * d),
+                (qp + bi * (n * inner) as u64 * bf, inner, d),
+                (sp + bi * (h * n * t) as u64 * 4, t, n * t, true),
+                h,
+            )?;
+        }
+    }
+    let scores = wrap(scores, &dev, (b, h, n, t));
+    let probs = masked_softmax(&scores, mask, scale, DType::BF16)?;
+    drop(scores);
+    let mut out = unsafe { dev.alloc::<half::bf16>(b * n * inner) }?;
+    {
+        let (ps, pl) = probs.storage_and_layout();
+        let pv = view::<half::bf16>(&ps, pl)?;
+        let (pp, _gp) = pv.device_ptr(&stream);
+        let (vp, _gv) = vv.device_ptr(&stream);
+        let (op, _go) = out.device_ptr_mut(&stream);
+        for bi in 0..b as u64 {
+            // Column-major: out_hᵀ (d × N, ld H·d) = V_hᵀ (d × T, ld d) · P_hᵀ (T × N, ld T).
+            gemm_bf16(
+                &dev,
+                (false, false),
+                (d, n, t),
+                (vp + bi * (h * t * d) as u64 * bf, d, t * d),
+                (pp + bi * (h * n * t) as u64 * bf, t, n * t),
+                (op + bi * (n * inner) as u64 * bf, inner, d, false),
+                h,
+            )?;
+        }
+    }
+    Ok(wrap(out, &dev, (b, n, inner)))
+}
+
+/// Decoder output `samples` `(B, 3, H, W)` (contiguous, bf16 or f32, in [-1, 1]) → 8-bit RGB `(B, OH, OW, 3)`
+/// u8 on the device (`image.cu`): with `cover = Some((RH, RW, SY, SX))` the bilinear resize to `RH × RW`
+/// and the crop at `(SY, SX)` first, as `image_ops::resize_and_crop` computes them; then the denormalise
+/// and quantise of `image_ops::to_rgb_images`.
+pub fn rgb_u8(
+    samples: &Tensor,
+    out_h: usize,
+    out_w: usize,
+    cover: Option<(usize, usize, usize, usize)>,
+) -> Result<Tensor> {
+    let (b, c, h, w) = samples.dims4()?;
+    require_contiguous("rgb_u8", samples)?;
+    let (rh, rw, sy, sx) = cover.unwrap_or((h, w, 0, 0));
+    if c != 3 || sy + out_h > rh || sx + out_w > rw {
+        bail!(
+            "rgb_u8: {:?} to {out_w}x{out_h} with cover {cover:?}",
+            samples.dims()
+        );
+    }
+    let dev = cuda_dev(samples)?;
+    let (suffix, _) = tag(samples.dtype())?;
+    let (stream_f, f) = func(&dev, IMAGE, &format!("rgb_u8_{suffix}"))?;
+    let total = b * out_h * out_w;
+    let mut out = unsafe { dev.alloc::<u8>(3 * total) }?;
+    let (ss, sl) = samples.storage_and_layout();
+    let args = [
+        b,
+        h,
+        w,
+        rh,
+        rw,
+        out_h,
+        out_w,
+        sy,
+        sx,
+        usize::from(cover.is_some()),
+    ]
+    .map(|v| v as i32);
+    macro_rules! go {
+        ($t:ty) => {{
+            let sv = view::<$t>(&ss, sl)?;
+            let mut lb = stream_f.launch_builder(&f);
+            lb.arg(&sv);
+            lb.arg(&mut out);
+            for a in &args {
+                lb.arg(a);
+            }
+            unsafe { lb.launch(grid_1d(total)) }.w()?;
+        }};
+    }
+    match samples.dtype() {
+        DType::BF16 => go!(half::bf16),
+        _ => go!(f32),
+    }
+    drop(ss);
+    Ok(wrap(out, &dev, (b, out_h, out_w, 3)))
 }

@@ -21,7 +21,7 @@ pub fn force_portable(on: bool) {
 
 /// Whether `t` takes the fused CUDA path.
 #[cfg(feature = "cuda")]
-fn fused(t: &Tensor) -> bool {
+pub(crate) fn fused(t: &Tensor) -> bool {
     !PORTABLE_ONLY.load(Ordering::Relaxed)
         && t.device().is_cuda()
         && super::kernels::supports(t.dtype())
@@ -78,6 +78,9 @@ pub fn depthwise_conv(
     if fused(x) {
         let taps = weight.taps()?.to_dtype(x.dtype())?;
         let bias = bias.map(|b| b.to_dtype(x.dtype())).transpose()?;
+        if super::kernels::dwconv_tiled_fits(x, taps.dim(0)?) {
+            return super::kernels::dwconv_tiled(&x.contiguous()?, &taps, bias.as_ref());
+        }
         return super::kernels::dwconv_nhwc(
             &x.contiguous()?,
             &taps,
@@ -103,6 +106,14 @@ pub fn glu_depthwise(
     if fused(x) {
         let dt = x.dtype();
         let taps = weight.taps()?.to_dtype(dt)?;
+        if super::kernels::glu_tiled_fits(x) && taps.dims()[..2] == [3, 3] {
+            return super::kernels::glu_dwconv_tiled(
+                &x.contiguous()?,
+                &taps,
+                &bias.to_dtype(dt)?.contiguous()?,
+                &in_bias.to_dtype(dt)?.contiguous()?,
+            );
+        }
         // silu(x + in_bias) once per element (bf16, as diffusers rounds it), then depthwise + bias + GLU.
         let y = super::kernels::bias_rows_act(x.contiguous()?, &in_bias.to_dtype(dt)?, None, true)?;
         return super::kernels::dwconv_nhwc(
@@ -220,14 +231,18 @@ pub fn gated_residual(
     x + y.broadcast_mul(&modulation_row(table, temb6, gate_i)?)?
 }
 
-/// A dense 2-D convolution layer (stride 1, dilation 1), NCHW, with optional bias, weight as PyTorch
-/// stores it `(Cout, Cin, kh, kw)`. On CUDA: cuDNN with tensor-op math plus one fused bias(+SiLU) pass
-/// ([`super::kernels::conv2d_nchw`]); elsewhere candle's `conv2d`.
+/// A dense 2-D convolution layer (stride 1, dilation 1) on channels-last tensors `(B, H, W, C)`, with
+/// optional bias, weight as PyTorch stores it `(Cout, Cin, kh, kw)`. On CUDA: cuDNN on NHWC descriptors
+/// with the weight permuted once to `(Cout, kh, kw, Cin)`, plus one fused bias(+SiLU) pass
+/// ([`super::kernels::conv2d_nhwc`]); elsewhere candle's NCHW `conv2d` between two layout copies.
 #[derive(Debug, Clone)]
 pub struct Conv2dLayer {
     weight: Tensor,
     bias: Option<Tensor>,
     padding: usize,
+    /// `(Cout, kh, kw, Cin)` contiguous, made on first CUDA use and kept.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    krsc: Arc<OnceLock<Tensor>>,
 }
 
 impl Conv2dLayer {
@@ -236,6 +251,7 @@ impl Conv2dLayer {
             weight,
             bias,
             padding,
+            krsc: Arc::new(OnceLock::new()),
         }
     }
 
@@ -256,32 +272,38 @@ impl Conv2dLayer {
         Ok(Self::new(weight, bias, k / 2))
     }
 
+    /// `x`: `(B, H, W, Cin)` → `(B, H', W', Cout)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_act(x, false)
     }
 
-    /// `silu(conv(x) + bias)` when `silu`, else `conv(x) + bias`.
+    /// `silu(conv(x) + bias)` when `silu`, else `conv(x) + bias`; channels-last in and out.
     pub fn forward_act(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if fused(x) && self.weight.dtype() == x.dtype() {
-            return super::kernels::conv2d_nchw(
-                x,
-                &self.weight,
+            let krsc = match self.krsc.get() {
+                Some(w) => w.clone(),
+                None => {
+                    let w = self.weight.permute((0, 2, 3, 1))?.contiguous()?;
+                    self.krsc.get_or_init(|| w).clone()
+                }
+            };
+            return super::kernels::conv2d_nhwc(
+                &x.contiguous()?,
+                &krsc,
                 self.bias.as_ref(),
                 self.padding,
                 silu,
             );
         }
-        let y = x.conv2d(&self.weight, self.padding, 1, 1, 1)?;
+        let nchw = x.permute((0, 3, 1, 2))?.contiguous()?;
+        let y = nchw.conv2d(&self.weight, self.padding, 1, 1, 1)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
             None => y,
         };
-        if silu {
-            y.silu()
-        } else {
-            Ok(y)
-        }
+        let y = if silu { y.silu()? } else { y };
+        y.permute((0, 2, 3, 1))?.contiguous()
     }
 }
 
@@ -324,25 +346,50 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.reshape((b, l, h * d))
 }
 
-/// `torch.repeat_interleave(x, r, dim=1)` on `(B, C, H, W)`: channel `c·r + k` is input channel `c`.
-pub fn repeat_interleave_channels(x: &Tensor, r: usize) -> Result<Tensor> {
+/// `torch.repeat_interleave(x, r, dim=1)` of an NCHW tensor, on its channels-last form `(..., C)`:
+/// channel `c·r + k` is input channel `c`.
+pub fn repeat_interleave_last(x: &Tensor, r: usize) -> Result<Tensor> {
     if r == 1 {
         return Ok(x.clone());
     }
-    let (b, c, h, w) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, c, r, h, w))?
-        .reshape((b, c * r, h, w))
+    let mut dims = x.dims().to_vec();
+    let c = dims.pop().unwrap_or(1);
+    let mut wide = dims.clone();
+    wide.extend([c, r]);
+    dims.push(c * r);
+    x.unsqueeze(x.rank())?.broadcast_as(wide)?.reshape(dims)
 }
 
-/// `DCUpBlock2d`'s shortcut and residual: `main + pixel_shuffle(repeat_interleave(x, r, dim=1), 2)`, NCHW.
-/// One pass on CUDA (no repeated or shuffled copies).
+/// `pixel_shuffle(x, 2)` of an NCHW tensor, on its channels-last form: `(B, H, W, 4·C)` → `(B, 2H, 2W, C)`,
+/// input channel `4c + 2a + b` going to pixel `(2i + a, 2j + b)`.
+pub fn pixel_shuffle2_nhwc(x: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c4) = x.dims4()?;
+    let c = c4 / 4;
+    x.reshape((b, h, w, c, 2, 2))?
+        .permute((0, 1, 4, 2, 5, 3))?
+        .reshape((b, 2 * h, 2 * w, c))
+}
+
+/// Nearest ×2 upsample (`F.interpolate(scale_factor=2, mode="nearest")`), channels-last. One pass on CUDA.
+pub fn upsample_nearest2x_nhwc(x: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    #[cfg(feature = "cuda")]
+    if fused(x) && super::kernels::nhwc_fits(c, x.dtype()) {
+        return super::kernels::upsample2x_nhwc(&x.contiguous()?);
+    }
+    x.reshape((b, h, 1, w, 1, c))?
+        .broadcast_as((b, h, 2, w, 2, c))?
+        .reshape((b, 2 * h, 2 * w, c))
+}
+
+/// `DCUpBlock2d`'s shortcut and residual, channels-last: `main + pixel_shuffle(repeat_interleave(x, r), 2)`
+/// (`main` `(B, 2H, 2W, Co)`, `x` `(B, H, W, Ci)`). One pass on CUDA (no repeated or shuffled copies).
 pub fn up_shortcut_add(main: &Tensor, x: &Tensor, r: usize) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if fused(x) {
-        return super::kernels::up_shortcut_add(&main.contiguous()?, &x.contiguous()?, r);
+    if fused(x) && super::kernels::nhwc_fits(main.dim(3)?, x.dtype()) {
+        return super::kernels::up_shortcut_add_nhwc(&main.contiguous()?, &x.contiguous()?, r);
     }
-    main + candle_nn::ops::pixel_shuffle(&repeat_interleave_channels(x, r)?, 2)?
+    main + pixel_shuffle2_nhwc(&repeat_interleave_last(x, r)?)?
 }
 
 /// `a.matmul(b)` for f32 operands whose values are bf16 numbers (bf16 activations cast up): on CUDA through
@@ -358,6 +405,45 @@ pub fn matmul_bf16_valued(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return out;
     }
     a.matmul(b)
+}
+
+/// Softmax cross-attention of `q` `(B, N, heads·d)` to cached text keys/values `k`, `v` `(B, heads, T, d)`
+/// (model dtype), scale `scale`, additive f32 `mask_bias` `(B, 1, 1, T)`; returns `(B, N, heads·d)` in q's
+/// dtype. Scores are f32 from exact products of the model-dtype values (as the fused SDPA kernels compute
+/// them), probabilities are rounded to the model dtype before the value GEMM. On CUDA in bf16: two cuBLAS
+/// strided-batched GEMMs per batch row that read q and write the output in the token-major layout, around
+/// one fused softmax, with no head split/merge copies.
+pub fn cross_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask_bias: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let heads = k.dim(1)?;
+    let dtype = q.dtype();
+    #[cfg(feature = "cuda")]
+    if fused(q) && dtype == DType::BF16 && k.dtype() == dtype && v.dtype() == dtype {
+        return super::kernels::cross_attention_bf16(
+            &q.contiguous()?,
+            &k.contiguous()?,
+            &v.contiguous()?,
+            &mask_bias.contiguous()?,
+            scale,
+        );
+    }
+    let qh = split_heads_as(q, heads, DType::F32)?; // (B, heads, N, d)
+    let k_t = k.to_dtype(DType::F32)?.transpose(2, 3)?.contiguous()?; // (B, heads, d, T)
+                                                                      // q and k hold bf16 values when the model runs in bf16: the f32 product is exact in TF32.
+    let scores = if dtype == DType::BF16 {
+        matmul_bf16_valued(&qh, &k_t)?
+    } else {
+        qh.matmul(&k_t)?
+    }; // (B, heads, N, T)
+    let probs = masked_softmax(&scores, mask_bias, scale, dtype)?;
+    let o = probs.matmul(&v.contiguous()?)?; // (B, heads, N, d)
+    merge_heads(&o)?.reshape((b, n, inner))
 }
 
 /// `softmax(scores · scale + mask_bias)` over the last dim, cast to `dtype`: f32 `scores` `(B, H, N, T)`,
@@ -381,34 +467,39 @@ pub fn masked_softmax(
     candle_nn::ops::softmax_last_dim(&s)?.to_dtype(dtype)
 }
 
-/// diffusers `RMSNorm(C, eps, weight, bias)` over the channels of an NCHW tensor
-/// (`norm(h.movedim(1, -1)).movedim(-1, 1)`), plus `residual` when given. One kernel on CUDA, with no
-/// layout copies; the portable body goes through channels-last and candle's `rms_norm`.
-pub fn rms_norm_nchw(
+/// diffusers `RMSNorm(C, eps, weight, bias)` over the last (channel) dim, plus `residual` when given, then
+/// SiLU when `silu` (the DC-AE's `norm_out` → `conv_act`). One kernel on CUDA; the portable body is candle's
+/// `rms_norm` and elementwise ops.
+pub fn rms_norm_rows(
     h: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     residual: Option<&Tensor>,
     eps: f32,
+    silu: bool,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if fused(h) {
+    if fused(h) && super::kernels::rms_rows_fits(h.dim(D::Minus1)?, h.dtype()) {
         let dt = h.dtype();
         let residual = residual.map(|r| r.contiguous()).transpose()?;
-        return super::kernels::rms_norm_nchw(
+        return super::kernels::rms_norm_rows(
             &h.contiguous()?,
-            &weight.to_dtype(dt)?,
-            Some(&bias.to_dtype(dt)?),
+            &weight.to_dtype(dt)?.contiguous()?,
+            Some(&bias.to_dtype(dt)?.contiguous()?),
             residual.as_ref(),
             eps,
+            silu,
         );
     }
-    let hl = h.permute((0, 2, 3, 1))?.contiguous()?;
-    let y = candle_nn::ops::rms_norm(&hl, weight, eps)?.broadcast_add(bias)?;
-    let y = y.permute((0, 3, 1, 2))?.contiguous()?;
-    match residual {
-        Some(r) => y + r,
-        None => Ok(y),
+    let y = candle_nn::ops::rms_norm(&h.contiguous()?, weight, eps)?.broadcast_add(bias)?;
+    let y = match residual {
+        Some(r) => (y + r)?,
+        None => y,
+    };
+    if silu {
+        y.silu()
+    } else {
+        Ok(y)
     }
 }
 
@@ -504,6 +595,69 @@ mod tests {
                 .to_scalar::<f32>()?;
             assert!(diff < 1e-5, "k={k}: max abs diff {diff}");
         }
+        Ok(())
+    }
+
+    /// The channels-last layout ops against candle's NCHW ones.
+    #[test]
+    fn channels_last_layout_ops_match_nchw() -> Result<()> {
+        let dev = Device::Cpu;
+        let nchw = |t: &Tensor| t.permute((0, 3, 1, 2))?.contiguous();
+        let x = Tensor::randn(0f32, 1., (2, 3, 5, 8), &dev)?; // (B, H, W, C)
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        let up = nchw(&upsample_nearest2x_nhwc(&x)?)?;
+        assert_eq!(max_diff(&up, &nchw(&x)?.upsample_nearest2d(6, 10)?)?, 0.0);
+        let ps = nchw(&pixel_shuffle2_nhwc(&x)?)?;
+        assert_eq!(
+            max_diff(&ps, &candle_nn::ops::pixel_shuffle(&nchw(&x)?, 2)?)?,
+            0.0
+        );
+        // repeat_interleave of 8 channels by 3: channel c·3 + k is channel c.
+        let ri = repeat_interleave_last(&x, 3)?;
+        for c in 0..8 {
+            for k in 0..3 {
+                let got = ri.narrow(3, c * 3 + k, 1)?;
+                assert_eq!(max_diff(&got, &x.narrow(3, c, 1)?)?, 0.0);
+            }
+        }
+        // up-block shortcut: main + pixel_shuffle(repeat_interleave(x, r)), r = 4·Co/Ci = 2 for Co = 4.
+        let main = Tensor::randn(0f32, 1., (2, 6, 10, 4), &dev)?;
+        let want = (nchw(&main)?
+            + candle_nn::ops::pixel_shuffle(
+                &nchw(&x)?
+                    .unsqueeze(2)?
+                    .broadcast_as((2, 8, 2, 3, 5))?
+                    .reshape((2, 16, 3, 5))?,
+                2,
+            )?)?;
+        assert!(max_diff(&nchw(&up_shortcut_add(&main, &x, 2)?)?, &want)? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_rows_fuses_residual_and_silu() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2., (3, 4, 16), &dev)?;
+        let r = Tensor::randn(0f32, 1., (3, 4, 16), &dev)?;
+        let (w, b) = (
+            Tensor::randn(0f32, 1., 16, &dev)?,
+            Tensor::randn(0f32, 1., 16, &dev)?,
+        );
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x
+            .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .broadcast_mul(&w)?
+            .broadcast_add(&b)?;
+        let got = rms_norm_rows(&x, &w, &b, Some(&r), 1e-5, true)?;
+        let want = (normed + &r)?.silu()?;
+        let diff = (got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "max abs diff {diff}");
         Ok(())
     }
 

@@ -49,6 +49,16 @@ impl MultiscaleProjection {
         let (b, h, w, ch) = y.dims4()?;
         let d = self.head_dim;
         let groups = ch / d;
+        #[cfg(feature = "cuda")]
+        if crate::ops::fused(&y) && y.dtype() == DType::BF16 && self.proj_out.dtype() == DType::BF16
+        {
+            // One cuBLAS call batched over the groups, on the token-major layout (no transposes).
+            return crate::kernels::grouped_linear_bf16(
+                &y.reshape((b * h * w, ch))?,
+                &self.proj_out.reshape((groups, d, d))?,
+            )?
+            .reshape((b, h, w, ch));
+        }
         // Grouped 1×1 conv as one batched GEMM: (G, BHW, d_in) @ (G, d_in, d_out).
         let y = y
             .reshape((b * h * w, groups, d))?
@@ -63,13 +73,20 @@ impl MultiscaleProjection {
     }
 }
 
+/// The q, k, v projections `(inner, C)`: three weights, or on CUDA their concatenation `(3·inner, C)`
+/// (made at load; one GEMM whose output is already the `[q | k | v]` concatenation). CPU keeps the three, so
+/// the shape-only parameter-count loads allocate nothing.
+#[derive(Debug, Clone)]
+enum Qkv {
+    Split(Tensor, Tensor, Tensor),
+    Fused(Tensor),
+}
+
 /// diffusers `SanaMultiscaleLinearAttention(C, C, attention_head_dim, mult=1, norm_type,
 /// kernel_sizes, residual_connection=True)`.
 #[derive(Debug, Clone)]
 pub struct MultiscaleLinearAttention {
-    to_q: Tensor, // (inner, C)
-    to_k: Tensor,
-    to_v: Tensor,
+    qkv: Qkv,
     multiscale: Vec<MultiscaleProjection>,
     to_out: Tensor, // (C, inner·(1 + scales))
     norm_out: ChannelRmsNorm,
@@ -97,10 +114,18 @@ impl MultiscaleLinearAttention {
                 MultiscaleProjection::load(vb.pp("to_qkv_multiscale").pp(i), inner, head_dim, k)
             })
             .collect::<Result<Vec<_>>>()?;
+        let (q, k, v) = (
+            vb.pp("to_q").get((inner, channels), "weight")?,
+            vb.pp("to_k").get((inner, channels), "weight")?,
+            vb.pp("to_v").get((inner, channels), "weight")?,
+        );
+        let qkv = if vb.device().is_cuda() {
+            Qkv::Fused(Tensor::cat(&[&q, &k, &v], 0)?)
+        } else {
+            Qkv::Split(q, k, v)
+        };
         Ok(Self {
-            to_q: vb.pp("to_q").get((inner, channels), "weight")?,
-            to_k: vb.pp("to_k").get((inner, channels), "weight")?,
-            to_v: vb.pp("to_v").get((inner, channels), "weight")?,
+            qkv,
             to_out: vb
                 .pp("to_out")
                 .get((channels, inner * (1 + kernel_sizes.len())), "weight")?,
@@ -119,10 +144,17 @@ impl MultiscaleLinearAttention {
         let use_linear = n > d;
 
         let tokens = x.reshape((b * n, c))?;
-        let q = tokens.matmul(&self.to_q.t()?)?;
-        let k = tokens.matmul(&self.to_k.t()?)?;
-        let v = tokens.matmul(&self.to_v.t()?)?;
-        let qkv = Tensor::cat(&[q, k, v], 1)?; // (BN, 3·inner)
+        let qkv = match &self.qkv {
+            Qkv::Fused(w) => tokens.matmul(&w.t()?)?,
+            Qkv::Split(q, k, v) => Tensor::cat(
+                &[
+                    tokens.matmul(&q.t()?)?,
+                    tokens.matmul(&k.t()?)?,
+                    tokens.matmul(&v.t()?)?,
+                ],
+                1,
+            )?,
+        }; // (BN, 3·inner)
         let inner3 = qkv.dim(1)?;
         let qkv = qkv.reshape((b, h, w, inner3))?;
         let mut scales = Vec::with_capacity(1 + self.multiscale.len());
@@ -148,7 +180,7 @@ impl MultiscaleLinearAttention {
             out.transpose(1, 2)?.reshape((b * n, groups * d))?
         };
         let out = out.matmul(&self.to_out.t()?)?.reshape((b, h, w, c))?;
-        self.norm_out.forward(&out)? + x
+        self.norm_out.forward_fused(&out, Some(x), false)
     }
 }
 
@@ -164,7 +196,7 @@ fn quadratic_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     scores.matmul(&v.contiguous()?)
 }
 
-/// diffusers `EfficientViTBlock`: attention (residual) then `GLUMBConv` (residual). NCHW in and out.
+/// diffusers `EfficientViTBlock`: attention (residual) then `GLUMBConv` (residual). Channels-last in and out.
 #[derive(Debug, Clone)]
 pub struct EfficientVitBlock {
     attn: MultiscaleLinearAttention,
@@ -192,10 +224,7 @@ impl EfficientVitBlock {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = super::blocks::to_channels_last(x)?;
-        let h = self.attn.forward(&h)?;
-        let h = self.conv_out.forward(&h)?;
-        super::blocks::to_channels_first(&h)
+        self.conv_out.forward(&self.attn.forward(x)?)
     }
 }
 
@@ -251,11 +280,14 @@ mod tests {
 
         // Naive: build the (6·inner, N) channel-major tensor exactly like torch, then loop.
         let tok = x.reshape((hh * ww, c))?;
+        let Qkv::Split(wq, wk, wv) = &attn.qkv else {
+            panic!("CPU loads keep the three projections");
+        };
         let qkv = Tensor::cat(
             &[
-                tok.matmul(&attn.to_q.t()?)?,
-                tok.matmul(&attn.to_k.t()?)?,
-                tok.matmul(&attn.to_v.t()?)?,
+                tok.matmul(&wq.t()?)?,
+                tok.matmul(&wk.t()?)?,
+                tok.matmul(&wv.t()?)?,
             ],
             1,
         )?;

@@ -3,15 +3,19 @@
 //!
 //! Mirrors diffusers 0.42.1 `models/autoencoders/autoencoder_dc.py` (`ResBlock`, `DCUpBlock2d`),
 //! `models/transformers/sana_transformer.py` (`GLUMBConv`) and `models/normalization.py` (`RMSNorm`
-//! with weight + bias, eps 1e-5). Dense 3×3 convs use candle's NCHW `conv2d`; channel norms and 1×1
-//! convs run channels-last, as diffusers does after `movedim(1, -1)`. Weights are kept as stored
+//! with weight + bias, eps 1e-5). The whole decoder runs channels-last `(B, H, W, C)` (diffusers is NCHW;
+//! the maths is the same, and on CUDA no layout copies are made between blocks): dense 3×3 convs through
+//! [`Conv2dLayer`], channel norms as row norms, 1×1 convs as GEMMs on `(pixels, C)`. Weights are kept as stored
 //! (`[out, in, kh, kw]`) and reshaped in `forward`, so loading through the shape-only
 //! `param_count` VarBuilder allocates nothing.
 
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::ops::{glu_depthwise, rms_norm_nchw, up_shortcut_add, Conv2dLayer, DepthwiseWeight};
+use crate::ops::{
+    glu_depthwise, pixel_shuffle2_nhwc, rms_norm_rows, up_shortcut_add, upsample_nearest2x_nhwc,
+    Conv2dLayer, DepthwiseWeight,
+};
 
 /// eps of every `RMSNorm` in the DC-AE decoder (`get_normalization`, `GLUMBConv`, `norm_out`).
 pub const RMS_EPS: f32 = 1e-5;
@@ -26,7 +30,7 @@ pub fn to_channels_first(x: &Tensor) -> Result<Tensor> {
     x.permute((0, 3, 1, 2))?.contiguous()
 }
 
-pub use crate::ops::repeat_interleave_channels;
+pub use crate::ops::repeat_interleave_last;
 
 /// A 1×1 convolution applied channels-last: `x` is `(..., Cin)`, `weight` `(Cout, Cin, 1, 1)`.
 pub fn conv1x1_channels_last(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -107,17 +111,17 @@ impl ChannelRmsNorm {
 
     /// `x`: `(..., C)` channels-last.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, RMS_EPS)?.broadcast_add(&self.bias)
+        self.forward_fused(x, None, false)
     }
 
-    /// Same norm on an NCHW tensor (diffusers `norm(x.movedim(1, -1)).movedim(-1, 1)`).
-    pub fn forward_nchw(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm_nchw(x, &self.weight, &self.bias, None, RMS_EPS)
-    }
-
-    /// [`Self::forward_nchw`] plus `residual`, one kernel on CUDA.
-    pub fn forward_nchw_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        rms_norm_nchw(x, &self.weight, &self.bias, Some(residual), RMS_EPS)
+    /// The norm, plus `residual`, then SiLU when `silu`: one kernel on CUDA.
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        silu: bool,
+    ) -> Result<Tensor> {
+        rms_norm_rows(x, &self.weight, &self.bias, residual, RMS_EPS, silu)
     }
 }
 
@@ -126,7 +130,7 @@ fn conv3x3(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> Result<Conv2d
 }
 
 /// diffusers `ResBlock(C, C, norm_type="rms_norm", act_fn)`: conv3×3(+b) → act → conv3×3 (no bias)
-/// → channel RMSNorm (weight + bias) → + residual. NCHW in and out.
+/// → channel RMSNorm (weight + bias) → + residual. Channels-last in and out.
 #[derive(Debug, Clone)]
 pub struct ResBlock {
     conv1: Conv2dLayer,
@@ -153,13 +157,13 @@ impl ResBlock {
             act => act.apply(&self.conv1.forward(x)?)?,
         };
         let h = self.conv2.forward(&h)?;
-        self.norm.forward_nchw_residual(&h, x)
+        self.norm.forward_fused(&h, Some(x), false)
     }
 }
 
 /// diffusers `DCUpBlock2d` (factor 2). `interpolate`: nearest ×2 then conv3×3 (Cin→Cout); otherwise
 /// conv3×3 (Cin→4·Cout) then pixel_shuffle. `shortcut`: adds
-/// `pixel_shuffle(repeat_interleave(x, 4·Cout/Cin, dim=1), 2)`. NCHW in and out.
+/// `pixel_shuffle(repeat_interleave(x, 4·Cout/Cin, dim=1), 2)`. Channels-last in and out.
 #[derive(Debug, Clone)]
 pub struct DcUpBlock2d {
     conv: Conv2dLayer,
@@ -191,11 +195,10 @@ impl DcUpBlock2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_b, _c, h, w) = x.dims4()?;
         let main = if self.interpolate {
-            self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?
+            self.conv.forward(&upsample_nearest2x_nhwc(x)?)?
         } else {
-            candle_nn::ops::pixel_shuffle(&self.conv.forward(x)?, 2)?
+            pixel_shuffle2_nhwc(&self.conv.forward(x)?)?
         };
         match self.shortcut_repeats {
             Some(r) => up_shortcut_add(&main, x, r),
@@ -244,7 +247,7 @@ impl GluMbConv {
             &self.conv_depth_b,
         )?;
         let h = conv1x1_channels_last(&h, &self.conv_point_w, None)?;
-        self.norm.forward(&h)? + x
+        self.norm.forward_fused(&h, Some(x), false)
     }
 }
 
@@ -260,7 +263,7 @@ mod tests {
     #[test]
     fn repeat_interleave_orders_like_torch() -> Result<()> {
         let x = Tensor::arange(0f32, 2., &Device::Cpu)?.reshape((1, 2, 1, 1))?;
-        let y = repeat_interleave_channels(&x, 3)?
+        let y = repeat_interleave_last(&x.reshape((1, 1, 1, 2))?, 3)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         assert_eq!(y, vec![0., 0., 0., 1., 1., 1.]);
@@ -293,7 +296,7 @@ mod tests {
             weight: weight.clone(),
             bias: bias.clone(),
         };
-        let ours = norm.forward_nchw(&x)?;
+        let ours = to_channels_first(&norm.forward(&to_channels_last(&x)?)?)?;
         // diffusers: x * rsqrt(mean(x², channel) + eps) * w + b, channel = dim 1 here.
         let var = x.sqr()?.mean_keepdim(1)?;
         let reference = x
@@ -312,7 +315,7 @@ mod tests {
         let vb = VarBuilder::zeros(DType::F32, &dev);
         let up = DcUpBlock2d::load(vb, 4, 2, true, true)?;
         let x = Tensor::randn(0f32, 1., (1, 4, 3, 5), &dev)?;
-        let y = up.forward(&x)?;
+        let y = to_channels_first(&up.forward(&to_channels_last(&x)?)?)?;
         assert_eq!(y.dims(), &[1, 2, 6, 10]);
         // repeats = 2·4/4 = 2; out channel o, pixel (2i+a, 2j+b) <- repeated channel 4o + 2a + b
         // <- input channel (4o + 2a + b) / 2.

@@ -213,12 +213,12 @@ impl DcAeDecoder {
         self.dtype
     }
 
-    /// `conv_in` plus the `in_shortcut` repeat_interleave: the input of `up_blocks[-1]`.
+    /// `conv_in` plus the `in_shortcut` repeat_interleave: the input of `up_blocks[-1]`, channels-last.
     fn decode_head(&self, z: &Tensor) -> Result<Tensor> {
-        let z = z.to_dtype(self.dtype)?;
+        let z = blocks::to_channels_last(&z.to_dtype(self.dtype)?)?;
         let h = self.conv_in.forward(&z)?;
         match self.in_shortcut_repeats {
-            Some(r) => h + blocks::repeat_interleave_channels(&z, r)?,
+            Some(r) => h + blocks::repeat_interleave_last(&z, r)?,
             None => Ok(h),
         }
     }
@@ -237,10 +237,14 @@ impl DcAeDecoder {
         for stage in self.up_blocks.iter().rev() {
             h = stage.forward(&h)?;
         }
-        let h = self.conv_act.apply(&self.norm_out.forward_nchw(&h)?)?;
-        match &self.conv_out {
-            ConvOut::Conv(conv) => conv.forward(&h),
-            ConvOut::Up(up) => up.forward(&h),
-        }
+        let h = match self.conv_act {
+            Activation::Silu => self.norm_out.forward_fused(&h, None, true)?,
+            act => act.apply(&self.norm_out.forward(&h)?)?,
+        };
+        let out = match &self.conv_out {
+            ConvOut::Conv(conv) => conv.forward(&h)?,
+            ConvOut::Up(up) => up.forward(&h)?,
+        };
+        blocks::to_channels_first(&out)
     }
 }

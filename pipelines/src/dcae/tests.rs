@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::{DcAeConfig, DcAeDecoder, DcAeTiling};
+use super::{blocks, DcAeConfig, DcAeDecoder, DcAeTiling};
 use crate::param_count::ParamCounter;
 
 fn fixtures() -> PathBuf {
@@ -109,7 +109,11 @@ fn tiny_up_block_outputs_match_diffusers() -> Result<()> {
     // README documents up_blocks.5 ..= 2; stages 1, 0 and the head are covered by the end-to-end test.
     for i in (2..=5).rev() {
         h = dec.up_blocks[i].forward(&h)?;
-        let err = rel_l2(&h, &refs[&format!("l233_up_block{i}")])?;
+        // The decoder runs channels-last; the reference is NCHW.
+        let err = rel_l2(
+            &blocks::to_channels_first(&h)?,
+            &refs[&format!("l233_up_block{i}")],
+        )?;
         // Per-stage check so a failure points at its stage; same f32 tolerance as the end-to-end test.
         assert!(err <= 1e-4, "up_blocks.{i}: relative L2 {err:e} > 1e-4");
     }

@@ -194,3 +194,115 @@ DWSTRIP(dwstrip_bf16_v8_k3_r4, bf16_t, 8, 3, 4, false)
 DWSTRIP(dwstrip_f32_v4_k3_r4_glu, float, 4, 3, 4, true)
 DWSTRIP(dwstrip_f32_v4_k5_r4, float, 4, 5, 4, false)
 DWSTRIP(dwstrip_f32_v4_k3_r4, float, 4, 3, 4, false)
+
+// Tiled depthwise k×k through shared memory (bf16, C % 32 == 0, 16-byte aligned), two forms:
+//   GLU (GLUMBConv's middle, k = 3): y = silu(x + in_bias) rounded to bf16 (what the unfused path stores),
+//     depthwise + bias, out = value · silu(gate) (Cin = 2·Cout);
+//   plain (the DC-AE multiscale projection, k = 5): out = depthwise(x) (+ bias).
+// A block owns an 8×8 pixel tile and 32 output channels (and, with GLU, their 32 gate channels): it stages
+// the (8+k−1)² halo once (each input element activated once, loaded once per block instead of k² times
+// through L1/L2), then each thread computes 8 channels of one pixel from shared memory. Halo and taps are
+// kept as bf16 (the activated values are bf16 numbers: exact), so one 16-byte shared load brings 8 of them;
+// halo rows are pitched so the two pixels of a quarter-warp hit disjoint banks.
+#define DWT_TH 8
+#define DWT_TW 8
+#define DWT_CC 32
+template <int K, bool GLU>
+__device__ __forceinline__ void dwtile(const bf16_t* __restrict__ x, const bf16_t* __restrict__ taps,
+                                       const bf16_t* __restrict__ bias, const bf16_t* __restrict__ in_bias,
+                                       bf16_t* __restrict__ out, int B, int H, int W, int Cin) {
+    // Row pitch: 192 bytes with GLU, 64 without: consecutive pixels start 64 bytes (16 banks) apart.
+    constexpr int G2 = GLU ? 2 : 1, NV = G2 * DWT_CC / 8, ROW = GLU ? 96 : 32;
+    constexpr int R = K / 2, HH = DWT_TH + K - 1, HW = DWT_TW + K - 1;
+    __shared__ __align__(16) bf16_t halo[HH * HW * ROW];
+    __shared__ __align__(16) bf16_t tap_s[K * K][G2 * DWT_CC];
+    const int Cout = GLU ? Cin / 2 : Cin;
+    const int tiles_x = (W + DWT_TW - 1) / DWT_TW, tiles_y = (H + DWT_TH - 1) / DWT_TH;
+    int t = blockIdx.x;
+    const int tx = t % tiles_x;
+    t /= tiles_x;
+    const int ty = t % tiles_y;
+    const int b = t / tiles_y;
+    const int c0 = blockIdx.y * DWT_CC;
+    const int y0 = ty * DWT_TH, x0 = tx * DWT_TW;
+    const bf16_t* xb = x + (long long)b * H * W * Cin;
+    // Vector `part` of a staged row: parts 0..3 the value channels, 4..7 (GLU) the gate channels.
+    auto chan = [&](int part) { return part < 4 ? c0 + part * 8 : Cout + c0 + (part - 4) * 8; };
+    for (int i = threadIdx.x; i < K * K * NV; i += blockDim.x) {
+        const int tap = i / NV, part = i % NV;
+        *reinterpret_cast<uint4*>(&tap_s[tap][part * 8]) =
+            *reinterpret_cast<const uint4*>(taps + (long long)tap * Cin + chan(part));
+    }
+    for (int i = threadIdx.x; i < HH * HW * NV; i += blockDim.x) {
+        const int hp = i / NV, part = i % NV;
+        const int gy = y0 - R + hp / HW, gx = x0 - R + hp % HW;
+        uint4 packed = make_uint4(0u, 0u, 0u, 0u);
+        if (gy >= 0 && gy < H && gx >= 0 && gx < W) {
+            const bf16_t* src = xb + ((long long)gy * W + gx) * Cin + chan(part);
+            if (in_bias) {
+                float f[8], ib[8];
+                Vec<bf16_t, 8>::load(src, f);
+                Vec<bf16_t, 8>::load(in_bias + chan(part), ib);
+#pragma unroll
+                for (int e = 0; e < 8; e++) f[e] = silu_f(f[e] + ib[e]);
+                Vec<bf16_t, 8>::store(reinterpret_cast<bf16_t*>(&packed), f);
+            } else {
+                packed = *reinterpret_cast<const uint4*>(src);
+            }
+        }
+        *reinterpret_cast<uint4*>(&halo[hp * ROW + part * 8]) = packed;
+    }
+    __syncthreads();
+    // One pixel × 8 channels a thread: cv = 8-channel group (0..3), p = pixel of the 8×8 tile.
+    const int cv = threadIdx.x & 3, p = threadIdx.x >> 2;
+    const int oy = p / DWT_TW, ox = p % DWT_TW;
+    if (y0 + oy >= H || x0 + ox >= W) return;
+    float acc[8], accg[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) { acc[e] = 0.f; accg[e] = 0.f; }
+    if (bias) {
+        Vec<bf16_t, 8>::load(bias + c0 + cv * 8, acc);
+        if (GLU) Vec<bf16_t, 8>::load(bias + Cout + c0 + cv * 8, accg);
+    }
+#pragma unroll
+    for (int i = 0; i < K; i++) {
+#pragma unroll
+        for (int j = 0; j < K; j++) {
+            const bf16_t* hp = &halo[((oy + i) * HW + ox + j) * ROW];
+            const bf16_t* tp = tap_s[i * K + j];
+            float av[8], tav[8];
+            Vec<bf16_t, 8>::load(hp + cv * 8, av);
+            Vec<bf16_t, 8>::load(tp + cv * 8, tav);
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[e] = fmaf(av[e], tav[e], acc[e]);
+            if (GLU) {
+                float gv[8], tgv[8];
+                Vec<bf16_t, 8>::load(hp + DWT_CC + cv * 8, gv);
+                Vec<bf16_t, 8>::load(tp + DWT_CC + cv * 8, tgv);
+#pragma unroll
+                for (int e = 0; e < 8; e++) accg[e] = fmaf(gv[e], tgv[e], accg[e]);
+            }
+        }
+    }
+    if (GLU) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[e] = acc[e] * silu_f(accg[e]);
+    }
+    Vec<bf16_t, 8>::store(out + (((long long)b * H + y0 + oy) * W + x0 + ox) * Cout + c0 + cv * 8, acc);
+}
+
+extern "C" __global__ void __launch_bounds__(256) dwtile_bf16_k3_glu(const bf16_t* x, const bf16_t* taps,
+                                                                     const bf16_t* bias, const bf16_t* in_bias,
+                                                                     bf16_t* out, int B, int H, int W, int Cin) {
+    dwtile<3, true>(x, taps, bias, in_bias, out, B, H, W, Cin);
+}
+extern "C" __global__ void __launch_bounds__(256) dwtile_bf16_k3(const bf16_t* x, const bf16_t* taps,
+                                                                 const bf16_t* bias, const bf16_t* in_bias,
+                                                                 bf16_t* out, int B, int H, int W, int Cin) {
+    dwtile<3, false>(x, taps, bias, in_bias, out, B, H, W, Cin);
+}
+extern "C" __global__ void __launch_bounds__(256) dwtile_bf16_k5(const bf16_t* x, const bf16_t* taps,
+                                                                 const bf16_t* bias, const bf16_t* in_bias,
+                                                                 bf16_t* out, int B, int H, int W, int Cin) {
+    dwtile<5, false>(x, taps, bias, in_bias, out, B, H, W, Cin);
+}

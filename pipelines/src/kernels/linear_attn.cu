@@ -6,6 +6,7 @@
 // the transformer's (B, N, heads·d) projections and the DC-AE's interleaved (B, N, G, 3d) q|k|v groups.
 // out is (B, N, G, d) contiguous (= (B, N, G·d), the merged-heads layout the output projection reads).
 // Three launches, deterministic (no atomics): per-chunk partial sums, their reduction, the apply.
+// Head dim 32 (every Sana model) has its own bodies below: 16-byte loads, register-blocked kv.
 
 #define LA_TILE 32
 #define LA_THREADS 256
@@ -126,7 +127,141 @@ __device__ __forceinline__ void la_apply(const T* __restrict__ q, const float* _
         la_apply<T, DT>(q, kv, out, G, N, d, sb, sn, sg, eps);                                     \
     }
 
+// Head dim 32, 16-byte loads (`la_*_d32` when q, k, v and their strides are 16-byte aligned; otherwise the
+// DT = 32 scalar bodies above). kv: the tile's k (ReLU'd) and v are staged as f32 in shared memory; warp w
+// owns rows 4w..4w+3 of kvᵀ, lane j column j, so each token costs one broadcast float4 and one
+// conflict-free float per four FMAs (the generic body reads two shared floats per FMA). The ones column
+// (Σ relu(k)) is spread over the lanes: lane t adds token t of each tile, then a warp sum.
+template <typename T>
+__device__ __forceinline__ bool la_aligned16(const T* a, const T* b, long long sb, long long sn,
+                                             long long sg) {
+    constexpr int V = 16 / sizeof(T);
+    return ((((unsigned long long)a) | ((unsigned long long)b)) & 15ull) == 0 && sb % V == 0 &&
+           sn % V == 0 && sg % V == 0;
+}
+
+template <typename T>
+__device__ __forceinline__ void la_kv_partial_d32v(const T* __restrict__ k, const T* __restrict__ v,
+                                                   float* __restrict__ partial, int G, int N,
+                                                   long long sb, long long sn, long long sg, int chunk) {
+    constexpr int D = 32, V = 16 / sizeof(T), VPR = D / V, P = D * (D + 1);
+    __shared__ __align__(16) float ks[LA_TILE][D];
+    __shared__ __align__(16) float vs[LA_TILE][D];
+    const int bg = blockIdx.x, c = blockIdx.y, nchunks = gridDim.y;
+    const int b = bg / G, g = bg % G;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const T* kb = k + b * sb + g * sg;
+    const T* vb = v + b * sb + g * sg;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f}, dacc[4] = {0.f, 0.f, 0.f, 0.f};
+    const int n0 = c * chunk, n1 = min(N, n0 + chunk);
+    for (int t0 = n0; t0 < n1; t0 += LA_TILE) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < 2 * LA_TILE * VPR; i += blockDim.x) {
+            const int which = i / (LA_TILE * VPR), r = i % (LA_TILE * VPR);
+            const int tn = r / VPR, part = r % VPR, n = t0 + tn;
+            float f[V];
+            if (n < n1) {
+                Vec<T, V>::load((which ? vb : kb) + n * sn + part * V, f);
+            } else {
+#pragma unroll
+                for (int e = 0; e < V; e++) f[e] = 0.f;
+            }
+            float* dst = which ? &vs[tn][part * V] : &ks[tn][part * V];
+#pragma unroll
+            for (int e = 0; e < V; e++) dst[e] = which ? f[e] : fmaxf(f[e], 0.f);
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int tn = 0; tn < LA_TILE; tn++) {
+            const float4 kk = *reinterpret_cast<const float4*>(&ks[tn][warp * 4]);
+            const float vv = vs[tn][lane];
+            acc[0] = fmaf(kk.x, vv, acc[0]);
+            acc[1] = fmaf(kk.y, vv, acc[1]);
+            acc[2] = fmaf(kk.z, vv, acc[2]);
+            acc[3] = fmaf(kk.w, vv, acc[3]);
+        }
+        const float4 kk = *reinterpret_cast<const float4*>(&ks[lane][warp * 4]);
+        dacc[0] += kk.x;
+        dacc[1] += kk.y;
+        dacc[2] += kk.z;
+        dacc[3] += kk.w;
+    }
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) dacc[r] += __shfl_xor_sync(0xffffffffu, dacc[r], o);
+    float* dst = partial + ((long long)bg * nchunks + c) * P;
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        dst[(warp * 4 + r) * (D + 1) + lane] = acc[r];
+        if (lane == 0) dst[(warp * 4 + r) * (D + 1) + D] = dacc[r];
+    }
+}
+
+// Apply, head dim 32: lane e keeps column e of kv (and kv[e, d] for the denominator) in registers; each
+// warp takes every 8th token of the block's LA_APPLY_TOK, loads its q row (64 coalesced bytes), and
+// computes num_e = Σ_j q_j kv[j, e] from a per-warp shared copy of the row (broadcast float4 reads) and
+// den = Σ_j q_j kv[j, d] as a warp sum. Needs blockDim.x = 256.
+template <typename T>
+__device__ __forceinline__ void la_apply_d32v(const T* __restrict__ q, const float* __restrict__ kv,
+                                              T* __restrict__ out, int G, int N, long long sb,
+                                              long long sn, long long sg, float eps) {
+    constexpr int D = 32, PER = LA_APPLY_TOK / 8;
+    __shared__ __align__(16) float qs[8][D];
+    const int bg = blockIdx.x, b = bg / G, g = bg % G;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float* kvb = kv + (long long)bg * D * (D + 1);
+    float col[D];
+#pragma unroll
+    for (int j = 0; j < D; j++) col[j] = kvb[j * (D + 1) + lane];
+    const float dencol = kvb[lane * (D + 1) + D];
+    const T* qb = q + b * sb + g * sg;
+    const int n0 = blockIdx.y * LA_APPLY_TOK;
+    float qv[PER];
+#pragma unroll
+    for (int t = 0; t < PER; t++) {
+        const int n = n0 + warp + 8 * t;
+        qv[t] = n < N ? fmaxf(to_f32(qb[n * sn + lane]), 0.f) : 0.f;
+    }
+#pragma unroll
+    for (int t = 0; t < PER; t++) {
+        const int n = n0 + warp + 8 * t;
+        if (n >= N) break;
+        float den = qv[t] * dencol;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+        __syncwarp();
+        qs[warp][lane] = qv[t];
+        __syncwarp();
+        float num = 0.f;
+#pragma unroll
+        for (int j = 0; j < D; j += 4) {
+            const float4 q4 = *reinterpret_cast<const float4*>(&qs[warp][j]);
+            num = fmaf(q4.x, col[j], num);
+            num = fmaf(q4.y, col[j + 1], num);
+            num = fmaf(q4.z, col[j + 2], num);
+            num = fmaf(q4.w, col[j + 3], num);
+        }
+        out[(((long long)b * N + n) * G + g) * D + lane] = from_f32<T>(num / (den + eps));
+    }
+}
+
+#define LINEAR_ATTN_D32(SUFFIX, T)                                                                 \
+    extern "C" __global__ void la_kv_partial_##SUFFIX##_d32(const T* k, const T* v, float* partial, \
+                                                            int G, int N, int d, long long sb,     \
+                                                            long long sn, long long sg, int chunk) { \
+        if (la_aligned16(k, v, sb, sn, sg))                                                        \
+            la_kv_partial_d32v<T>(k, v, partial, G, N, sb, sn, sg, chunk);                         \
+        else                                                                                       \
+            la_kv_partial<T, 32>(k, v, partial, G, N, d, sb, sn, sg, chunk);                       \
+    }                                                                                              \
+    extern "C" __global__ void la_apply_##SUFFIX##_d32(const T* q, const float* kv, T* out, int G, \
+                                                       int N, int d, long long sb, long long sn,   \
+                                                       long long sg, float eps) {                  \
+        la_apply_d32v<T>(q, kv, out, G, N, sb, sn, sg, eps);                                       \
+    }
+
 LINEAR_ATTN(bf16, bf16_t, 0)
 LINEAR_ATTN(f32, float, 0)
-LINEAR_ATTN(bf16_d32, bf16_t, 32)
-LINEAR_ATTN(f32_d32, float, 32)
+LINEAR_ATTN_D32(bf16, bf16_t)
+LINEAR_ATTN_D32(f32, float)

@@ -4,9 +4,63 @@
 //   `layer_norm_no_affine`), then `· (1 + scale) + shift`, where scale/shift are rows of the AdaLN table
 //   plus the timestep embedding: `table[i] + temb6[b, i]` (table (6, D), temb6 (B, 6·D)). One block a row.
 // gated_residual: `x + y · (table[i] + temb6[b, i])` (the gate_msa / gate_mlp residuals).
-// rms_nchw: diffusers `RMSNorm(C, eps, weight, bias)` over the channels of an NCHW tensor (the DC-AE
-//   ResBlock's `norm(x.movedim(1, -1)).movedim(-1, 1)`), plus an optional residual, with no layout copies.
-//   One thread a pixel; channels strided by H·W, coalesced across the warp.
+
+// The row in registers, 16-byte accesses: D % V == 0 and D ≤ 2·V·blockDim.x (Sana: D = 2240, 256 threads).
+template <typename T>
+__device__ __forceinline__ void ln_modulate_vec(const T* __restrict__ x, const T* __restrict__ table,
+                                                const T* __restrict__ temb6, T* __restrict__ out,
+                                                int rows_per_batch, int D, int shift_i, int scale_i,
+                                                float eps) {
+    constexpr int V = 16 / sizeof(T);
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    const int b = (int)(row / rows_per_batch);
+    const T* xr = x + row * D;
+    const int nv = D / V;
+    float xv[2][V];
+    float s = 0.f;
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        const int vi = threadIdx.x + u * blockDim.x;
+        if (vi < nv) {
+            Vec<T, V>::load(xr + vi * V, xv[u]);
+#pragma unroll
+            for (int e = 0; e < V; e++) s += xv[u][e];
+        }
+    }
+    const float mean = block_sum(s, scratch) / D;
+    float s2 = 0.f;
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        const int vi = threadIdx.x + u * blockDim.x;
+        if (vi < nv) {
+#pragma unroll
+            for (int e = 0; e < V; e++) {
+                float c = xv[u][e] - mean;
+                s2 += c * c;
+            }
+        }
+    }
+    const float rstd = rsqrtf(block_sum(s2, scratch) / D + eps);
+    const T* tb = temb6 + (long long)b * 6 * D;
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        const int vi = threadIdx.x + u * blockDim.x;
+        if (vi < nv) {
+            float sh[V], sc[V], tsh[V], tsc[V], o[V];
+            Vec<T, V>::load(table + shift_i * D + vi * V, sh);
+            Vec<T, V>::load(table + scale_i * D + vi * V, sc);
+            Vec<T, V>::load(tb + shift_i * D + vi * V, tsh);
+            Vec<T, V>::load(tb + scale_i * D + vi * V, tsc);
+#pragma unroll
+            for (int e = 0; e < V; e++) {
+                float h = (xv[u][e] - mean) * rstd;
+                o[e] = h * (1.f + (sc[e] + tsc[e])) + (sh[e] + tsh[e]);
+            }
+            Vec<T, V>::store(out + row * D + vi * V, o);
+        }
+    }
+}
 
 template <typename T>
 __device__ __forceinline__ void ln_modulate(const T* __restrict__ x, const T* __restrict__ table,
@@ -49,45 +103,22 @@ __device__ __forceinline__ void gated_residual(const T* __restrict__ x, const T*
     out[idx] = from_f32<T>(to_f32(x[idx]) + to_f32(y[idx]) * gate);
 }
 
-template <typename T>
-__device__ __forceinline__ void rms_nchw(const T* __restrict__ h, const T* __restrict__ w,
-                                         const T* __restrict__ bias, const T* __restrict__ res,
-                                         T* __restrict__ out, int B, int C, long long HW, float eps) {
-    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (long long)B * HW) return;
-    long long b = idx / HW, p = idx % HW;
-    const long long base = b * C * HW + p;
-    float ss = 0.f;
-    for (int c = 0; c < C; c++) {
-        float v = to_f32(h[base + c * HW]);
-        ss = fmaf(v, v, ss);
-    }
-    const float r = rsqrtf(ss / C + eps);
-    for (int c = 0; c < C; c++) {
-        long long o = base + c * HW;
-        // diffusers RMSNorm: normalise in f32, round to the weight dtype, then · weight (+ bias).
-        float v = to_f32(from_f32<T>(to_f32(h[o]) * r)) * to_f32(w[c]);
-        if (bias) v += to_f32(bias[c]);
-        if (res) v += to_f32(res[o]);
-        out[o] = from_f32<T>(v);
-    }
-}
-
 #define NORMS(SUFFIX, T)                                                                          \
     extern "C" __global__ void ln_modulate_##SUFFIX(const T* x, const T* table, const T* temb6,  \
                                                     T* out, int rows_per_batch, int D,           \
                                                     int shift_i, int scale_i, float eps) {       \
-        ln_modulate<T>(x, table, temb6, out, rows_per_batch, D, shift_i, scale_i, eps);           \
+        constexpr int V = 16 / sizeof(T);                                                         \
+        if (D % V == 0 && D <= 2 * V * (int)blockDim.x &&                                         \
+            (((unsigned long long)x | (unsigned long long)table | (unsigned long long)temb6 |      \
+              (unsigned long long)out) & 15ull) == 0)                                             \
+            ln_modulate_vec<T>(x, table, temb6, out, rows_per_batch, D, shift_i, scale_i, eps);   \
+        else                                                                                      \
+            ln_modulate<T>(x, table, temb6, out, rows_per_batch, D, shift_i, scale_i, eps);       \
     }                                                                                             \
     extern "C" __global__ void gated_residual_##SUFFIX(const T* x, const T* y, const T* table,   \
                                                        const T* temb6, T* out, long long total,  \
                                                        int rows_per_batch, int D, int gate_i) {  \
         gated_residual<T>(x, y, table, temb6, out, total, rows_per_batch, D, gate_i);             \
-    }                                                                                             \
-    extern "C" __global__ void rms_nchw_##SUFFIX(const T* h, const T* w, const T* bias,          \
-                                                 const T* res, T* out, int B, int C,             \
-                                                 long long HW, float eps) {                      \
-        rms_nchw<T>(h, w, bias, res, out, B, C, HW, eps);                                         \
     }
 
 NORMS(bf16, bf16_t)
@@ -124,39 +155,6 @@ extern "C" __global__ void masked_softmax_bf16(const float* s, const float* mask
 extern "C" __global__ void masked_softmax_f32(const float* s, const float* mask, float* out, long long rows,
                                               int rows_per_batch, int Tn, float scale) {
     masked_softmax<float>(s, mask, out, rows, rows_per_batch, Tn, scale);
-}
-
-// In place on an NCHW tensor: x[b, c, p] = act(x[b, c, p] + bias[c]), act = identity or SiLU. The conv
-// bias (and the ResBlock's SiLU) after cuDNN, in one vectorised pass (candle's broadcast add of a
-// (1, C, 1, 1) bias walks strided indices). HW % V == 0 for the vector form.
-template <typename T, int V>
-__device__ __forceinline__ void bias_act_nchw(T* __restrict__ x, const T* __restrict__ bias, long long total,
-                                              int C, long long HW, int silu) {
-    long long idx = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * V;
-    if (idx >= total) return;
-    int c = (int)((idx / HW) % C);
-    float b = bias ? to_f32(bias[c]) : 0.f;
-    float v[V];
-    Vec<T, V>::load(x + idx, v);
-#pragma unroll
-    for (int e = 0; e < V; e++) {
-        float t = v[e] + b;
-        v[e] = silu ? silu_f(t) : t;
-    }
-    Vec<T, V>::store(x + idx, v);
-}
-
-extern "C" __global__ void bias_act_nchw_bf16_v8(bf16_t* x, const bf16_t* bias, long long total, int C, long long HW, int silu) {
-    bias_act_nchw<bf16_t, 8>(x, bias, total, C, HW, silu);
-}
-extern "C" __global__ void bias_act_nchw_bf16_v1(bf16_t* x, const bf16_t* bias, long long total, int C, long long HW, int silu) {
-    bias_act_nchw<bf16_t, 1>(x, bias, total, C, HW, silu);
-}
-extern "C" __global__ void bias_act_nchw_f32_v4(float* x, const float* bias, long long total, int C, long long HW, int silu) {
-    bias_act_nchw<float, 4>(x, bias, total, C, HW, silu);
-}
-extern "C" __global__ void bias_act_nchw_f32_v1(float* x, const float* bias, long long total, int C, long long HW, int silu) {
-    bias_act_nchw<float, 1>(x, bias, total, C, HW, silu);
 }
 
 // Row-broadcast bias (+ residual) on a contiguous (rows, N) tensor: out[r, n] = act(y[r, n] + bias[n] (+ res[r, n])),
@@ -221,31 +219,156 @@ extern "C" __global__ void permute0213_f32_f32_v4(const float* in, float* out, i
     permute0213<float, float, 4>(in, out, P, A, C, D);
 }
 
-// DCUpBlock2d's shortcut fused with its residual add, NCHW:
-//   out = main + pixel_shuffle(repeat_interleave(x, r, dim=1), 2)
-// out/main (B, Co, 2H, 2W), x (B, Ci, H, W), Ci·r = 4·Co: out channel o at (2i+a, 2j+b) reads input channel
-// (4o + 2a + b) / r at (i, j). One pass instead of two layout copies and an add.
-template <typename T>
-__device__ __forceinline__ void up_shortcut_add(const T* __restrict__ main_, const T* __restrict__ x,
-                                                T* __restrict__ out, int B, int Co, int Ci, int H, int W, int r) {
-    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const int W2 = 2 * W, H2 = 2 * H;
-    long long total = (long long)B * Co * H2 * W2;
+// gated_residual with V elements a thread (D % V == 0, 16-byte aligned): launch total / V threads.
+template <typename T, int V>
+__device__ __forceinline__ void gated_residual_vec(const T* __restrict__ x, const T* __restrict__ y,
+                                                   const T* __restrict__ table,
+                                                   const T* __restrict__ temb6, T* __restrict__ out,
+                                                   long long total, int rows_per_batch, int D, int gate_i) {
+    long long idx = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * V;
     if (idx >= total) return;
-    int col = (int)(idx % W2);
-    long long t = idx / W2;
-    int row = (int)(t % H2);
-    t /= H2;
-    int o = (int)(t % Co);
-    int b = (int)(t / Co);
-    int src = (4 * o + 2 * (row & 1) + (col & 1)) / r;
-    float s = to_f32(x[(((long long)b * Ci + src) * H + (row >> 1)) * W + (col >> 1)]);
-    out[idx] = from_f32<T>(to_f32(main_[idx]) + s);
+    const int d = (int)(idx % D);
+    const int b = (int)(idx / ((long long)D * rows_per_batch));
+    float xv[V], yv[V], g[V], tg[V];
+    Vec<T, V>::load(x + idx, xv);
+    Vec<T, V>::load(y + idx, yv);
+    Vec<T, V>::load(table + gate_i * D + d, g);
+    Vec<T, V>::load(temb6 + (long long)b * 6 * D + gate_i * D + d, tg);
+#pragma unroll
+    for (int e = 0; e < V; e++) xv[e] = xv[e] + yv[e] * (g[e] + tg[e]);
+    Vec<T, V>::store(out + idx, xv);
+}
+extern "C" __global__ void gated_residual_bf16_v8(const bf16_t* x, const bf16_t* y, const bf16_t* table,
+                                                  const bf16_t* temb6, bf16_t* out, long long total,
+                                                  int rows_per_batch, int D, int gate_i) {
+    gated_residual_vec<bf16_t, 8>(x, y, table, temb6, out, total, rows_per_batch, D, gate_i);
+}
+extern "C" __global__ void gated_residual_f32_v4(const float* x, const float* y, const float* table,
+                                                 const float* temb6, float* out, long long total,
+                                                 int rows_per_batch, int D, int gate_i) {
+    gated_residual_vec<float, 4>(x, y, table, temb6, out, total, rows_per_batch, D, gate_i);
 }
 
-extern "C" __global__ void up_shortcut_add_bf16(const bf16_t* m, const bf16_t* x, bf16_t* out, int B, int Co, int Ci, int H, int W, int r) {
-    up_shortcut_add<bf16_t>(m, x, out, B, Co, Ci, H, W, r);
+// Channels-last DC-AE (the decoder keeps (B, H, W, C) from conv_in to conv_out):
+// rms_rows: diffusers `RMSNorm(C, eps, weight, bias)` over the last dim of a contiguous (rows, C) tensor,
+//   the rounding of the unfused ops (normalise in f32, round to T, · weight + bias + residual in f32, round),
+//   then optionally SiLU of the rounded value (the decoder's norm_out → conv_act). `lpr` lanes a row (a power
+//   of two ≤ 32, chosen by the caller so each lane holds 1..MAXV vectors: C % V == 0, C/V ≤ lpr·MAXV; MAXV = 2
+//   or 4, the `_m2` / `_m4` kernels: the row and residual live in registers, so MAXV sets the occupancy),
+//   32/lpr rows a warp; the residual is loaded with the row, before the reduction, so a row costs one round
+//   trip to memory.
+template <typename T, int RMS_MAXV>
+__device__ __forceinline__ void rms_rows(const T* __restrict__ h, const T* __restrict__ w,
+                                         const T* __restrict__ bias, const T* __restrict__ res,
+                                         T* __restrict__ out, long long rows, int C, float eps, int silu,
+                                         int lpr) {
+    constexpr int V = 16 / sizeof(T);
+    const int lane = threadIdx.x & 31;
+    const int sub = lane & (lpr - 1);
+    const long long row = ((long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * (32 / lpr) + lane / lpr;
+    const bool live = row < rows;
+    const int nv = C / V;
+    const T* hr = h + row * C;
+    float xv[RMS_MAXV][V], rv[RMS_MAXV][V];
+    float ss = 0.f;
+#pragma unroll
+    for (int u = 0; u < RMS_MAXV; u++) {
+        const int vi = sub + lpr * u;
+        if (live && vi < nv) {
+            Vec<T, V>::load(hr + vi * V, xv[u]);
+            if (res) Vec<T, V>::load(res + row * C + vi * V, rv[u]);
+#pragma unroll
+            for (int e = 0; e < V; e++) ss = fmaf(xv[u][e], xv[u][e], ss);
+        }
+    }
+    for (int o = lpr >> 1; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (!live) return;
+    const float r = rsqrtf(ss / C + eps);
+#pragma unroll
+    for (int u = 0; u < RMS_MAXV; u++) {
+        const int vi = sub + lpr * u;
+        if (vi < nv) {
+            float wv[V], bv[V];
+            Vec<T, V>::load(w + vi * V, wv);
+            if (bias) Vec<T, V>::load(bias + vi * V, bv);
+#pragma unroll
+            for (int e = 0; e < V; e++) {
+                float v = to_f32(from_f32<T>(xv[u][e] * r)) * wv[e];
+                if (bias) v += bv[e];
+                if (res) v += rv[u][e];
+                xv[u][e] = silu ? silu_f(to_f32(from_f32<T>(v))) : v;
+            }
+            Vec<T, V>::store(out + row * C + vi * V, xv[u]);
+        }
+    }
 }
-extern "C" __global__ void up_shortcut_add_f32(const float* m, const float* x, float* out, int B, int Co, int Ci, int H, int W, int r) {
-    up_shortcut_add<float>(m, x, out, B, Co, Ci, H, W, r);
+#define RMS_ROWS(SUFFIX, T, M)                                                                          \
+    extern "C" __global__ void rms_rows_##SUFFIX##_m##M(const T* h, const T* w, const T* bias, const T* res, \
+                                                        T* out, long long rows, int C, float eps, int silu,  \
+                                                        int lpr) {                                          \
+        rms_rows<T, M>(h, w, bias, res, out, rows, C, eps, silu, lpr);                                       \
+    }
+RMS_ROWS(bf16, bf16_t, 2)
+RMS_ROWS(bf16, bf16_t, 4)
+RMS_ROWS(f32, float, 2)
+RMS_ROWS(f32, float, 4)
+
+// Nearest ×2 upsample, channels-last: out (B, 2H, 2W, C)[b, y, x] = in (B, H, W, C)[b, y/2, x/2]; V channels
+// a thread (C % V == 0).
+template <typename T, int V>
+__device__ __forceinline__ void upsample2x_nhwc(const T* __restrict__ in, T* __restrict__ out, int B, int H,
+                                                int W, int C) {
+    const int cv = C / V;
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long total = (long long)B * 2 * H * 2 * W * cv;
+    if (idx >= total) return;
+    const int c = (int)(idx % cv);
+    long long t = idx / cv;
+    const int x = (int)(t % (2 * W));
+    t /= 2 * W;
+    const int y = (int)(t % (2 * H));
+    const long long b = t / (2 * H);
+    float v[V];
+    Vec<T, V>::load(in + ((b * H + (y >> 1)) * W + (x >> 1)) * C + c * V, v);
+    Vec<T, V>::store(out + idx * V, v);
+}
+extern "C" __global__ void upsample2x_nhwc_bf16_v8(const bf16_t* in, bf16_t* out, int B, int H, int W, int C) {
+    upsample2x_nhwc<bf16_t, 8>(in, out, B, H, W, C);
+}
+extern "C" __global__ void upsample2x_nhwc_f32_v4(const float* in, float* out, int B, int H, int W, int C) {
+    upsample2x_nhwc<float, 4>(in, out, B, H, W, C);
+}
+
+// DCUpBlock2d's shortcut + add, channels-last: out (B, 2H, 2W, Co) = main + pixel_shuffle(repeat_interleave(x, r)),
+// x (B, H, W, Ci): out channel o at (2i+a, 2j+b) reads channel (4o + 2a + b) / r of x at (i, j). V output
+// channels a thread (Co % V == 0), the x values gathered one by one.
+template <typename T, int V>
+__device__ __forceinline__ void up_shortcut_add_nhwc(const T* __restrict__ main_, const T* __restrict__ x,
+                                                     T* __restrict__ out, int B, int Co, int Ci, int H, int W,
+                                                     int r) {
+    const int cv = Co / V;
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long total = (long long)B * 2 * H * 2 * W * cv;
+    if (idx >= total) return;
+    const int c = (int)(idx % cv);
+    long long t = idx / cv;
+    const int col = (int)(t % (2 * W));
+    t /= 2 * W;
+    const int row = (int)(t % (2 * H));
+    const long long b = t / (2 * H);
+    const T* xp = x + ((b * H + (row >> 1)) * W + (col >> 1)) * Ci;
+    const int sub = 2 * (row & 1) + (col & 1);
+    float v[V];
+    Vec<T, V>::load(main_ + idx * V, v);
+#pragma unroll
+    for (int e = 0; e < V; e++) v[e] += to_f32(xp[(4 * (c * V + e) + sub) / r]);
+    Vec<T, V>::store(out + idx * V, v);
+}
+extern "C" __global__ void up_shortcut_add_nhwc_bf16_v8(const bf16_t* m, const bf16_t* x, bf16_t* out, int B, int Co,
+                                                        int Ci, int H, int W, int r) {
+    up_shortcut_add_nhwc<bf16_t, 8>(m, x, out, B, Co, Ci, H, W, r);
+}
+extern "C" __global__ void up_shortcut_add_nhwc_f32_v4(const float* m, const float* x, float* out, int B, int Co,
+                                                       int Ci, int H, int W, int r) {
+    up_shortcut_add_nhwc<float, 4>(m, x, out, B, Co, Ci, H, W, r);
 }
