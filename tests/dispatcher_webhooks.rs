@@ -181,13 +181,14 @@ fn readme_verifies(hit: &Hit, body: &str) -> bool {
         .and_then(|(_, rest)| rest.split_once("```"))
         .expect("a python block after the marker")
         .0;
-    let headers: serde_json::Map<String, Value> = ["webhook-id", "webhook-timestamp", "webhook-signature"]
-        .iter()
-        .map(|h| {
-            let v = hit.headers[*h].to_str().expect("ascii header");
-            (h.to_string(), json!(v))
-        })
-        .collect();
+    let headers: serde_json::Map<String, Value> =
+        ["webhook-id", "webhook-timestamp", "webhook-signature"]
+            .iter()
+            .map(|h| {
+                let v = hit.headers[*h].to_str().expect("ascii header");
+                (h.to_string(), json!(v))
+            })
+            .collect();
     let input = json!({"secret": SECRET, "headers": headers, "body": body});
     let script = format!(
         "{code}\nimport json, sys\nd = json.load(sys.stdin)\nprint(verify(d['secret'], d['headers'], d['body'].encode()))\n"
@@ -254,7 +255,10 @@ async fn two_dispatchers_deliver_each_webhook_once_signed_as_the_readme_verifies
             (Some(job.request_id.as_str()), Some("OK"))
         );
         assert_eq!(hit.headers["content-type"], "application/json");
-        assert!(readme_verifies(hit, &hit.body), "a genuine delivery verifies");
+        assert!(
+            readme_verifies(hit, &hit.body),
+            "a genuine delivery verifies"
+        );
     }
     // The same captured delivery with one byte of the body changed does not.
     let hit = &receiver.of(&jobs[0].request_id)[0];
@@ -359,8 +363,11 @@ async fn private_targets_are_refused_and_a_spent_retry_window_dead_letters() {
 
     // With the flag, a receiver answering 500 is retried (same webhook-id) until the 1 s window is
     // spent, then dead-lettered.
-    let failing =
-        Receiver::start("127.0.0.1:0".parse().expect("addr"), StatusCode::INTERNAL_SERVER_ERROR).await;
+    let failing = Receiver::start(
+        "127.0.0.1:0".parse().expect("addr"),
+        StatusCode::INTERNAL_SERVER_ERROR,
+    )
+    .await;
     flags.push("--webhook-allow-private");
     let lenient = Spawned::start(&topology, &flags).await;
     common::http::wait_ready(&client, &lenient.base).await;
@@ -370,7 +377,11 @@ async fn private_targets_are_refused_and_a_spent_retry_window_dead_letters() {
     })
     .await;
     let hits = failing.of(&job.request_id);
-    assert!(hits.len() >= 2, "retried before giving up: {} POSTs", hits.len());
+    assert!(
+        hits.len() >= 2,
+        "retried before giving up: {} POSTs",
+        hits.len()
+    );
     assert_eq!(
         counter(&client, &lenient.base, "retried").await as usize,
         hits.len() - 1

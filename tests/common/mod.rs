@@ -127,7 +127,10 @@ pub async fn drop_topology(conn: &Connection, topology: &Topology) {
     let tiers = fleet_dispatcher::webhooks::RetryPolicy::default().tiers();
     if let Ok(ch) = conn.create_channel().await {
         if let Err(e) = hooks.delete(&ch, tiers).await {
-            eprintln!("cleanup of the webhook queues of {} failed: {e}", topology.prefix);
+            eprintln!(
+                "cleanup of the webhook queues of {} failed: {e}",
+                topology.prefix
+            );
         }
     }
 }

@@ -77,7 +77,11 @@ pub(crate) async fn handle(hooks: &Webhooks<'_>, d: &Delivery) -> Result<(), Que
         Ok(()) => {
             ack(d).await?;
             tracing::info!(request_id, %target, attempt, "webhook delivered");
-            hooks.metrics.webhooks.with_label_values(&["delivered"]).inc();
+            hooks
+                .metrics
+                .webhooks
+                .with_label_values(&["delivered"])
+                .inc();
             return Ok(());
         }
         Err(f) => f,

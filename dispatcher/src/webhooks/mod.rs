@@ -122,7 +122,8 @@ impl RetryPolicy {
 
     /// Delay before retry `n` with `jitter` in [0, 1] (0 = half the base delay, 1 = all of it).
     pub fn delay(&self, n: u32, jitter: f64) -> Duration {
-        self.base_delay(n).mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+        self.base_delay(n)
+            .mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
     }
 }
 
@@ -172,10 +173,7 @@ impl Queues {
         }
         let mut delay = quorum;
         delay.insert("x-dead-letter-exchange".into(), text(""));
-        delay.insert(
-            "x-dead-letter-routing-key".into(),
-            text(&self.deliveries),
-        );
+        delay.insert("x-dead-letter-routing-key".into(), text(&self.deliveries));
         // At-least-once dead-lettering (RabbitMQ 3.10+) needs reject-publish overflow.
         delay.insert("x-dead-letter-strategy".into(), text("at-least-once"));
         delay.insert("x-overflow".into(), text("reject-publish"));
@@ -348,9 +346,8 @@ impl<'a> Webhooks<'a> {
             }
         };
         let id = &event.request_id;
-        let applied = |reg: &SharedRegistry| {
-            reg.read(|r| r.get(id).is_some_and(RequestView::is_terminal))
-        };
+        let applied =
+            |reg: &SharedRegistry| reg.read(|r| r.get(id).is_some_and(RequestView::is_terminal));
         if !applied(self.registry) {
             // The copy in this queue can overtake the stream reader: catch up with the stream.
             self.reader.sync().await?;
@@ -483,10 +480,7 @@ mod tests {
     fn backoff_doubles_to_its_cap_with_jitter_and_one_queue_per_round() {
         let p = RetryPolicy::default();
         let secs: Vec<u64> = (1..=11).map(|n| p.delay(n, 1.0).as_secs()).collect();
-        assert_eq!(
-            secs,
-            [5, 10, 20, 40, 80, 160, 320, 640, 1280, 1800, 1800]
-        );
+        assert_eq!(secs, [5, 10, 20, 40, 80, 160, 320, 640, 1280, 1800, 1800]);
         assert_eq!(p.delay(1, 0.0), Duration::from_millis(2500));
         assert_eq!(p.tiers(), 10);
         assert_eq!((p.tier(1), p.tier(10), p.tier(50)), (0, 9, 9));

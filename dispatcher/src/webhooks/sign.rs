@@ -54,8 +54,8 @@ impl std::str::FromStr for Secret {
 impl Secret {
     /// `v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`.
     pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0)
-            .expect("HMAC-SHA256 takes keys of any length");
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC-SHA256 takes keys of any length");
         mac.update(id.as_bytes());
         mac.update(b".");
         mac.update(timestamp.to_string().as_bytes());
@@ -72,7 +72,9 @@ mod tests {
     #[test]
     fn matches_the_spec_example() {
         // The example of standard-webhooks' reference libraries (`libraries/python/.../test_webhooks.py`).
-        let secret: Secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".parse().expect("secret");
+        let secret: Secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+            .parse()
+            .expect("secret");
         let sig = secret.sign(
             "msg_p5jXN8AQM9LWM0D4loKWxJek",
             1614265330,
@@ -86,7 +88,9 @@ mod tests {
         assert_eq!("abc".parse::<Secret>(), Err(SecretError::Prefix));
         assert_eq!("whsec_!!".parse::<Secret>(), Err(SecretError::Base64));
         assert_eq!("whsec_YWJj".parse::<Secret>(), Err(SecretError::TooShort));
-        let s: Secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".parse().expect("secret");
+        let s: Secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+            .parse()
+            .expect("secret");
         assert_eq!(format!("{s:?}"), "Secret(***)");
     }
 }
