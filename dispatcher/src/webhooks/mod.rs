@@ -34,7 +34,6 @@ pub mod target;
 
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use lapin::message::Delivery;
@@ -273,6 +272,15 @@ pub fn webhook_body(view: &RequestView) -> Value {
     }
 }
 
+/// The two kinds of webhook work, each with its queue.
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    /// A terminal event, maybe to become a delivery job.
+    Terminal,
+    /// A delivery job to POST.
+    Delivery,
+}
+
 /// What the webhook consumers share.
 pub struct Webhooks<'a> {
     pub link: &'a Link,
@@ -317,22 +325,18 @@ impl<'a> Webhooks<'a> {
             _ = shutdown.cancelled() => return Ok(()),
             _ = self.reader.caught_up() => {}
         }
-        let enqueue = |d: &'_ Delivery| -> BoxFuture<'_, Result<(), QueueError>> {
-            Box::pin(self.enqueue(d))
-        };
-        let send = |d: &'_ Delivery| -> BoxFuture<'_, Result<(), QueueError>> {
-            Box::pin(deliver::handle(self, d))
-        };
         tokio::try_join!(
-            self.consume(&self.queues.terminal, 16, shutdown, &enqueue),
-            self.consume(
-                &self.queues.deliveries,
-                self.cfg.concurrency.max(1),
-                shutdown,
-                &send
-            ),
+            self.consume(Job::Terminal, 16, shutdown),
+            self.consume(Job::Delivery, self.cfg.concurrency.max(1), shutdown),
         )
         .map(|_| ())
+    }
+
+    async fn handle(&self, job: Job, d: &Delivery) -> Result<(), QueueError> {
+        match job {
+            Job::Terminal => self.enqueue(d).await,
+            Job::Delivery => deliver::handle(self, d).await,
+        }
     }
 
     /// Turns one terminal event into a delivery job when its request asked for a webhook; see the
@@ -384,16 +388,16 @@ impl<'a> Webhooks<'a> {
     /// Consumes `queue_name` with `prefetch`, running up to `prefetch` handlers at once, until
     /// `shutdown`; consumes again on the link's next connection when the broker goes away. A handler's
     /// error puts its message back on the queue.
-    async fn consume<F>(
+    async fn consume(
         &self,
-        queue_name: &str,
+        job: Job,
         prefetch: u16,
         shutdown: &CancellationToken,
-        handle: &F,
-    ) -> Result<(), QueueError>
-    where
-        F: for<'d> Fn(&'d Delivery) -> BoxFuture<'d, Result<(), QueueError>>,
-    {
+    ) -> Result<(), QueueError> {
+        let queue_name = match job {
+            Job::Terminal => self.queues.terminal.as_str(),
+            Job::Delivery => self.queues.deliveries.as_str(),
+        };
         let mut backoff = Backoff::reconnect();
         loop {
             let conn = tokio::select! {
@@ -402,7 +406,7 @@ impl<'a> Webhooks<'a> {
             };
             let Some(conn) = conn else { return Ok(()) };
             match self
-                .consume_once(&conn, queue_name, prefetch, shutdown, handle)
+                .consume_once(&conn, job, queue_name, prefetch, shutdown)
                 .await
             {
                 Ok(()) => return Ok(()),
@@ -417,17 +421,14 @@ impl<'a> Webhooks<'a> {
         }
     }
 
-    async fn consume_once<F>(
+    async fn consume_once(
         &self,
         conn: &Connection,
+        job: Job,
         queue_name: &str,
         prefetch: u16,
         shutdown: &CancellationToken,
-        handle: &F,
-    ) -> Result<(), QueueError>
-    where
-        F: for<'d> Fn(&'d Delivery) -> BoxFuture<'d, Result<(), QueueError>>,
-    {
+    ) -> Result<(), QueueError> {
         let channel = queue::open_channel(conn).await?;
         self.queues
             .declare(&channel, self.cfg.retry.tiers())
@@ -443,7 +444,7 @@ impl<'a> Webhooks<'a> {
                     None => break Err(QueueError::Closed("webhook consumer cancelled".into())),
                     Some(Err(source)) => break Err(QueueError::Broker { op: "webhook delivery", source }),
                     Some(Ok(d)) => running.push(async move {
-                        if let Err(e) = handle(&d).await {
+                        if let Err(e) = self.handle(job, &d).await {
                             tracing::warn!(queue = queue_name, error = %e, "webhook job not handled; back to the queue");
                             let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
                             if let Err(e) = d.nack(requeue).await {
@@ -466,6 +467,7 @@ impl<'a> Webhooks<'a> {
 pub(crate) async fn ack(d: &Delivery) -> Result<(), QueueError> {
     d.ack(BasicAckOptions::default())
         .await
+        .map(|_| ())
         .map_err(QueueError::broker("basic.ack"))
 }
 

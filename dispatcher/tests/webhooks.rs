@@ -4,21 +4,137 @@
 //! the README's Python verifier accepts the signature and rejects a tampered body; private targets are
 //! refused (dead-lettered) without `--webhook-allow-private`; a retry window that runs out dead-letters.
 //! Terminal events are published by the test playing the worker. Every wait polls a condition with a
-//! deadline.
-
-mod common;
+//! deadline. The tests live in the dispatcher's package (not the workspace's `tests/`) so that they build
+//! without the model crates; each runs under its own uuid-named topology.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
-use common::http::{FakeWorker, Spawned, WAIT};
-use fleet::events::{Event, EventBody, JobMessage, Queued};
+use fleet::events::{Completed, Event, EventBody, JobMessage, Queued, Started};
 use fleet::job::EndpointKind;
-use fleet_dispatcher::webhooks::Queues;
+use fleet::queue::{Publisher, Topology};
+use fleet_dispatcher::webhooks::{Queues, RetryPolicy};
 use lapin::Connection;
 use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// `FLEET_TEST_AMQP_URL` or the local default (as the workspace's `tests/common`).
+fn amqp_url() -> String {
+    std::env::var("FLEET_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+async fn connect() -> Connection {
+    let url = amqp_url();
+    fleet::queue::connect(&url).await.unwrap_or_else(|e| {
+        panic!("cannot reach RabbitMQ at {url} ({e}); start it with `rabbitmq-server -detached` or set FLEET_TEST_AMQP_URL")
+    })
+}
+
+/// A fresh topology named `t-<uuid>` (same settings as the workspace tests), declared on the broker.
+async fn fresh_topology(conn: &Connection) -> Topology {
+    let topology = Topology {
+        prefix: format!("t-{}", uuid::Uuid::new_v4().simple()),
+        delivery_limit: 3,
+        results_max_age: "1h".into(),
+    };
+    let ch = conn.create_channel().await.expect("channel");
+    topology.declare(&ch).await.expect("declare topology");
+    topology
+}
+
+/// Deletes the topology and its webhook queues (best effort).
+async fn drop_topology(conn: &Connection, topology: &Topology) {
+    if let Ok(ch) = conn.create_channel().await {
+        let _ = topology.delete(&ch).await;
+    }
+    if let Ok(ch) = conn.create_channel().await {
+        let tiers = RetryPolicy::default().tiers();
+        let _ = Queues::new(topology).delete(&ch, tiers).await;
+    }
+}
+
+/// The `dispatcher` binary as a child process (SIGKILLed on drop).
+struct Spawned {
+    base: String,
+    child: tokio::process::Child,
+}
+
+impl Spawned {
+    async fn start(topology: &Topology, extra: &[&str]) -> Self {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--amqp-url",
+                &amqp_url(),
+            ])
+            .args(["--prefix", &topology.prefix])
+            .args(["--results-max-age", &topology.results_max_age])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("FLEET_TEST_DISPATCHER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the dispatcher binary");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let find = async {
+            while let Some(line) = lines.next_line().await.expect("read stdout") {
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    return url.to_string();
+                }
+            }
+            panic!("dispatcher exited before listening");
+        };
+        let base = tokio::time::timeout(WAIT, find)
+            .await
+            .expect("dispatcher listening in time");
+        let client = reqwest::Client::new();
+        let ready = client
+            .get(format!("{base}/health?wait_ms=20000"))
+            .send()
+            .await
+            .expect("GET /health");
+        assert_eq!(ready.status(), 200, "dispatcher at {base} not ready");
+        Spawned { base, child }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    async fn kill(mut self) {
+        self.child.kill().await.expect("SIGKILL the dispatcher");
+    }
+}
+
+/// Plays the worker: publishes lifecycle events (confirmed).
+struct FakeWorker {
+    publisher: Publisher,
+}
+
+impl FakeWorker {
+    async fn new(conn: &Connection, topology: &Topology) -> Self {
+        let publisher = Publisher::new(conn, topology.clone())
+            .await
+            .expect("publisher");
+        FakeWorker { publisher }
+    }
+
+    async fn publish(&self, job: &JobMessage, body: EventBody) {
+        self.publisher
+            .publish_event(&Event::new(&job.request_id, job.endpoint, body))
+            .await
+            .expect("publish event");
+    }
+}
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 /// Short retries for tests: 200 ms doubling to 1 s.
@@ -101,23 +217,36 @@ async fn free_addr() -> SocketAddr {
     l.local_addr().expect("addr")
 }
 
-/// Publishes `queued` (with the webhook URL) and `completed` for a fresh request, as a worker would.
+/// Publishes `queued` (with the webhook URL), `started` and `completed` for a fresh request.
 async fn finish_request(worker: &FakeWorker, webhook: &str) -> JobMessage {
-    let job = common::job(EndpointKind::Sprint, json!({"prompt": "a heron"}));
+    let kind = EndpointKind::Sprint;
+    let input = fleet::job::validate(kind, &json!({"prompt": "a heron"}), || 42).expect("input");
+    let job = JobMessage {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        endpoint: kind,
+        submitted_at: fleet::events::now_unix(),
+        deadline: None,
+        input,
+    };
     let queued = Queued {
         input: job.input.clone(),
         deadline: None,
         webhook_url: Some(webhook.to_string()),
     };
-    worker
-        .publish(Event::new(
-            &job.request_id,
-            job.endpoint,
-            EventBody::Queued(queued),
-        ))
-        .await;
-    worker.start(&job).await;
-    worker.complete(&job).await;
+    worker.publish(&job, EventBody::Queued(queued)).await;
+    let started = Started {
+        worker: "fake".into(),
+        attempt: 1,
+    };
+    worker.publish(&job, EventBody::Started(started)).await;
+    let completed = Completed {
+        worker: "fake".into(),
+        attempt: 1,
+        result: json!({"images": [], "seed": 42, "prompt": "a heron"}),
+        billable_units: 1,
+        inference_time: 0.1,
+    };
+    worker.publish(&job, EventBody::Completed(completed)).await;
     job
 }
 
@@ -170,7 +299,7 @@ async fn depth(conn: &Connection, queue: &str) -> u32 {
 /// The README's verification snippet (the ```python block after `<!-- webhook-verify -->`), run with
 /// python3 on one captured delivery; true when it accepts the signature.
 fn readme_verifies(hit: &Hit, body: &str) -> bool {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
         .expect("README.md");
     let after = readme
         .split_once("<!-- webhook-verify -->")
@@ -216,14 +345,12 @@ fn readme_verifies(hit: &Hit, body: &str) -> bool {
 
 #[tokio::test]
 async fn two_dispatchers_deliver_each_webhook_once_signed_as_the_readme_verifies() {
-    let conn = common::connect().await;
-    let topology = common::fresh_topology(&conn).await;
+    let conn = connect().await;
+    let topology = fresh_topology(&conn).await;
     let client = reqwest::Client::new();
     let flags = ["--webhook-allow-private", "--webhook-secret", SECRET];
     let a = Spawned::start(&topology, &flags).await;
     let b = Spawned::start(&topology, &flags).await;
-    common::http::wait_ready(&client, &a.base).await;
-    common::http::wait_ready(&client, &b.base).await;
     let receiver = Receiver::start("127.0.0.1:0".parse().expect("addr"), StatusCode::OK).await;
     let worker = FakeWorker::new(&conn, &topology).await;
     const N: usize = 6;
@@ -267,18 +394,17 @@ async fn two_dispatchers_deliver_each_webhook_once_signed_as_the_readme_verifies
     assert!(!readme_verifies(hit, &tampered), "a tampered body fails");
     a.kill().await;
     b.kill().await;
-    common::drop_topology(&conn, &topology).await;
+    drop_topology(&conn, &topology).await;
 }
 
 #[tokio::test]
 async fn a_receiver_down_at_first_gets_the_webhook_when_it_comes_up() {
-    let conn = common::connect().await;
-    let topology = common::fresh_topology(&conn).await;
+    let conn = connect().await;
+    let topology = fresh_topology(&conn).await;
     let client = reqwest::Client::new();
     let mut flags = vec!["--webhook-allow-private", "--webhook-secret", SECRET];
     flags.extend(FAST_RETRY);
     let d = Spawned::start(&topology, &flags).await;
-    common::http::wait_ready(&client, &d.base).await;
     let addr = free_addr().await;
     let worker = FakeWorker::new(&conn, &topology).await;
     let job = finish_request(&worker, &url_at(addr)).await;
@@ -294,13 +420,13 @@ async fn a_receiver_down_at_first_gets_the_webhook_when_it_comes_up() {
     assert_eq!(receiver.of(&job.request_id).len(), 1);
     assert_eq!(counter(&client, &d.base, "dead").await, 0);
     d.kill().await;
-    common::drop_topology(&conn, &topology).await;
+    drop_topology(&conn, &topology).await;
 }
 
 #[tokio::test]
 async fn a_dispatcher_killed_mid_retry_loses_nothing() {
-    let conn = common::connect().await;
-    let topology = common::fresh_topology(&conn).await;
+    let conn = connect().await;
+    let topology = fresh_topology(&conn).await;
     let client = reqwest::Client::new();
     // The first retry waits 2 to 4 s: the job is in a retry queue when the dispatcher dies.
     let flags = [
@@ -313,7 +439,6 @@ async fn a_dispatcher_killed_mid_retry_loses_nothing() {
         "4000",
     ];
     let first = Spawned::start(&topology, &flags).await;
-    common::http::wait_ready(&client, &first.base).await;
     let addr = free_addr().await;
     let worker = FakeWorker::new(&conn, &topology).await;
     let job = finish_request(&worker, &url_at(addr)).await;
@@ -334,13 +459,13 @@ async fn a_dispatcher_killed_mid_retry_loses_nothing() {
     .await;
     assert_eq!(receiver.of(&job.request_id).len(), 1);
     second.kill().await;
-    common::drop_topology(&conn, &topology).await;
+    drop_topology(&conn, &topology).await;
 }
 
 #[tokio::test]
 async fn private_targets_are_refused_and_a_spent_retry_window_dead_letters() {
-    let conn = common::connect().await;
-    let topology = common::fresh_topology(&conn).await;
+    let conn = connect().await;
+    let topology = fresh_topology(&conn).await;
     let client = reqwest::Client::new();
     let queues = Queues::new(&topology);
     let worker = FakeWorker::new(&conn, &topology).await;
@@ -349,7 +474,6 @@ async fn private_targets_are_refused_and_a_spent_retry_window_dead_letters() {
     let mut flags = vec!["--webhook-secret", SECRET, "--webhook-retry-for", "1"];
     flags.extend(FAST_RETRY);
     let strict = Spawned::start(&topology, &flags).await;
-    common::http::wait_ready(&client, &strict.base).await;
     let receiver = Receiver::start("127.0.0.1:0".parse().expect("addr"), StatusCode::OK).await;
     finish_request(&worker, &receiver.url()).await;
     until(WAIT, "the refused webhook dead-lettered", async || {
@@ -370,7 +494,6 @@ async fn private_targets_are_refused_and_a_spent_retry_window_dead_letters() {
     .await;
     flags.push("--webhook-allow-private");
     let lenient = Spawned::start(&topology, &flags).await;
-    common::http::wait_ready(&client, &lenient.base).await;
     let job = finish_request(&worker, &failing.url()).await;
     until(WAIT, "the failing webhook dead-lettered", async || {
         counter(&client, &lenient.base, "dead").await == 1
@@ -388,5 +511,5 @@ async fn private_targets_are_refused_and_a_spent_retry_window_dead_letters() {
     );
     assert_eq!(depth(&conn, &queues.dead).await, 2);
     lenient.kill().await;
-    common::drop_topology(&conn, &topology).await;
+    drop_topology(&conn, &topology).await;
 }
