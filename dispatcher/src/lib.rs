@@ -122,6 +122,7 @@ pub async fn serve(
     let (link_ref, metrics, bus, watch) = (&*link, &metrics, &bus, &watch);
     let registry = &ingress_registry;
     let hooks = Webhooks::new(link_ref, registry, &reader, metrics, &cfg.webhooks)?;
+    hooks.declare().await?;
     let follow_task = {
         let shutdown = shutdown.clone();
         async move {

@@ -311,6 +311,17 @@ impl<'a> Webhooks<'a> {
         })
     }
 
+    /// Declares the webhook queues (when enabled) before the dispatcher serves anything: a terminal
+    /// event published once the dispatcher is up must find its queue bound.
+    pub async fn declare(&self) -> Result<(), QueueError> {
+        if !self.cfg.enabled {
+            return Ok(());
+        }
+        self.queues
+            .declare(&self.link.publisher().channel(), self.cfg.retry.tiers())
+            .await
+    }
+
     /// Runs both consumers until `shutdown` (or a permanent broker error).
     pub async fn run(&self, shutdown: &CancellationToken) -> Result<(), QueueError> {
         if !self.cfg.enabled {
