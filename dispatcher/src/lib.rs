@@ -7,7 +7,8 @@
 //! both confirmed by the broker, before the client gets an answer. `http` is the door (router, key
 //! check, admission limit) in front of `handlers`; both share `app` (settings and state), and every error
 //! answer comes from `reply`. `client` holds the CLI's `submit`/`results` commands. `deadletter` and
-//! `deadlines` close requests whose job the broker dropped or whose start deadline passed. The
+//! `deadlines` close requests whose job the broker dropped or whose start deadline passed. `webhooks`
+//! turns terminal events into durable, signed webhook deliveries (its own RabbitMQ queues). The
 //! `dispatcher` binary only parses flags and calls [`serve`].
 
 pub mod app;
