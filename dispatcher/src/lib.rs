@@ -7,7 +7,8 @@
 //! both confirmed by the broker, before the client gets an answer. `http` is the door (router, key
 //! check, admission limit) in front of `handlers`; both share `app` (settings and state), and every error
 //! answer comes from `reply`. `client` holds the CLI's `submit`/`results` commands. `deadletter` and
-//! `deadlines` close requests whose job the broker dropped or whose start deadline passed. The
+//! `deadlines` close requests whose job the broker dropped or whose start deadline passed. `webhooks`
+//! turns terminal events into durable, signed webhook deliveries (its own RabbitMQ queues). The
 //! `dispatcher` binary only parses flags and calls [`serve`].
 
 pub mod app;
@@ -25,6 +26,7 @@ pub mod openapi;
 pub mod reply;
 pub mod state;
 pub mod submit;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,10 +37,11 @@ use tokio_util::sync::CancellationToken;
 use deadlines::{RequestWatch, WatchIndex};
 use fleet::queue::{EventSink, Link, QueueError, StreamReader, Topology};
 use fleet::telemetry::redact_url;
-use follow::{Follower, WebhookConfig};
+use follow::Follower;
 use http::{AppState, HttpConfig, ListenConfig};
 use metrics::Metrics;
 use state::SharedRegistry;
+use webhooks::{WebhookConfig, Webhooks};
 
 /// Everything `serve` needs. `Debug` redacts the broker password and API keys.
 #[derive(Clone)]
@@ -75,6 +78,8 @@ pub enum DispatcherError {
     Io(#[from] std::io::Error),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("webhook HTTP client: {0}")]
+    WebhookClient(#[from] reqwest::Error),
 }
 
 /// Runs the dispatcher until `shutdown` (or until a part fails for good, which shuts the rest down: the
@@ -107,18 +112,18 @@ pub async fn serve(
     let follower = Arc::new(Follower {
         registry,
         metrics: metrics.clone(),
-        webhooks: cfg.webhooks.clone(),
-        http: reqwest::Client::new(),
         ready: ready_tx,
     });
     let watch_index = Arc::new(WatchIndex::default());
     let sinks: Vec<Arc<dyn EventSink>> = vec![follower, watch_index.clone()];
     let (reader, reading) = StreamReader::open(link.clone(), sinks).await?;
-    let watch = RequestWatch::new(watch_index, reader);
+    let watch = RequestWatch::new(watch_index, reader.clone());
     let (ingress_on, ingress_prefetch, listen) =
         (cfg.ingress, cfg.ingress_prefetch, cfg.listen.clone());
     let (link_ref, metrics, bus, watch) = (&*link, &metrics, &bus, &watch);
     let registry = &ingress_registry;
+    let hooks = Webhooks::new(link_ref, registry, &reader, metrics, &cfg.webhooks)?;
+    hooks.declare().await?;
     let follow_task = {
         let shutdown = shutdown.clone();
         async move {
@@ -165,6 +170,20 @@ pub async fn serve(
             r.map_err(DispatcherError::from)
         }
     };
+    // Durable webhook delivery: terminal events become delivery jobs, sent by whichever dispatcher
+    // takes them.
+    let webhook_task = {
+        let shutdown = shutdown.clone();
+        let hooks = &hooks;
+        async move {
+            let r = hooks.run(&shutdown).await;
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "webhook delivery stopped");
+            }
+            shutdown.cancel();
+            r.map_err(DispatcherError::from)
+        }
+    };
     let http_task = {
         let shutdown = shutdown.clone();
         async move {
@@ -173,9 +192,15 @@ pub async fn serve(
             r.map_err(DispatcherError::from)
         }
     };
-    let (f, i, r, h) = tokio::join!(follow_task, ingress_task, recovery_task, http_task);
+    let (f, i, r, w, h) = tokio::join!(
+        follow_task,
+        ingress_task,
+        recovery_task,
+        webhook_task,
+        http_task
+    );
     link.close("dispatcher shutting down").await;
-    f.and(i).and(r).and(h)
+    f.and(i).and(r).and(w).and(h)
 }
 
 #[cfg(test)]
@@ -195,13 +220,21 @@ mod tests {
                 addr: "127.0.0.1:0".parse().expect("addr"),
                 tls: None,
             },
-            webhooks: WebhookConfig::default(),
+            webhooks: WebhookConfig {
+                secret: Some(
+                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+                        .parse()
+                        .expect("secret"),
+                ),
+                ..WebhookConfig::default()
+            },
             ingress: true,
             ingress_prefetch: 16,
         };
         let text = format!("{cfg:?}");
         assert!(!text.contains("hunter2"), "{text}");
         assert!(!text.contains("sk-very-secret"), "{text}");
+        assert!(!text.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), "{text}");
         assert!(text.contains("amqp://guest:***@rabbit:5672/%2f"));
         assert_eq!(redact_url("amqp://localhost"), "amqp://localhost");
     }

@@ -14,8 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use fleet::queue::{StreamOffset, Topology};
 use fleet::signal::shutdown_signal;
 use fleet_dispatcher::client::{self, SubmitArgs};
-use fleet_dispatcher::follow::WebhookConfig;
 use fleet_dispatcher::http::{HttpConfig, ListenConfig};
+use fleet_dispatcher::webhooks::{RetryPolicy, Secret, WebhookConfig};
 use fleet_dispatcher::{serve, ServeConfig};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -125,12 +125,30 @@ struct ServeArgs {
     /// Unacked AMQP submissions in flight.
     #[arg(long, env = "FLEET_INGRESS_PREFETCH", default_value_t = 16)]
     ingress_prefetch: u16,
-    /// POST results to `fal_webhook` URLs.
+    /// Send results to `fal_webhook` URLs (consume the webhook queues).
     #[arg(long, env = "FLEET_WEBHOOKS", default_value_t = true, action = clap::ArgAction::Set)]
     webhooks: bool,
-    /// Seconds: after a restart, requests that finished this recently still get their webhook.
-    #[arg(long, env = "FLEET_WEBHOOK_REPLAY_WINDOW", default_value_t = 300)]
-    webhook_replay_window: u64,
+    /// Standard Webhooks signing secret, `whsec_<base64>` (24+ bytes); deliveries are unsigned without it.
+    #[arg(long, env = "FLEET_WEBHOOK_SECRET", hide_env_values = true)]
+    webhook_secret: Option<Secret>,
+    /// Allow webhooks to loopback, private, link-local and unique-local addresses.
+    #[arg(long, env = "FLEET_WEBHOOK_ALLOW_PRIVATE")]
+    webhook_allow_private: bool,
+    /// Seconds one webhook POST may take (connect, send, answer).
+    #[arg(long, env = "FLEET_WEBHOOK_TIMEOUT", default_value_t = 10)]
+    webhook_timeout: u64,
+    /// Milliseconds before the first retry of a failed webhook; doubled each round, with jitter.
+    #[arg(long, env = "FLEET_WEBHOOK_RETRY_INITIAL_MS", default_value_t = 5_000)]
+    webhook_retry_initial_ms: u64,
+    /// Milliseconds: longest wait between two attempts.
+    #[arg(long, env = "FLEET_WEBHOOK_RETRY_MAX_MS", default_value_t = 1_800_000)]
+    webhook_retry_max_ms: u64,
+    /// Seconds after the first attempt during which a webhook is retried before it is dead-lettered.
+    #[arg(long, env = "FLEET_WEBHOOK_RETRY_FOR", default_value_t = 7_200)]
+    webhook_retry_for: u64,
+    /// Webhook POSTs in flight per dispatcher.
+    #[arg(long, env = "FLEET_WEBHOOK_CONCURRENCY", default_value_t = 32)]
+    webhook_concurrency: u16,
 }
 
 #[derive(Args, Debug)]
@@ -294,8 +312,15 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         webhooks: WebhookConfig {
             enabled: args.webhooks,
-            replay_window: args.webhook_replay_window as f64,
-            ..WebhookConfig::default()
+            secret: args.webhook_secret,
+            allow_private: args.webhook_allow_private,
+            timeout: Duration::from_secs(args.webhook_timeout.max(1)),
+            retry: RetryPolicy {
+                initial: Duration::from_millis(args.webhook_retry_initial_ms.max(1)),
+                max_delay: Duration::from_millis(args.webhook_retry_max_ms.max(1)),
+                give_up_after: Duration::from_secs(args.webhook_retry_for),
+            },
+            concurrency: args.webhook_concurrency.max(1),
         },
         ingress: args.ingress,
         ingress_prefetch: args.ingress_prefetch,

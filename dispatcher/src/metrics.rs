@@ -67,7 +67,10 @@ impl Metrics {
             &["endpoint"],
         )?;
         let webhooks = IntCounterVec::new(
-            Opts::new("fleet_webhook_deliveries_total", "Webhook POSTs by outcome"),
+            Opts::new(
+                "fleet_webhook_deliveries_total",
+                "Webhook delivery attempts by outcome (delivered, retried, dead)",
+            ),
             &["outcome"],
         )?;
         registry.register(Box::new(http_requests.clone()))?;

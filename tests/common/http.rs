@@ -11,8 +11,8 @@ use std::time::Duration;
 use fleet::events::{Completed, Event, EventBody, JobMessage, Progress, Started};
 use fleet::job::EndpointKind;
 use fleet::queue::{Publisher, Topology};
-use fleet_dispatcher::follow::WebhookConfig;
 use fleet_dispatcher::http::{HttpConfig, ListenConfig};
+use fleet_dispatcher::webhooks::WebhookConfig;
 use fleet_dispatcher::{serve, ServeConfig};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
@@ -40,7 +40,11 @@ fn serve_config(
             addr: "127.0.0.1:0".parse().expect("addr"),
             tls,
         },
-        webhooks: WebhookConfig::default(),
+        // Test receivers listen on loopback.
+        webhooks: WebhookConfig {
+            allow_private: true,
+            ..WebhookConfig::default()
+        },
         ingress: true,
         ingress_prefetch: 16,
     }

@@ -115,11 +115,22 @@ pub async fn fresh_topology(conn: &Connection) -> Topology {
     topology
 }
 
-/// Deletes a test topology (best effort; a failure here must not hide the test's own result).
+/// Deletes a test topology and the dispatcher's webhook queues in it (best effort; a failure here
+/// must not hide the test's own result).
 pub async fn drop_topology(conn: &Connection, topology: &Topology) {
     if let Ok(ch) = conn.create_channel().await {
         if let Err(e) = topology.delete(&ch).await {
             eprintln!("cleanup of {} failed: {e}", topology.prefix);
+        }
+    }
+    let hooks = fleet_dispatcher::webhooks::Queues::new(topology);
+    let tiers = fleet_dispatcher::webhooks::RetryPolicy::default().tiers();
+    if let Ok(ch) = conn.create_channel().await {
+        if let Err(e) = hooks.delete(&ch, tiers).await {
+            eprintln!(
+                "cleanup of the webhook queues of {} failed: {e}",
+                topology.prefix
+            );
         }
     }
 }
