@@ -17,8 +17,8 @@ use serde_json::{json, Value};
 
 const REQUESTS: usize = 12;
 
-/// Messages (ready plus unacknowledged) in `queue` on the test broker, from `rabbitmqctl`; `None` when
-/// the queue does not exist.
+/// Messages (ready plus unacknowledged) in `queue`, from `rabbitmqctl` of the local node (the test
+/// broker, as in CI); `None` when the queue does not exist.
 fn queue_messages(queue: &str) -> Option<u64> {
     let out = std::process::Command::new("rabbitmqctl")
         .args([
