@@ -341,6 +341,11 @@ pub struct JobMessage {
     pub submitted_at: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<f64>,
+    /// True when the dispatcher started a broker-side timer for `deadline` ([`crate::queue::DeadlineTimer`]):
+    /// that timer is then the only writer of the request's `request_timeout`, and a worker that receives
+    /// the job after its deadline skips it without publishing anything.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deadline_timer: bool,
     #[serde(flatten)]
     pub input: JobInput,
 }
@@ -359,6 +364,7 @@ mod tests {
             endpoint: EndpointKind::Sprint,
             submitted_at: 1.0,
             deadline: None,
+            deadline_timer: false,
             input,
         };
         let v = serde_json::to_value(&msg).unwrap();
@@ -378,6 +384,7 @@ mod tests {
             endpoint: EndpointKind::Base,
             submitted_at: 1795603706.5057933,
             deadline: Some(1795603706.5057933 + 0.1),
+            deadline_timer: true,
             input,
         };
         let back: JobMessage = serde_json::from_str(&serde_json::to_string(&msg).unwrap()).unwrap();

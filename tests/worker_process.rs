@@ -28,10 +28,21 @@ fn tiny(name: &str) -> String {
         .into_owned()
 }
 
-/// Starts the worker binary on a test topology with the tiny checkpoints.
-fn spawn_worker(topology: &Topology, worker_id: &str, extra: &[&str]) -> Child {
-    common::worker_binary(topology)
-        .args(["--worker-id", worker_id, "--device", "cpu"])
+/// A worker process and the file its stderr goes to (shown when it does not exit in time).
+struct Worker {
+    child: Child,
+    log: PathBuf,
+}
+
+/// Starts the worker binary on a test topology with the tiny checkpoints, its log in a temp file
+/// (or on the test's stderr with `FLEET_TEST_WORKER_LOGS`).
+fn spawn_worker(topology: &Topology, worker_id: &str, extra: &[&str]) -> Worker {
+    let log = std::env::temp_dir().join(format!(
+        "fleet-worker-{worker_id}-{}.log",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let mut cmd = common::worker_binary(topology);
+    cmd.args(["--worker-id", worker_id, "--device", "cpu"])
         .args(["--retry-backoff-ms", "0"])
         .args([
             "--base-model",
@@ -45,13 +56,18 @@ fn spawn_worker(topology: &Topology, worker_id: &str, extra: &[&str]) -> Child {
             "--safety-checker",
             "v2",
         ])
-        .args(extra)
-        .spawn()
-        .expect("spawn the worker binary")
+        .args(extra);
+    if std::env::var_os("FLEET_TEST_WORKER_LOGS").is_none() {
+        cmd.stderr(std::fs::File::create(&log).expect("worker log file"));
+    }
+    Worker {
+        child: cmd.spawn().expect("spawn the worker binary"),
+        log,
+    }
 }
 
-fn signal(child: &Child, sig: &str) {
-    let pid = child.id().expect("the child is running");
+fn signal(worker: &Worker, sig: &str) {
+    let pid = worker.child.id().expect("the child is running");
     let status = std::process::Command::new("kill")
         .args([sig, &pid.to_string()])
         .status()
@@ -59,11 +75,60 @@ fn signal(child: &Child, sig: &str) {
     assert!(status.success(), "kill {sig} failed");
 }
 
-async fn wait_exit(mut child: Child, timeout: Duration) -> ExitStatus {
-    tokio::time::timeout(timeout, child.wait())
-        .await
-        .unwrap_or_else(|_| panic!("worker process did not exit within {timeout:?}"))
-        .expect("wait for the worker process")
+/// What a process that does not exit is doing: its threads' names and kernel wait channels, and
+/// their stacks when `gdb` is installed.
+fn threads_of(pid: u32) -> String {
+    let mut out = String::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+            out.push_str(&format!(
+                "{} {} wchan={}\n",
+                task.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan").trim()
+            ));
+        }
+    }
+    if let Ok(gdb) = std::process::Command::new("gdb")
+        .args([
+            "-p",
+            &pid.to_string(),
+            "-batch",
+            "-ex",
+            "thread apply all bt 25",
+        ])
+        .output()
+    {
+        out.push_str(&String::from_utf8_lossy(&gdb.stdout));
+    }
+    out
+}
+
+/// Waits for the worker to exit; when it does not within `timeout`, fails with its log's tail and
+/// its threads (then kills it).
+async fn wait_exit(mut worker: Worker, timeout: Duration) -> ExitStatus {
+    let status = tokio::time::timeout(timeout, worker.child.wait()).await;
+    let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
+    let _ = std::fs::remove_file(&worker.log);
+    match status {
+        Ok(status) => status.expect("wait for the worker process"),
+        Err(_) => {
+            let threads = worker.child.id().map(threads_of).unwrap_or_default();
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!(
+                "worker process did not exit within {timeout:?}\n--- its log (last 40 lines) ---\n{tail}\n--- its threads ---\n{threads}"
+            )
+        }
+    }
 }
 
 #[tokio::test]

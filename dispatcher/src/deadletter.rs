@@ -12,6 +12,8 @@
 //! then ack. A dispatcher that dies between the publish and the ack leaves the message to another one,
 //! whose sync sees that `failed` and publishes nothing; even a duplicate would be harmless, since the
 //! first terminal event wins in every reader.
+//!
+//! The same consumer loop serves `{prefix}.deadlines.due`, the start-deadline timers (`deadlines`).
 
 use futures::StreamExt;
 use lapin::message::Delivery;
@@ -20,34 +22,64 @@ use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Connection};
 use tokio_util::sync::CancellationToken;
 
-use super::deadlines::{retry_or_fail, run_deadlines, RequestWatch};
+use super::deadlines::{handle_due, retry_or_fail, RequestWatch};
 use fleet::events::{ErrorType, Event, JobMessage};
 use fleet::job::EndpointKind;
 use fleet::queue::{
     self, header_str, message_id, Backoff, Link, QueueError, Topology, HEADER_ENDPOINT,
 };
 
-/// Dead-lettered messages a dispatcher holds unacknowledged at once (they are handled one by one).
+/// Messages a dispatcher holds unacknowledged at once per watched queue (handled one by one).
 const PREFETCH: u16 = 16;
 /// What the client reads when the broker gave up on its job.
 const DEAD_MESSAGE: &str = "The runner failed to process the request";
 
-/// Runs the start-deadline timer and the dead-letter consumer over `watch` until `shutdown`; the first
+/// The queues the dispatchers consume as competing consumers to close requests nobody else will.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watched {
+    /// `{prefix}.dead.watch`: jobs the broker dead-lettered.
+    DeadLetters,
+    /// `{prefix}.deadlines.due`: start-deadline timers that fired (`deadlines`).
+    Deadlines,
+}
+
+impl Watched {
+    fn queue(self, topology: &Topology) -> String {
+        match self {
+            Watched::DeadLetters => topology.dead_watch_queue(),
+            Watched::Deadlines => topology.deadlines_due_queue(),
+        }
+    }
+
+    async fn handle(self, watch: &RequestWatch, delivery: &Delivery) -> Result<(), QueueError> {
+        match self {
+            Watched::DeadLetters => handle(watch, delivery).await,
+            Watched::Deadlines => handle_due(watch, delivery).await,
+        }
+    }
+}
+
+/// Runs the dead-letter and the start-deadline consumers over `watch` until `shutdown`; the first
 /// permanent error of either ends both.
 pub async fn run_recovery(
     link: &Link,
     watch: &RequestWatch,
     shutdown: &CancellationToken,
 ) -> Result<(), QueueError> {
-    tokio::try_join!(run_deadlines(watch, shutdown), run(link, watch, shutdown),).map(|_| ())
+    tokio::try_join!(
+        run(link, watch, shutdown, Watched::DeadLetters),
+        run(link, watch, shutdown, Watched::Deadlines),
+    )
+    .map(|_| ())
 }
 
-/// Consumes `{prefix}.dead.watch` until `shutdown` or a permanent broker error, consuming again on the
+/// Consumes the `which` queue until `shutdown` or a permanent broker error, consuming again on the
 /// link's next connection when the broker goes away.
-pub async fn run(
+async fn run(
     link: &Link,
     watch: &RequestWatch,
     shutdown: &CancellationToken,
+    which: Watched,
 ) -> Result<(), QueueError> {
     // Decisions need the whole stream: wait for the replay before taking messages.
     tokio::select! {
@@ -61,10 +93,10 @@ pub async fn run(
             conn = link.connection() => conn,
         };
         let Some(conn) = conn else { return Ok(()) };
-        match consume_once(&conn, link.topology(), watch, shutdown).await {
+        match consume_once(&conn, link.topology(), watch, shutdown, which).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_retryable() => {
-                tracing::warn!(error = %e, "dead-letter watch interrupted; consuming again after a pause");
+                tracing::warn!(error = %e, ?which, "watch interrupted; consuming again after a pause");
                 if !backoff.wait(shutdown).await {
                     return Ok(());
                 }
@@ -79,20 +111,26 @@ async fn consume_once(
     topology: &Topology,
     watch: &RequestWatch,
     shutdown: &CancellationToken,
+    which: Watched,
 ) -> Result<(), QueueError> {
     let channel = queue::open_channel(conn).await?;
-    let mut consumer = queue::consume(&channel, &topology.dead_watch_queue(), "", PREFETCH).await?;
-    tracing::info!(queue = %topology.dead_watch_queue(), "watching dead-lettered jobs");
+    let queue_name = which.queue(topology);
+    let mut consumer = queue::consume(&channel, &queue_name, "", PREFETCH).await?;
+    tracing::info!(queue = %queue_name, "watching");
     let result = loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             next = consumer.next() => next,
         };
         let delivery = match next {
-            None => break Err(QueueError::Closed("dead-letter consumer cancelled".into())),
+            None => {
+                break Err(QueueError::Closed(format!(
+                    "{queue_name} consumer cancelled"
+                )))
+            }
             Some(Err(source)) => {
                 break Err(QueueError::Broker {
-                    op: "dead-letter delivery",
+                    op: "watched queue delivery",
                     source,
                 })
             }
@@ -101,7 +139,7 @@ async fn consume_once(
         // On shutdown the half-handled delivery is dropped unacknowledged: the broker redelivers it.
         let handled = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            r = handle(watch, &delivery) => r,
+            r = which.handle(watch, &delivery) => r,
         };
         if let Err(e) = handled {
             // Back to the queue: it is handled again (here or by another dispatcher) once the broker is fine.
@@ -110,19 +148,19 @@ async fn consume_once(
                 ..BasicNackOptions::default()
             };
             if let Err(e2) = delivery.nack(requeue).await {
-                tracing::warn!(error = %e2, "could not requeue the dead-lettered message");
+                tracing::warn!(error = %e2, queue = %queue_name, "could not requeue a message");
             }
             if let Err(e) = retry_or_fail(e, shutdown).await {
                 break Err(e);
             }
             if !channel.status().connected() {
-                break Err(QueueError::Closed("dead-letter channel closed".into()));
+                break Err(QueueError::Closed(format!("{queue_name} channel closed")));
             }
         }
     };
     // Unacknowledged deliveries return to the queue when the channel closes.
     if let Err(e) = channel.close(200, "dispatcher stopping".into()).await {
-        tracing::debug!(error = %e, "closing the dead-letter channel");
+        tracing::debug!(error = %e, queue = %queue_name, "closing the watch channel");
     }
     result
 }
@@ -158,12 +196,12 @@ async fn handle(watch: &RequestWatch, delivery: &Delivery) -> Result<(), QueueEr
     ack(delivery).await
 }
 
-async fn ack(delivery: &Delivery) -> Result<(), QueueError> {
+pub(crate) async fn ack(delivery: &Delivery) -> Result<(), QueueError> {
     delivery
         .ack(BasicAckOptions::default())
         .await
         .map(|_| ())
-        .map_err(QueueError::broker("ack dead-lettered message"))
+        .map_err(QueueError::broker("ack watched message"))
 }
 
 /// The request and endpoint of a dead-lettered job: from its body, else from `message_id` and the
@@ -210,6 +248,7 @@ mod tests {
             endpoint: EndpointKind::Base,
             submitted_at: 1.0,
             deadline: None,
+            deadline_timer: false,
             input,
         };
         let body = serde_json::to_vec(&job).expect("json");

@@ -1,8 +1,10 @@
 //! Accepting a request: validate, publish `queued`, publish the job, each confirmed by the broker
 //! (service-contract §4, §5). Shared by the HTTP API and the AMQP ingress.
 //!
-//! The `queued` event goes first so a worker's `started` can never precede it in the stream; if the
-//! job publish then fails, a `failed` event (internal_error) closes the request so it does not sit
+//! The `queued` event goes first so a worker's `started` can never precede it in the stream. A request
+//! with a start deadline then gets its broker-side timer ([`fleet::queue::DeadlineTimer`]) *before* its
+//! job, so no job with a deadline exists without the timer that alone may time it out. If the timer or
+//! the job publish fails, a `failed` event (internal_error) closes the request so it does not sit
 //! `IN_QUEUE` forever. Publishing goes through [`Bus`], which the broker's confirmed
 //! [`Publisher`] implements; handler tests plug in an in-memory bus.
 
@@ -11,11 +13,15 @@ use serde_json::Value;
 
 use fleet::events::{now_unix, ErrorType, Event, EventBody, Failure, JobMessage, Queued};
 use fleet::job::{validate, EndpointKind, JobInput, ValidationError};
-use fleet::queue::{Publisher, QueueError};
+use fleet::queue::{DeadlineTimer, Publisher, QueueError};
 
-/// Where the dispatcher publishes. Both calls return only once the broker confirmed.
+/// Where the dispatcher publishes. Every call returns only once the broker confirmed.
 pub trait Bus: Send + Sync + 'static {
     fn publish_event<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), QueueError>>;
+    fn publish_deadline_timer<'a>(
+        &'a self,
+        timer: &'a DeadlineTimer,
+    ) -> BoxFuture<'a, Result<(), QueueError>>;
     fn publish_job<'a>(
         &'a self,
         job: &'a JobMessage,
@@ -26,6 +32,13 @@ pub trait Bus: Send + Sync + 'static {
 impl Bus for Publisher {
     fn publish_event<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(Publisher::publish_event(self, event))
+    }
+
+    fn publish_deadline_timer<'a>(
+        &'a self,
+        timer: &'a DeadlineTimer,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(Publisher::publish_deadline_timer(self, timer))
     }
 
     fn publish_job<'a>(
@@ -124,10 +137,23 @@ pub async fn submit(
         endpoint: kind,
         submitted_at,
         deadline,
+        deadline_timer: deadline.is_some(),
         input: input.clone(),
     };
-    if let Err(e) = bus.publish_job(&job, opts.priority.amqp()).await {
-        tracing::error!(request_id, error = %e, "job publish failed after the queued event; closing the request");
+    let priority = opts.priority.amqp();
+    let enqueued = async {
+        if let Some(deadline) = deadline {
+            let timer = DeadlineTimer {
+                request_id: request_id.clone(),
+                endpoint: kind,
+                deadline,
+            };
+            bus.publish_deadline_timer(&timer).await?;
+        }
+        bus.publish_job(&job, priority).await
+    };
+    if let Err(e) = enqueued.await {
+        tracing::error!(request_id, error = %e, "timer or job publish failed after the queued event; closing the request");
         let failed = Event::failed(
             request_id.clone(),
             kind,
@@ -166,6 +192,7 @@ pub(crate) mod testing {
         pub registry: SharedRegistry,
         pub jobs: Mutex<Vec<(JobMessage, Option<u8>)>>,
         pub events: Mutex<Vec<Event>>,
+        pub timers: Mutex<Vec<DeadlineTimer>>,
         offset: Mutex<u64>,
         /// While true every publish fails as it does while the broker is away.
         pub down: AtomicBool,
@@ -197,6 +224,20 @@ pub(crate) mod testing {
                     .map_err(|_| QueueError::Closed("poisoned".into()))?
                     .push(event.clone());
                 self.registry.apply(offset, event);
+                Ok(())
+            })
+        }
+
+        fn publish_deadline_timer<'a>(
+            &'a self,
+            timer: &'a DeadlineTimer,
+        ) -> BoxFuture<'a, Result<(), QueueError>> {
+            Box::pin(async move {
+                self.check_up()?;
+                self.timers
+                    .lock()
+                    .map_err(|_| QueueError::Closed("poisoned".into()))?
+                    .push(timer.clone());
                 Ok(())
             })
         }
@@ -256,6 +297,11 @@ mod tests {
         assert_eq!(jobs[0].0.request_id, acc.request_id);
         assert_eq!(jobs[0].0.input.seed, 9);
         assert_eq!(jobs[0].1, Some(5));
+        assert!(jobs[0].0.deadline_timer, "the job says its timer exists");
+        let timers = bus.timers.lock().expect("lock").clone();
+        assert_eq!(timers.len(), 1, "one broker-side timer per request");
+        assert_eq!(timers[0].request_id, acc.request_id);
+        assert_eq!(timers[0].deadline.to_bits(), deadline.to_bits());
     }
 
     #[tokio::test]

@@ -18,11 +18,13 @@
 //! `x-dead-letter-exchange`) and streams (`x-queue-type=stream`, `x-max-age`, `x-stream-offset`), as seen
 //! working on RabbitMQ 3.10.8 with lapin 4.12.
 
+mod deadline;
 mod link;
 mod publish;
 mod reader;
 mod stream;
 
+pub use deadline::{bucket as deadline_bucket, DeadlineTimer, GRACE as DEADLINE_GRACE};
 pub use link::{Backoff, Link};
 pub use publish::{Publisher, CONFIRM_TIMEOUT, MARKER_ROUTING_KEY, MARKER_TYPE};
 pub use reader::{EventSink, Reading, StreamReader};
@@ -213,6 +215,14 @@ impl Topology {
         )
         .await
         .map_err(QueueError::broker("declare events exchange"))?;
+        ch.exchange_declare(
+            self.deadlines_exchange().into(),
+            ExchangeKind::Fanout,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(QueueError::broker("declare deadlines exchange"))?;
 
         let mut quorum = FieldTable::default();
         quorum.insert("x-queue-type".into(), long_string("quorum"));
@@ -222,6 +232,15 @@ impl Topology {
         // The dead exchange is a fanout: both queues get every dead-lettered message.
         declare_queue(ch, &self.dead_watch_queue(), quorum.clone()).await?;
         bind(ch, &self.dead_watch_queue(), &self.dead_exchange(), "").await?;
+        // Start-deadline timers that fired (`deadline` module): one competing consumer takes each.
+        declare_queue(ch, &self.deadlines_due_queue(), quorum.clone()).await?;
+        bind(
+            ch,
+            &self.deadlines_due_queue(),
+            &self.deadlines_exchange(),
+            "",
+        )
+        .await?;
 
         let mut jobs = quorum;
         jobs.insert(
@@ -257,6 +276,7 @@ impl Topology {
             self.submit_queue(),
             self.dead_queue(),
             self.dead_watch_queue(),
+            self.deadlines_due_queue(),
             self.results_stream(),
         ];
         queues.extend(EndpointKind::ALL.map(|k| self.job_queue(k)));
@@ -269,6 +289,7 @@ impl Topology {
             self.jobs_exchange(),
             self.dead_exchange(),
             self.events_exchange(),
+            self.deadlines_exchange(),
         ] {
             ch.exchange_delete(x.into(), Default::default())
                 .await

@@ -54,6 +54,11 @@ pub struct RabbitNode {
 impl RabbitNode {
     /// Starts the node and waits until it accepts AMQP connections.
     pub async fn start() -> Self {
+        Self::start_with_advanced(None).await
+    }
+
+    /// [`RabbitNode::start`] with an `advanced.config` (Erlang terms, e.g. a short `consumer_timeout`).
+    pub async fn start_with_advanced(advanced: Option<&str>) -> Self {
         let short = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let name = format!("fault-{short}@localhost");
         let dir = std::env::temp_dir().join(format!("fleet-rabbit-{short}"));
@@ -66,6 +71,8 @@ impl RabbitNode {
         )
         .expect("write rabbitmq.conf");
         std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("write enabled_plugins");
+        std::fs::write(dir.join("advanced.config"), advanced.unwrap_or("[].\n"))
+            .expect("write advanced.config");
         let chown = StdCommand::new("chown")
             .args(["-R", "rabbitmq:rabbitmq"])
             .arg(&dir)
@@ -77,6 +84,10 @@ impl RabbitNode {
             .arg("-detached")
             .current_dir("/tmp")
             .env("RABBITMQ_CONFIG_FILE", node.dir.join("rabbitmq.conf"))
+            .env(
+                "RABBITMQ_ADVANCED_CONFIG_FILE",
+                node.dir.join("advanced.config"),
+            )
             .env(
                 "RABBITMQ_ENABLED_PLUGINS_FILE",
                 node.dir.join("enabled_plugins"),
@@ -129,6 +140,22 @@ impl RabbitNode {
             },
         )
         .await;
+    }
+
+    /// `messages_ready` of `queue` on this node (`None` when it does not exist).
+    pub fn messages_ready(&self, queue: &str) -> Option<u64> {
+        let out = StdCommand::new("rabbitmqctl")
+            .args(["-n", &self.name, "list_queues", "-q", "--no-table-headers"])
+            .args(["name", "messages_ready"])
+            .current_dir("/tmp")
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|line| {
+                let mut cols = line.split_whitespace();
+                (cols.next() == Some(queue)).then(|| cols.next()?.parse().ok())?
+            })
     }
 
     /// `rabbitmqctl stop_app`: every connection is closed and the port refuses new ones.

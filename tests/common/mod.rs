@@ -344,6 +344,7 @@ pub fn job(kind: fleet::job::EndpointKind, input: serde_json::Value) -> fleet::e
         endpoint: kind,
         submitted_at: fleet::events::now_unix(),
         deadline: None,
+        deadline_timer: false,
         input,
     }
 }

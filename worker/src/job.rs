@@ -239,6 +239,12 @@ async fn run(ctx: &JobContext, job: &JobMessage, attempt: u32) -> Settle {
         }
     }
     if let Some(deadline) = job.deadline {
+        if now_unix() > deadline && job.deadline_timer {
+            // The dispatcher's broker-side timer is the one writer of this request's timeout
+            // (`fleet::queue::DeadlineTimer`); publishing it here too could race that timer.
+            tracing::info!("start deadline passed; skipping (the deadline timer times it out)");
+            return Settle::Ack;
+        }
         if now_unix() > deadline {
             let event = Event::failed(
                 &job.request_id,

@@ -294,6 +294,11 @@ pub async fn run(
         }
     };
 
+    // Nothing counts finished jobs any more. Without a receiver a job's `done.send` returns at once;
+    // with one it would wait for room once more jobs end than the channel holds (possible after the
+    // consumers were reopened, when old and redelivered jobs are in flight together), and the drain below
+    // would then wait out its grace for jobs that had already finished.
+    drop(done_rx);
     for tag in &tags {
         let cancel = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
         match tokio::time::timeout(BROKER_CALL_WAIT, cancel).await {
