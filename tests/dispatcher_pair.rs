@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::http::{send, submit, wait_ready, SseReader, Spawned};
+use common::http::{send, submit, wait_ready, Spawned, SseReader};
 use common::workerproc::{self, tiny_model_args};
 use serde_json::{json, Value};
 
@@ -29,7 +29,10 @@ async fn wait_status(client: &reqwest::Client, url: &str, want: &str) -> Value {
         if body["status"] == want {
             return body;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{url} never {want}: {body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url} never {want}: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -61,8 +64,13 @@ async fn a_request_submitted_on_one_dispatcher_is_served_by_the_other() {
     // A cancel through B of a second waiting request submitted on A.
     let second = submit(&client, &a.base, "/sprint", json!({"prompt": "cancel me"})).await;
     let id2 = second["request_id"].as_str().expect("id");
-    let (code, _, body) = send(client.put(format!("{}/local/sana/requests/{id2}/cancel", b.base))).await;
-    assert_eq!((code, body["status"].as_str()), (202, Some("CANCELLATION_REQUESTED")), "{body}");
+    let (code, _, body) =
+        send(client.put(format!("{}/local/sana/requests/{id2}/cancel", b.base))).await;
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (202, Some("CANCELLATION_REQUESTED")),
+        "{body}"
+    );
 
     let mut args = vec!["--worker-id".to_string(), "pair-w".to_string()];
     args.extend(tiny_model_args());
@@ -70,7 +78,10 @@ async fn a_request_submitted_on_one_dispatcher_is_served_by_the_other() {
 
     let completed = wait_status(&client, &status_b, "COMPLETED").await;
     let last = loop {
-        let s = stream_b.next().await.expect("the stream ends after COMPLETED, not before");
+        let s = stream_b
+            .next()
+            .await
+            .expect("the stream ends after COMPLETED, not before");
         if s["status"] == "COMPLETED" {
             break s;
         }
@@ -78,12 +89,19 @@ async fn a_request_submitted_on_one_dispatcher_is_served_by_the_other() {
     assert_eq!(last["status"], "COMPLETED");
     let (code_b, headers_b, body_b) = send(client.get(&result_b)).await;
     assert_eq!(code_b, 200, "{body_b}");
-    assert_eq!(body_b["images"].as_array().map(Vec::len), Some(1), "{body_b}");
+    assert_eq!(
+        body_b["images"].as_array().map(Vec::len),
+        Some(1),
+        "{body_b}"
+    );
     assert_eq!(headers_b["x-fal-billable-units"], "1");
     // A, which took the submit, answers the same.
     let (code_a, headers_a, body_a) = send(client.get(&result_a)).await;
     assert_eq!((code_a, &body_a), (code_b, &body_b));
-    assert_eq!(headers_a["x-fal-billable-units"], headers_b["x-fal-billable-units"]);
+    assert_eq!(
+        headers_a["x-fal-billable-units"],
+        headers_b["x-fal-billable-units"]
+    );
     let (_, _, status_from_a) = send(client.get(&status_a)).await;
     assert_eq!(status_from_a["status"], completed["status"]);
     // The request cancelled through B ended cancelled on A.
@@ -93,7 +111,10 @@ async fn a_request_submitted_on_one_dispatcher_is_served_by_the_other() {
         "COMPLETED",
     )
     .await;
-    assert_eq!(cancelled_on_a["error_type"], "client_cancelled", "{cancelled_on_a}");
+    assert_eq!(
+        cancelled_on_a["error_type"], "client_cancelled",
+        "{cancelled_on_a}"
+    );
 
     workerproc::signal(&worker, "-TERM");
     assert!(workerproc::wait_exit(&mut worker, WAIT).await.success());

@@ -98,7 +98,14 @@ async fn a_burst_scales_zero_to_max_never_above_completes_and_returns_to_zero() 
     // Three slots but --max-workers 2: the policy's max binds, not the slots.
     let mut fleet = spawn_fleet(
         &topology,
-        &["--cpu-slots", "3", "--max-workers", "2", "--keep-alive", "3s"],
+        &[
+            "--cpu-slots",
+            "3",
+            "--max-workers",
+            "2",
+            "--keep-alive",
+            "3s",
+        ],
         &["--drain-grace", "600"],
     );
     let addr = workerproc::http_addr(&mut fleet, WAIT).await;
@@ -129,7 +136,9 @@ async fn a_burst_scales_zero_to_max_never_above_completes_and_returns_to_zero() 
         assert!(Instant::now() < deadline, "burst not done in {WAIT:?}");
         most = most.max(alive(&metrics(addr).await));
         for job in &jobs {
-            if !done.contains(&job.request_id) && log.count(&job.request_id, EventKind::Completed) > 0 {
+            if !done.contains(&job.request_id)
+                && log.count(&job.request_id, EventKind::Completed) > 0
+            {
                 done.insert(job.request_id.clone());
             }
         }
@@ -142,7 +151,12 @@ async fn a_burst_scales_zero_to_max_never_above_completes_and_returns_to_zero() 
     }
     assert_eq!(most, 2.0, "scaled to max (2) and never above");
     for job in &jobs {
-        assert_eq!(log.count(&job.request_id, EventKind::Completed), 1, "{}", job.request_id);
+        assert_eq!(
+            log.count(&job.request_id, EventKind::Completed),
+            1,
+            "{}",
+            job.request_id
+        );
         assert_eq!(log.count(&job.request_id, EventKind::Failed), 0);
     }
     let workers: HashSet<_> = log
@@ -151,17 +165,30 @@ async fn a_burst_scales_zero_to_max_never_above_completes_and_returns_to_zero() 
         .filter(|(_, e)| e.kind() == EventKind::Completed)
         .filter_map(|(_, e)| e.worker().map(str::to_string))
         .collect();
-    assert!(workers.len() <= 2, "at most two workers ran jobs: {workers:?}");
+    assert!(
+        workers.len() <= 2,
+        "at most two workers ran jobs: {workers:?}"
+    );
 
     // Keep-alive 3 s: both drain and exit, back to min 0.
     let (_, text) = workerproc::wait_http(addr, "/metrics", WAIT, "back to zero", |_, t| {
-        value(t, "fleet_supervisor_worker_exits_total{reason=\"drained\"}") == 2.0 && alive(t) == 0.0
+        value(t, "fleet_supervisor_worker_exits_total{reason=\"drained\"}") == 2.0
+            && alive(t) == 0.0
     })
     .await;
-    assert_eq!(value(&text, "fleet_supervisor_decisions_total{action=\"start\"}"), 2.0);
-    assert_eq!(value(&text, "fleet_supervisor_decisions_total{action=\"stop\"}"), 2.0);
+    assert_eq!(
+        value(&text, "fleet_supervisor_decisions_total{action=\"start\"}"),
+        2.0
+    );
+    assert_eq!(
+        value(&text, "fleet_supervisor_decisions_total{action=\"stop\"}"),
+        2.0
+    );
     assert_eq!(value(&text, "fleet_supervisor_start_failures_total"), 0.0);
-    assert_eq!(value(&text, "fleet_supervisor_cold_start_seconds_count"), 2.0);
+    assert_eq!(
+        value(&text, "fleet_supervisor_cold_start_seconds_count"),
+        2.0
+    );
 
     workerproc::signal(&fleet, "-TERM");
     assert!(workerproc::wait_exit(&mut fleet, WAIT).await.success());
@@ -177,11 +204,21 @@ async fn a_worker_that_never_got_a_job_is_reaped_after_ten_seconds() {
         .expect("publisher");
     let mut fleet = spawn_fleet(
         &topology,
-        &["--cpu-slots", "1", "--max-workers", "1", "--keep-alive", "600s"],
+        &[
+            "--cpu-slots",
+            "1",
+            "--max-workers",
+            "1",
+            "--keep-alive",
+            "600s",
+        ],
         &[],
     );
     let addr = workerproc::http_addr(&mut fleet, WAIT).await;
-    let job = common::job(EndpointKind::Sprint, json!({"prompt": "gone before it is taken"}));
+    let job = common::job(
+        EndpointKind::Sprint,
+        json!({"prompt": "gone before it is taken"}),
+    );
     publisher.publish_job(&job).await.expect("publish");
     workerproc::wait_http(addr, "/metrics", WAIT, "a worker starting", |_, t| {
         value(t, "fleet_supervisor_workers{state=\"starting\"}") == 1.0
@@ -202,15 +239,31 @@ async fn a_worker_that_never_got_a_job_is_reaped_after_ten_seconds() {
     })
     .await;
     let ready_at = Instant::now();
-    assert_eq!(value(&ready, "fleet_supervisor_demand_jobs{kind=\"waiting\"}"), 0.0);
-    workerproc::wait_http(addr, "/metrics", WAIT, "the unused worker reaped", |_, t| {
-        value(t, "fleet_supervisor_worker_exits_total{reason=\"drained\"}") == 1.0 && alive(t) == 0.0
-    })
+    assert_eq!(
+        value(&ready, "fleet_supervisor_demand_jobs{kind=\"waiting\"}"),
+        0.0
+    );
+    workerproc::wait_http(
+        addr,
+        "/metrics",
+        WAIT,
+        "the unused worker reaped",
+        |_, t| {
+            value(t, "fleet_supervisor_worker_exits_total{reason=\"drained\"}") == 1.0
+                && alive(t) == 0.0
+        },
+    )
     .await;
     let after = ready_at.elapsed();
     // Idle since ready; the supervisor saw it ready up to a tick (200 ms) after it became ready.
-    assert!(after >= Duration::from_millis(9_500), "reaped after {after:?}, not before 10 s");
-    assert!(after < Duration::from_secs(60), "reaped after {after:?}, long before keep-alive 600 s");
+    assert!(
+        after >= Duration::from_millis(9_500),
+        "reaped after {after:?}, not before 10 s"
+    );
+    assert!(
+        after < Duration::from_secs(60),
+        "reaped after {after:?}, long before keep-alive 600 s"
+    );
     workerproc::signal(&fleet, "-TERM");
     assert!(workerproc::wait_exit(&mut fleet, WAIT).await.success());
     common::drop_topology(&conn, &topology).await;
@@ -224,7 +277,14 @@ async fn a_worker_that_cannot_start_is_retried_with_a_growing_backoff() {
     let step = Duration::from_millis(500);
     let mut fleet = spawn_fleet_with(
         &topology,
-        &["--cpu-slots", "1", "--min-concurrency", "1", "--start-backoff-ms", "500"],
+        &[
+            "--cpu-slots",
+            "1",
+            "--min-concurrency",
+            "1",
+            "--start-backoff-ms",
+            "500",
+        ],
         &model_args(&workerproc::empty_dir()),
     );
     let addr = workerproc::http_addr(&mut fleet, WAIT).await;
@@ -232,15 +292,24 @@ async fn a_worker_that_cannot_start_is_retried_with_a_growing_backoff() {
     let mut seen: Vec<Instant> = Vec::new();
     let deadline = Instant::now() + WAIT;
     while seen.len() < 4 {
-        assert!(Instant::now() < deadline, "fewer than 4 start failures in {WAIT:?}");
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 4 start failures in {WAIT:?}"
+        );
         let text = metrics(addr).await;
         let failures = value(&text, "fleet_supervisor_start_failures_total") as usize;
-        assert!(failures <= seen.len() + 1, "two failures within one poll: {text}");
+        assert!(
+            failures <= seen.len() + 1,
+            "two failures within one poll: {text}"
+        );
         if failures == seen.len() + 1 {
             seen.push(Instant::now());
             let backoff = value(&text, "fleet_supervisor_start_backoff_seconds");
             assert_eq!(backoff, 0.5 * failures as f64, "+step per failure: {text}");
-            assert_eq!(value(&text, "fleet_supervisor_workers{state=\"idle\"}"), 0.0);
+            assert_eq!(
+                value(&text, "fleet_supervisor_workers{state=\"idle\"}"),
+                0.0
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -248,7 +317,11 @@ async fn a_worker_that_cannot_start_is_retried_with_a_growing_backoff() {
     let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1] - w[0]).collect();
     for (k, gap) in gaps.iter().enumerate() {
         let floor = step * (k as u32 + 1) - Duration::from_millis(100);
-        assert!(*gap >= floor, "gap {} = {gap:?} below {floor:?}: {gaps:?}", k + 1);
+        assert!(
+            *gap >= floor,
+            "gap {} = {gap:?} below {floor:?}: {gaps:?}",
+            k + 1
+        );
     }
     assert!(gaps[2] > gaps[0] + step, "the backoff grows: {gaps:?}");
     workerproc::signal(&fleet, "-TERM");

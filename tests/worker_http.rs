@@ -62,7 +62,10 @@ async fn health_and_metrics_follow_load_jobs_and_drain() {
     let done = log.terminal(&quick.request_id, WAIT).await;
     assert_eq!(done.kind(), EventKind::Completed, "{done:?}");
     let (_, text) = workerproc::wait_http(addr, "/metrics", WAIT, "the job counted", |_, t| {
-        sample(t, "fleet_worker_jobs_total{endpoint=\"sprint\",outcome=\"completed\"}") == Some(1.0)
+        sample(
+            t,
+            "fleet_worker_jobs_total{endpoint=\"sprint\",outcome=\"completed\"}",
+        ) == Some(1.0)
     })
     .await;
     assert_eq!(
@@ -73,12 +76,18 @@ async fn health_and_metrics_follow_load_jobs_and_drain() {
         Some(1.0)
     );
     assert_eq!(
-        sample(&text, "fleet_worker_inference_seconds_count{endpoint=\"sprint\"}"),
+        sample(
+            &text,
+            "fleet_worker_inference_seconds_count{endpoint=\"sprint\"}"
+        ),
         Some(1.0)
     );
     assert_eq!(sample(&text, "fleet_worker_jobs_in_flight"), Some(0.0));
     assert_eq!(
-        sample(&text, "fleet_worker_step_duration_seconds_count{endpoint=\"sprint\"}"),
+        sample(
+            &text,
+            "fleet_worker_step_duration_seconds_count{endpoint=\"sprint\"}"
+        ),
         Some(f64::from(quick.input.num_inference_steps)),
         "one observation per denoising step"
     );
@@ -121,7 +130,10 @@ async fn a_worker_that_cannot_start_exits_with_the_status_of_its_cause() {
     assert_eq!(status.code(), Some(4), "models: {status:?}");
     let mut no_broker = workerproc::spawn(
         &topology,
-        &args("h-no-broker", &["--amqp-url", "amqp://guest:guest@127.0.0.1:1/%2f"]),
+        &args(
+            "h-no-broker",
+            &["--amqp-url", "amqp://guest:guest@127.0.0.1:1/%2f"],
+        ),
     );
     let status = workerproc::wait_exit(&mut no_broker, WAIT).await;
     assert_eq!(status.code(), Some(5), "broker: {status:?}");
@@ -155,6 +167,21 @@ async fn patch_recorder() -> (
     (addr, rx)
 }
 
+/// The deletion cost carried by the next PATCH of the pod.
+async fn next_cost(
+    patches: &mut tokio::sync::mpsc::UnboundedReceiver<(String, serde_json::Value)>,
+) -> String {
+    let (path, body) = tokio::time::timeout(WAIT, patches.recv())
+        .await
+        .expect("a PATCH within the wait")
+        .expect("recorder running");
+    assert_eq!(path, "/api/v1/namespaces/fleet/pods/fleet-worker-abc");
+    body["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"]
+        .as_str()
+        .expect("the annotation as a string")
+        .to_string()
+}
+
 #[tokio::test]
 async fn pod_deletion_cost_is_raised_while_a_job_runs_and_lowered_after() {
     let conn = common::connect().await;
@@ -166,35 +193,28 @@ async fn pod_deletion_cost_is_raised_while_a_job_runs_and_lowered_after() {
     let (api, mut patches) = patch_recorder().await;
     let api_url = format!("http://{api}");
     let mut cmd = common::worker_binary(&topology);
-    cmd.args(args("h-cost", &["--pod-deletion-cost", "--kube-api-url", &api_url]))
-        .env("POD_NAME", "fleet-worker-abc")
-        .env("POD_NAMESPACE", "fleet")
-        .stdout(std::process::Stdio::piped());
+    cmd.args(args(
+        "h-cost",
+        &["--pod-deletion-cost", "--kube-api-url", &api_url],
+    ))
+    .env("POD_NAME", "fleet-worker-abc")
+    .env("POD_NAMESPACE", "fleet")
+    .stdout(std::process::Stdio::piped());
     let mut child = cmd.spawn().expect("spawn");
     let addr = workerproc::http_addr(&mut child, WAIT).await;
     workerproc::wait_http(addr, "/health", WAIT, "ready", |c, _| c == 200).await;
-    let mut next_cost = || {
-        let rx = &mut patches;
-        async move {
-            let (path, body) = tokio::time::timeout(WAIT, rx.recv())
-                .await
-                .expect("a PATCH within the wait")
-                .expect("recorder running");
-            assert_eq!(path, "/api/v1/namespaces/fleet/pods/fleet-worker-abc");
-            body["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"]
-                .as_str()
-                .expect("the annotation as a string")
-                .to_string()
-        }
-    };
-    assert_eq!(next_cost().await, "0", "idle at start");
+    assert_eq!(next_cost(&mut patches).await, "0", "idle at start");
     let job = common::job(
         EndpointKind::Sprint,
         json!({"prompt": "cost", "image_size": "square"}),
     );
     publisher.publish_job(&job).await.expect("publish");
-    assert_eq!(next_cost().await, "1000", "busy while the job runs");
-    assert_eq!(next_cost().await, "0", "idle after it");
+    assert_eq!(
+        next_cost(&mut patches).await,
+        "1000",
+        "busy while the job runs"
+    );
+    assert_eq!(next_cost(&mut patches).await, "0", "idle after it");
     let done = log.terminal(&job.request_id, WAIT).await;
     assert_eq!(done.kind(), EventKind::Completed);
     workerproc::signal(&child, "-TERM");

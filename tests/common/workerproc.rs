@@ -109,8 +109,13 @@ pub async fn wait_http(
 
 /// The value of one sample line (`name{labels} value`) of a Prometheus text body.
 pub fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 pub fn signal(child: &Child, sig: &str) {

@@ -21,7 +21,12 @@ use super::{one_of, parse_duration};
 #[derive(Args, Clone)]
 pub struct FleetArgs {
     /// GPU slots, one worker each (`CUDA_VISIBLE_DEVICES` per slot): indices or UUIDs, comma-separated.
-    #[arg(long, env = "FLEET_GPUS", value_delimiter = ',', conflicts_with = "cpu_slots")]
+    #[arg(
+        long,
+        env = "FLEET_GPUS",
+        value_delimiter = ',',
+        conflicts_with = "cpu_slots"
+    )]
     gpus: Vec<String>,
     /// CPU slots instead of GPUs (tests, CPU-only hosts).
     #[arg(long, env = "FLEET_CPU_SLOTS")]
@@ -79,7 +84,12 @@ pub struct FleetArgs {
     #[arg(long, env = "FLEET_RESULTS_MAX_AGE", default_value = "7D")]
     results_max_age: String,
     /// Endpoint kinds served: the queues whose demand counts, and each worker's `--endpoints`.
-    #[arg(long, env = "FLEET_ENDPOINTS", value_delimiter = ',', default_value = "base,sprint")]
+    #[arg(
+        long,
+        env = "FLEET_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "base,sprint"
+    )]
     endpoints: Vec<EndpointKind>,
     /// Log format.
     #[arg(long, env = "FLEET_LOG_FORMAT", default_value = "text",
@@ -107,7 +117,9 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
     };
     let policy = ScalingPolicy {
         min_concurrency: args.min_concurrency,
-        max_concurrency: args.max_workers.min(u32::try_from(slots.len()).unwrap_or(u32::MAX)),
+        max_concurrency: args
+            .max_workers
+            .min(u32::try_from(slots.len()).unwrap_or(u32::MAX)),
         concurrency_buffer: args.concurrency_buffer,
         concurrency_buffer_perc: args.concurrency_buffer_perc,
         max_multiplexing: args.max_multiplexing,

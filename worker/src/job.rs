@@ -206,10 +206,7 @@ fn not_acked(settle: Settle) -> (Settle, Outcome) {
     }
 }
 
-async fn process(
-    ctx: &JobContext,
-    delivery: &Delivery,
-) -> (Settle, Option<EndpointKind>, Outcome) {
+async fn process(ctx: &JobContext, delivery: &Delivery) -> (Settle, Option<EndpointKind>, Outcome) {
     let attempt = delivery_attempt(&delivery.properties);
     let job: JobMessage = match serde_json::from_slice(&delivery.data) {
         Ok(job) => job,

@@ -28,11 +28,11 @@ pub mod tracker;
 pub use batch::Batching;
 pub use factory::{SanaFactory, SanaFactoryConfig};
 pub use job::encode;
-pub use status::{Outcome, Phase, WorkerStatus};
 pub use model::{
     generate_request, pipeline_kind, GenerateOutput, LoadedModels, ModelError, ModelHandle,
     PipelineFactory, PipelineSet,
 };
+pub use status::{Outcome, Phase, WorkerStatus};
 
 use std::sync::Arc;
 use std::time::Duration;

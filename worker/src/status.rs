@@ -255,7 +255,8 @@ impl WorkerStatus {
     }
 
     fn set_busy(&self, busy: bool) {
-        self.busy.send_if_modified(|b| std::mem::replace(b, busy) != busy);
+        self.busy
+            .send_if_modified(|b| std::mem::replace(b, busy) != busy);
     }
 
     /// A delivery was taken.

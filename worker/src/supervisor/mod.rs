@@ -297,7 +297,10 @@ impl Fleet {
                 }
                 (false, false) => {
                     tracing::error!(worker = %id, %status, "worker exited before it was ready");
-                    self.metrics.exits.with_label_values(&["start_failed"]).inc();
+                    self.metrics
+                        .exits
+                        .with_label_values(&["start_failed"])
+                        .inc();
                     self.start_failed(now);
                 }
                 (false, true) => {
@@ -324,8 +327,12 @@ impl Fleet {
             m.workers.with_label_values(&[state]).set(n);
         }
         if let Some(obs) = obs {
-            m.demand.with_label_values(&["waiting"]).set(i64::from(obs.waiting));
-            m.demand.with_label_values(&["running"]).set(i64::from(obs.running));
+            m.demand
+                .with_label_values(&["waiting"])
+                .set(i64::from(obs.waiting));
+            m.demand
+                .with_label_values(&["running"])
+                .set(i64::from(obs.running));
             m.target.set(i64::from(target));
         }
     }
