@@ -182,7 +182,8 @@ impl Fleet {
 
     fn execute(&mut self, obs: &Observation, plan: Plan, now: Instant) {
         let key = (plan.target, plan.start, plan.stop.len() as u32);
-        if plan.start > 0 || !plan.stop.is_empty() || self.last_plan.map(|p| p.0) != Some(key.0) {
+        // One line per change of the plan (and per stop), not one per tick while a plan holds.
+        if self.last_plan != Some(key) || !plan.stop.is_empty() {
             tracing::info!(
                 waiting = obs.waiting,
                 running = obs.running,
@@ -206,7 +207,7 @@ impl Fleet {
             return;
         }
         if now < self.next_start {
-            tracing::info!(
+            tracing::debug!(
                 wait_s = (self.next_start - now).as_secs_f64(),
                 failures = self.backoff.failures(),
                 "start held back by the start backoff"
