@@ -6,6 +6,7 @@
 pub mod faults;
 pub mod http;
 pub mod realpipe;
+pub mod workerproc;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

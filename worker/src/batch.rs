@@ -200,6 +200,7 @@ fn run_batch(
             .map(|&i| Observer {
                 cancel: &jobs[i].cancel,
                 progress: &jobs[i].progress,
+                last: std::time::Instant::now(),
             })
             .collect();
         let mut entries: Vec<BatchEntry<'_>> = runnable

@@ -57,6 +57,12 @@ impl PipelineFactory for SanaFactory {
                     tracing::info!(%kind, width = w, height = h, seconds = secs, "warm-up run");
                 }
             }
+        } else {
+            // One small run per pipeline, so a worker reports ready (`/health`) only once its models have
+            // generated an image on this device.
+            for (kind, secs) in pipelines.warm_up(256, 256)? {
+                tracing::info!(%kind, width = 256, height = 256, seconds = secs, "warm-up run");
+            }
         }
         let source = c
             .safety_model

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::model::{generate_request, GenerateJob, GenerateOutput, ModelError, ModelHandle};
+use super::status::{Outcome, WorkerStatus};
 use super::tracker::Tracker;
 use fleet::events::{
     now_unix, Completed, ErrorType, Event, EventBody, JobMessage, Progress, Started,
@@ -52,6 +53,8 @@ pub(crate) struct JobContext {
     pub upload_retry_for: Duration,
     /// Request ids with a job running in this worker.
     pub running: RunningIds,
+    /// Job counts and durations for `/metrics`.
+    pub status: Arc<WorkerStatus>,
 }
 
 /// Longest time a `completed` event is retried while the broker is away. Past it the attempt fails as
@@ -169,7 +172,8 @@ impl JobError {
 
 /// Runs one delivery to its settlement and settles it.
 pub(crate) async fn handle(ctx: &JobContext, delivery: Delivery) {
-    let settle = process(ctx, &delivery).await;
+    let taken = Instant::now();
+    let (settle, endpoint, outcome) = process(ctx, &delivery).await;
     if settle == Settle::Requeue && !ctx.retry_backoff.is_zero() && !ctx.hard_stop.is_cancelled() {
         tokio::time::sleep(ctx.retry_backoff).await;
     }
@@ -190,17 +194,31 @@ pub(crate) async fn handle(ctx: &JobContext, delivery: Delivery) {
         // The channel is gone: the broker redelivers the unsettled message, and dedupe covers a completed one.
         Err(e) => tracing::warn!(?settle, error = %e, "could not settle the delivery"),
     }
+    ctx.status.job_settled(endpoint, outcome, taken.elapsed());
 }
 
-async fn process(ctx: &JobContext, delivery: &Delivery) -> Settle {
+/// The outcome of a settlement that is not an ack (an ack's outcome depends on why).
+fn not_acked(settle: Settle) -> (Settle, Outcome) {
+    match settle {
+        Settle::Requeue => (settle, Outcome::Requeued),
+        Settle::DeadLetter => (settle, Outcome::Failed),
+        Settle::Ack => (settle, Outcome::Skipped),
+    }
+}
+
+async fn process(ctx: &JobContext, delivery: &Delivery) -> (Settle, Option<EndpointKind>, Outcome) {
     let attempt = delivery_attempt(&delivery.properties);
     let job: JobMessage = match serde_json::from_slice(&delivery.data) {
         Ok(job) => job,
-        Err(e) => return malformed(ctx, delivery, &e.to_string()).await,
+        Err(e) => {
+            let (settle, outcome) = not_acked(malformed(ctx, delivery, &e.to_string()).await);
+            return (settle, None, outcome);
+        }
     };
     let span = tracing::info_span!("job", request_id = %job.request_id, endpoint = %job.endpoint, attempt,
         worker = %ctx.worker_id);
-    tracing::Instrument::instrument(run(ctx, &job, attempt), span).await
+    let (settle, outcome) = tracing::Instrument::instrument(run(ctx, &job, attempt), span).await;
+    (settle, Some(job.endpoint), outcome)
 }
 
 /// A body that is not a job: fail it (when it names a request) and dead-letter it.
@@ -226,16 +244,16 @@ async fn publish_failed(ctx: &JobContext, mut event: Event) -> Result<(), QueueE
     ctx.publisher.publish_event(&event).await
 }
 
-async fn run(ctx: &JobContext, job: &JobMessage, attempt: u32) -> Settle {
+async fn run(ctx: &JobContext, job: &JobMessage, attempt: u32) -> (Settle, Outcome) {
     if let Some(settle) = already_ended(ctx, job).await {
-        return settle;
+        return not_acked(settle);
     }
     // A run of the same request in this worker (its delivery's channel died) finishes first; what it
     // published decides whether this one runs at all.
     let one_at_a_time = ctx.running.hold(&job.request_id).await;
     if one_at_a_time.waited {
         if let Some(settle) = already_ended(ctx, job).await {
-            return settle;
+            return not_acked(settle);
         }
     }
     if let Some(deadline) = job.deadline {
@@ -253,8 +271,8 @@ async fn run(ctx: &JobContext, job: &JobMessage, attempt: u32) -> Settle {
                 "the request was not started before its deadline",
             );
             return match publish_failed(ctx, event).await {
-                Ok(()) => Settle::Ack,
-                Err(_) => Settle::Requeue,
+                Ok(()) => (Settle::Ack, Outcome::Failed),
+                Err(_) => (Settle::Requeue, Outcome::Requeued),
             };
         }
     }
@@ -271,8 +289,8 @@ async fn run(ctx: &JobContext, job: &JobMessage, attempt: u32) -> Settle {
                 failure.detail = Some(v.to_body()["detail"].clone());
             }
             return match publish_failed(ctx, event).await {
-                Ok(()) => Settle::DeadLetter,
-                Err(_) => Settle::Requeue,
+                Ok(()) => not_acked(Settle::DeadLetter),
+                Err(_) => not_acked(Settle::Requeue),
             };
         }
     };
@@ -294,8 +312,8 @@ async fn run(ctx: &JobContext, job: &JobMessage, attempt: u32) -> Settle {
             ),
         );
         return match publish_failed(ctx, event).await {
-            Ok(()) => Settle::DeadLetter,
-            Err(_) => Settle::Requeue,
+            Ok(()) => not_acked(Settle::DeadLetter),
+            Err(_) => not_acked(Settle::Requeue),
         };
     }
     let cancel = ctx.hard_stop.child_token();
@@ -307,18 +325,18 @@ async fn run(ctx: &JobContext, job: &JobMessage, attempt: u32) -> Settle {
         ..job.clone()
     };
     match execute(ctx, &job, attempt, cancel).await {
-        Ok(()) => Settle::Ack,
+        Ok(()) => (Settle::Ack, Outcome::Completed),
         Err(JobError::Model(ModelError::Pipeline(PipelineError::Cancelled)))
             if ctx.hard_stop.is_cancelled() =>
         {
             tracing::info!("stopped by shutdown; requeueing");
-            Settle::Requeue
+            (Settle::Requeue, Outcome::Requeued)
         }
         Err(JobError::Model(ModelError::Pipeline(PipelineError::Cancelled))) => {
             tracing::info!("cancelled by the client between steps");
-            Settle::Ack
+            (Settle::Ack, Outcome::Cancelled)
         }
-        Err(e) => failure(ctx, &job, attempt, e).await,
+        Err(e) => not_acked(failure(ctx, &job, attempt, e).await),
     }
 }
 
@@ -408,6 +426,7 @@ async fn execute(
     });
     let completed = Event::new(&job.request_id, job.endpoint, completed);
     publish_retrying(ctx, &completed).await?;
+    ctx.status.inference(job.endpoint, output.inference_time);
     tracing::info!(
         inference_time = output.inference_time,
         batch_size = output.batch_size,
@@ -527,7 +546,8 @@ async fn generate_with_progress(
                 let started = Event::new(&job.request_id, job.endpoint, started);
                 ctx.publisher.publish_event(&started).await?;
             }
-            Some((step, total)) = progress_rx.recv() => {
+            Some((step, total, took)) = progress_rx.recv() => {
+                ctx.status.step(job.endpoint, took);
                 let progress = EventBody::Progress(Progress {
                     worker: ctx.worker_id.clone(),
                     step,

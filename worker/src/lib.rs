@@ -17,9 +17,12 @@
 mod batch;
 pub mod factory;
 mod job;
+pub mod k8s;
 pub mod model;
 pub mod safety;
 pub mod scaling;
+pub mod status;
+pub mod supervisor;
 pub mod tracker;
 
 pub use batch::Batching;
@@ -29,6 +32,7 @@ pub use model::{
     generate_request, pipeline_kind, GenerateOutput, LoadedModels, ModelError, ModelHandle,
     PipelineFactory, PipelineSet,
 };
+pub use status::{Outcome, Phase, WorkerStatus};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -161,11 +165,36 @@ const HARD_STOP_WAIT: Duration = Duration::from_secs(30);
 /// broker that does not answer cannot keep a drained worker from exiting.
 const BROKER_CALL_WAIT: Duration = Duration::from_secs(5);
 
+impl WorkerError {
+    /// The process exit status for this error, one per cause, so a supervisor can tell a worker that
+    /// cannot start from one that lost its broker: 3 configuration, 4 models, 5 broker, 6 storage,
+    /// 7 model thread. (0 is a clean exit: drained or idle; 1 an error outside the runtime; 2 bad flags.)
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            WorkerError::Config(_) => 3,
+            WorkerError::Model(_) => 4,
+            WorkerError::Queue(_) => 5,
+            WorkerError::Storage(_) => 6,
+            WorkerError::Spawn(_) => 7,
+        }
+    }
+}
+
 /// Runs a worker until keep-alive `exit`, `shutdown`, or a fatal error.
 pub async fn run(
     config: WorkerConfig,
     factory: Box<dyn PipelineFactory>,
     shutdown: CancellationToken,
+) -> Result<WorkerExit, WorkerError> {
+    run_with_status(config, factory, shutdown, WorkerStatus::new(None)).await
+}
+
+/// [`run`], reporting readiness and metrics through `status` (the `--http` listener reads it).
+pub async fn run_with_status(
+    config: WorkerConfig,
+    factory: Box<dyn PipelineFactory>,
+    shutdown: CancellationToken,
+    status: Arc<WorkerStatus>,
 ) -> Result<WorkerExit, WorkerError> {
     tracing::info!(config = ?config, "worker starting");
     if config.endpoints.is_empty() || config.max_concurrency == 0 || config.max_batch == 0 {
@@ -189,7 +218,9 @@ pub async fn run(
         usize::from(depth),
         config.batching(),
     )?;
+    let loading = std::time::Instant::now();
     model.load().await?;
+    status.model_loaded(loading.elapsed());
 
     let link = Link::connect(&config.amqp_url, &config.topology).await?;
     let publisher = link.publisher().clone();
@@ -210,6 +241,7 @@ pub async fn run(
         image_memory_budget: config.image_memory_budget,
         upload_retry_for: config.upload_retry_for,
         running: job::RunningIds::default(),
+        status: status.clone(),
     });
     let permits = Arc::new(Semaphore::new(usize::from(depth)));
     let tasks = TaskTracker::new();
@@ -219,6 +251,7 @@ pub async fn run(
     let mut in_flight = 0usize;
     let mut idle_since = Instant::now();
     let mut unloaded = false;
+    status.set_ready();
 
     let exit = loop {
         let idle_deadline = match config.keep_alive {
@@ -272,6 +305,7 @@ pub async fn run(
                 };
                 in_flight += 1;
                 unloaded = false;
+                status.job_taken();
                 let (ctx, permits, done, shutdown) = (ctx.clone(), permits.clone(), done_tx.clone(), shutdown.clone());
                 tasks.spawn(async move {
                     tokio::select! {
@@ -286,6 +320,7 @@ pub async fn run(
                             if let Err(e) = delivery.nack(opts).await {
                                 tracing::warn!(error = %e, "could not requeue a waiting job");
                             }
+                            ctx.status.job_settled(None, Outcome::Requeued, Duration::ZERO);
                         }
                     }
                     let _ = done.send(()).await;
@@ -293,6 +328,7 @@ pub async fn run(
             }
         }
     };
+    status.set_draining();
 
     // Nothing counts finished jobs any more. Without a receiver a job's `done.send` returns at once;
     // with one it would wait for room once more jobs end than the channel holds (possible after the

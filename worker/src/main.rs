@@ -2,8 +2,11 @@
 //! lifecycle events (service-contract §6). Thin wiring over `fleet_worker`; `serve` is the default
 //! subcommand. Every flag has an environment variable; secrets are never logged.
 
+mod fleet_cmd;
 mod generate;
 
+use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,7 +18,9 @@ use fleet::queue::Topology;
 use fleet::storage::{StorageConfig, MAX_URL_LIFETIME};
 use fleet::telemetry::{init_tracing, LogFormat};
 use fleet_worker::safety::SafetyCheckerVersion;
-use fleet_worker::{IdleAction, SanaFactory, SanaFactoryConfig, WorkerConfig, WorkerExit};
+use fleet_worker::{
+    IdleAction, SanaFactory, SanaFactoryConfig, WorkerConfig, WorkerExit, WorkerStatus,
+};
 use sana_pipelines::loader::ModelSource;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +47,8 @@ enum Command {
     Serve(ServeArgs),
     /// Run one pipeline without the queue and write the images to a directory.
     Generate(generate::GenerateArgs),
+    /// Supervise `worker serve` processes on this host's GPU (or CPU) slots, scaled by queue demand.
+    Fleet(fleet_cmd::FleetArgs),
 }
 
 #[derive(Args, Clone)]
@@ -178,6 +185,19 @@ struct ServeArgs {
     #[arg(long, env = "FLEET_LOG_FORMAT", default_value = "text",
           value_parser = one_of(&LogFormat::NAMED))]
     log_format: LogFormat,
+    /// Address of the HTTP listener for `GET /health` (200 once the models are loaded and warmed up and
+    /// the worker consumes, 503 before and while draining) and `GET /metrics` (Prometheus). Port 0 picks
+    /// a free port. Once listening the worker prints `http <address>` as one line on stdout.
+    #[arg(long, env = "FLEET_HTTP")]
+    http: Option<std::net::SocketAddr>,
+    /// On Kubernetes: keep this pod's `controller.kubernetes.io/pod-deletion-cost` at 1000 while a job
+    /// is in flight and 0 otherwise, so scale-down removes idle pods first. Needs POD_NAME and
+    /// POD_NAMESPACE (downward API) and a service account allowed to patch pods.
+    #[arg(long, env = "FLEET_POD_DELETION_COST")]
+    pod_deletion_cost: bool,
+    /// Kubernetes API base URL for --pod-deletion-cost (default: the in-cluster API).
+    #[arg(long, env = "FLEET_KUBE_API_URL")]
+    kube_api_url: Option<String>,
 }
 
 /// The flag parser of a library enum from its `NAMED` table: one of the names (listed by `--help`),
@@ -230,9 +250,53 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "worker".into())
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// The id `nvidia-smi --id` takes for the GPU this process uses: the first of `CUDA_VISIBLE_DEVICES`
+/// (an index or a UUID) when set, else the CUDA ordinal.
+fn nvidia_smi_id(device: &Device) -> Option<String> {
+    let ordinal = match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
+        _ => return None,
+    };
+    match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').nth(ordinal).map(|s| s.trim().to_string()),
+        _ => Some(ordinal.to_string()),
+    }
+}
+
+/// Binds `--http`, announces the bound address on stdout and serves `/health` and `/metrics` until the
+/// process exits.
+async fn listen(addr: std::net::SocketAddr, status: Arc<WorkerStatus>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --http {addr}"))?;
+    let bound = listener.local_addr().context("--http local address")?;
+    tracing::info!(%bound, "health and metrics listener");
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "http {bound}").context("announcing the http address")?;
+        out.flush().context("announcing the http address")?;
+    }
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, fleet_worker::status::router(status)).await {
+            tracing::error!(error = %e, "health and metrics listener failed");
+        }
+    });
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     init_tracing(args.log_format);
     let device = device(&args.device)?;
+    let status = WorkerStatus::new(nvidia_smi_id(&device));
+    if let Some(addr) = args.http {
+        listen(addr, status.clone()).await?;
+    }
+    if args.pod_deletion_cost {
+        let cost = fleet_worker::k8s::PodDeletionCost::from_env(args.kube_api_url.as_deref())
+            .context("--pod-deletion-cost")?;
+        tokio::spawn(cost.follow(status.busy()));
+    }
     let dtype = dtype(&args.dtype, &device)?;
     let config = WorkerConfig {
         worker_id: args
@@ -293,25 +357,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("shutdown signal received; draining");
         signal.cancel();
     });
-    let exit = fleet_worker::run(config, Box::new(factory), shutdown)
-        .await
-        .context("worker failed")?;
-    match exit {
-        WorkerExit::Idle => tracing::info!("idle: exiting"),
-        WorkerExit::Shutdown => tracing::info!("drained: exiting"),
+    match fleet_worker::run_with_status(config, Box::new(factory), shutdown, status).await {
+        Ok(WorkerExit::Idle) => tracing::info!("idle: exiting"),
+        Ok(WorkerExit::Shutdown) => tracing::info!("drained: exiting"),
+        Err(e) => {
+            tracing::error!(error = %e, code = e.exit_code(), "worker failed");
+            return Ok(ExitCode::from(e.exit_code()));
+        }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Serve(args)) => serve(args).await,
         // Model forwards stay off the async runtime's worker threads.
         Some(Command::Generate(args)) => tokio::task::spawn_blocking(move || generate::run(args))
             .await
-            .context("generate task")?,
+            .context("generate task")?
+            .map(|()| ExitCode::SUCCESS),
+        Some(Command::Fleet(args)) => fleet_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
         None => serve(cli.serve).await,
     }
 }

@@ -139,8 +139,9 @@ pub struct GenerateJob {
     pub check_safety: bool,
     /// Checked between denoising steps; cancelled = stop with `PipelineError::Cancelled`.
     pub cancel: CancellationToken,
-    /// `(step, total)` after each step; best effort (a full channel drops the update).
-    pub progress: mpsc::Sender<(u32, u32)>,
+    /// `(step, total, time since the previous step or the run's start)` after each step; best effort
+    /// (a full channel drops the update).
+    pub progress: mpsc::Sender<(u32, u32, Duration)>,
     /// Fired when the model thread takes this job up (before loading or running anything), so
     /// `started` means the GPU works on it, not that it waits behind another job.
     pub started: oneshot::Sender<()>,
@@ -225,13 +226,18 @@ impl ModelHandle {
 
 pub(crate) struct Observer<'a> {
     pub(crate) cancel: &'a CancellationToken,
-    pub(crate) progress: &'a mpsc::Sender<(u32, u32)>,
+    pub(crate) progress: &'a mpsc::Sender<(u32, u32, Duration)>,
+    /// When the previous step ended (the run's start before the first).
+    pub(crate) last: Instant,
 }
 
 impl StepObserver for Observer<'_> {
     fn on_step(&mut self, step: u32, total: u32) -> Result<(), PipelineError> {
+        let now = Instant::now();
+        let took = now - self.last;
+        self.last = now;
         // Progress is advisory: never block the GPU thread on a slow publisher.
-        let _ = self.progress.try_send((step, total));
+        let _ = self.progress.try_send((step, total, took));
         if self.cancel.is_cancelled() {
             return Err(PipelineError::Cancelled);
         }

@@ -153,16 +153,28 @@ impl ScalingPolicy {
     }
 }
 
-/// Backoff after workers that failed to start: +30 s per consecutive failure, capped at 10 minutes, reset
-/// by a worker that starts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Backoff after workers that failed to start: +`step` (30 s) per consecutive failure, capped at 20 steps
+/// (10 minutes), reset by a worker that starts. The step is configurable so tests can run it in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StartBackoff {
     failures: u32,
+    step: Duration,
+}
+
+impl Default for StartBackoff {
+    fn default() -> Self {
+        StartBackoff::with_step(Self::STEP)
+    }
 }
 
 impl StartBackoff {
     pub const STEP: Duration = Duration::from_secs(30);
     pub const CAP: Duration = Duration::from_secs(600);
+
+    /// A backoff of `step` per failure, capped at `CAP / STEP` (20) steps.
+    pub fn with_step(step: Duration) -> Self {
+        StartBackoff { failures: 0, step }
+    }
 
     pub fn failed(&mut self) {
         self.failures = self.failures.saturating_add(1);
@@ -178,7 +190,8 @@ impl StartBackoff {
 
     /// How long to wait before the next start attempt.
     pub fn delay(&self) -> Duration {
-        Self::STEP.saturating_mul(self.failures).min(Self::CAP)
+        let cap_steps = (Self::CAP.as_secs() / Self::STEP.as_secs()) as u32;
+        self.step.saturating_mul(self.failures.min(cap_steps))
     }
 }
 
@@ -385,5 +398,15 @@ mod tests {
         assert!(seen.iter().all(|&s| s <= 600));
         b.started();
         assert_eq!((b.failures(), b.delay()), (0, Duration::ZERO));
+        // A shorter step (tests) keeps the shape: +step per failure, at most 20 steps.
+        let mut fast = StartBackoff::with_step(Duration::from_millis(100));
+        let delays: Vec<u128> = (0..25)
+            .map(|_| {
+                fast.failed();
+                fast.delay().as_millis()
+            })
+            .collect();
+        assert_eq!(&delays[..3], &[100, 200, 300]);
+        assert_eq!(delays[24], 2000);
     }
 }
