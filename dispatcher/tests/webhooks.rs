@@ -226,6 +226,7 @@ async fn finish_request(worker: &FakeWorker, webhook: &str) -> JobMessage {
         endpoint: kind,
         submitted_at: fleet::events::now_unix(),
         deadline: None,
+        deadline_timer: false,
         input,
     };
     let queued = Queued {
