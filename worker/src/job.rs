@@ -261,7 +261,7 @@ async fn run(ctx: &JobContext, job: &JobMessage, attempt: u32) -> (Settle, Outco
             // The dispatcher's broker-side timer is the one writer of this request's timeout
             // (`fleet::queue::DeadlineTimer`); publishing it here too could race that timer.
             tracing::info!("start deadline passed; skipping (the deadline timer times it out)");
-            return Settle::Ack;
+            return not_acked(Settle::Ack);
         }
         if now_unix() > deadline {
             let event = Event::failed(
