@@ -27,7 +27,7 @@ use sana_pipelines::rng_cuda::{CudaTorchGenerator, DeviceShape};
 use sana_pipelines::sana::{
     load_pipelines, InjectedNoise, NoiseSource, Pipelines, PipelinesConfig, RunOptions,
 };
-use sana_pipelines::{GenerateRequest, NoProgress, PipelineKind};
+use sana_pipelines::{GenerateRequest, NoProgress, PipelineKind, StepObserver};
 
 /// Same bound as the CPU parity test (`tests/pipeline_e2e.rs`): f32 differs only in summation order.
 const MIN_PSNR_F32_DB: f64 = 40.0;
@@ -213,6 +213,36 @@ fn request(
 }
 
 /// The e2e cases with injected reference noise; returns the worst PSNR per case.
+/// Host-blocking CUDA driver calls so far, from `bench/sync_count.c` when it is `LD_PRELOAD`ed (None otherwise).
+fn sync_count() -> Option<i64> {
+    extern "C" {
+        fn dlsym(
+            handle: *mut std::ffi::c_void,
+            symbol: *const std::ffi::c_char,
+        ) -> *mut std::ffi::c_void;
+    }
+    // SAFETY: RTLD_DEFAULT (null on glibc) searches the global scope; the symbol, when found, is the shim's
+    // `long fleet_sync_count(void)`.
+    unsafe {
+        let f = dlsym(std::ptr::null_mut(), c"fleet_sync_count".as_ptr());
+        if f.is_null() {
+            return None;
+        }
+        let f: extern "C" fn() -> std::ffi::c_long = std::mem::transmute(f);
+        Some(f() as i64)
+    }
+}
+
+/// Records the shim's count after each denoising step.
+struct SyncCounter(Vec<i64>);
+
+impl StepObserver for SyncCounter {
+    fn on_step(&mut self, _step: u32, _total: u32) -> Result<(), sana_pipelines::PipelineError> {
+        self.0.extend(sync_count());
+        Ok(())
+    }
+}
+
 fn e2e_cases(
     fixtures: &Path,
     pipes: &mut Pipelines,
@@ -251,23 +281,36 @@ fn e2e_cases(
             }
         }
         let mut noise = InjectedNoise::new(draws);
+        let mut syncs = SyncCounter(Vec::new());
         let t = Instant::now();
         let images = if sprint {
-            pipes.sprint().context("sprint")?.generate_with_noise(
-                &req,
-                &mut noise,
-                opts,
-                &mut NoProgress,
-            )?
+            pipes
+                .sprint()
+                .context("sprint")?
+                .generate_with_noise(&req, &mut noise, opts, &mut syncs)?
         } else {
-            pipes.base().context("base")?.generate_with_noise(
-                &req,
-                &mut noise,
-                opts,
-                &mut NoProgress,
-            )?
+            pipes
+                .base()
+                .context("base")?
+                .generate_with_noise(&req, &mut noise, opts, &mut syncs)?
         };
         let ms = t.elapsed().as_secs_f64() * 1e3;
+        if syncs.0.len() >= 2 {
+            // Between the first and the last step's callback: whole steps only (prepare and decode excluded).
+            let per_step: Vec<i64> = syncs.0.windows(2).map(|w| w[1] - w[0]).collect();
+            let worst = per_step.iter().copied().max().unwrap_or(0);
+            row(
+                rows,
+                format!(
+                    "host syncs per denoising step, {name} {dtype:?} (LD_PRELOAD sync_count.c)"
+                ),
+                format!(
+                    "{worst} at most over {} steps (blocking driver calls: {per_step:?})",
+                    per_step.len()
+                ),
+                Some(worst == 0),
+            );
+        }
         let pngs = case["pngs"].as_array().context("pngs")?;
         if images.len() != pngs.len() {
             bail!(
@@ -482,6 +525,11 @@ fn fused_op_cases(device: &Device, dtype: DType, rows: &mut Vec<Row>) -> anyhow:
     let lin = candle_nn::Linear::new(rnd(&[2240, 2240], 0.02)?, Some(rnd(&[2240], 1.0)?));
     check("linear bias+residual (2,1024,2240)", &|| {
         ops::linear(&lin, &y, Some(&h))
+    })?;
+    // Fused q|k|v projection with bias, (2, 1024, 2240) -> 3·2240 (cuBLASLt bias epilogue).
+    let qkv = candle_nn::Linear::new(rnd(&[6720, 2240], 0.02)?, Some(rnd(&[6720], 1.0)?));
+    check("linear bias (2,1024,2240)->6720", &|| {
+        ops::linear(&qkv, &y, None)
     })?;
     // Decoder output to 8-bit RGB on the device: 1344×768 resized/cropped to 3840×2160, and unresized.
     let img = rnd(&[1, 3, 768, 1344], 0.6)?;

@@ -33,7 +33,10 @@ fi
 if has check; then
   echo "== gpu-check ($(left) s left)"
   mkdir -p /tmp/randn_live; python3 bench/torch_randn_extra.py /tmp/randn_live 2>&1 | tail -1
-  timeout 240 /tmp/gpu-check . /tmp/randn_live /tmp/sana_real > "$OUT/gpu_check.log" 2>&1; echo "gpu-check exit $?"
+  # Host-sync counter (bench/sync_count.c): built here if gcc exists, else carried prebuilt in .gpu/.
+  SHIM=.gpu/libsync_count.so; command -v gcc >/dev/null && gcc -O2 -shared -fPIC -o /tmp/libsync_count.so bench/sync_count.c -ldl && SHIM=/tmp/libsync_count.so
+  PRE=""; [ -f "$SHIM" ] && PRE="$(realpath $SHIM)"; echo "sync shim: ${PRE:-none}"
+  LD_PRELOAD="$PRE" timeout 240 /tmp/gpu-check . /tmp/randn_live /tmp/sana_real > "$OUT/gpu_check.log" 2>&1; echo "gpu-check exit $?"
   sed -n '/^## gpu-check/,$p' "$OUT/gpu_check.log"
 fi
 if has profile; then

@@ -1487,3 +1487,218 @@ pub fn rgb_u8(
     drop(ss);
     Ok(wrap(out, &dev, (b, out_h, out_w, 3)))
 }
+
+/// One cuBLASLt plan: descriptors and the heuristic's algorithm for one GEMM shape, made on first use and
+/// kept (the heuristic query costs host time; a forward makes about 80 of these calls).
+struct LtPlan {
+    key: (DeviceId, usize, usize, usize, bool),
+    desc: lt::sys::cublasLtMatmulDesc_t,
+    a: lt::sys::cublasLtMatrixLayout_t,
+    b: lt::sys::cublasLtMatrixLayout_t,
+    c: lt::sys::cublasLtMatrixLayout_t,
+    algo: lt::sys::cublasLtMatmulAlgo_t,
+}
+
+/// One cuBLASLt handle and workspace per device.
+struct LtHandle {
+    dev: DeviceId,
+    handle: lt::sys::cublasLtHandle_t,
+    workspace: candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>,
+}
+
+struct LtState {
+    handles: Vec<LtHandle>,
+    plans: Vec<LtPlan>,
+}
+
+// SAFETY: the raw cuBLASLt handles are only used while the mutex around `LtState` is held.
+unsafe impl Send for LtState {}
+
+use candle_core::cuda_backend::cudarc::cublaslt as lt;
+
+/// Workspace cuBLASLt may use (NVIDIA's recommendation for Hopper).
+const LT_WORKSPACE: usize = 32 << 20;
+
+/// `x @ wᵀ + bias (+ residual)` in one cuBLASLt call, bf16 in and out with f32 accumulation: the bias
+/// goes in the GEMM's epilogue and the residual in as `C` with `β = 1`, so no separate pass reads the
+/// output again. `x` `(.., k)`, `w` `(n, k)`, `bias` `(n)`, `residual` the output's shape; all contiguous.
+pub fn linear_bias_bf16(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let k = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / k.max(1);
+    let (n, kw) = w.dims2()?;
+    if kw != k || bias.dims() != [n] || residual.is_some_and(|r| r.elem_count() != rows * n) {
+        bail!(
+            "linear_bias_bf16: x {:?} w {:?} bias {:?} residual {:?}",
+            x.dims(),
+            w.dims(),
+            bias.dims(),
+            residual.map(|r| r.dims().to_vec())
+        );
+    }
+    for t in [Some(x), Some(w), Some(bias), residual]
+        .into_iter()
+        .flatten()
+    {
+        require_contiguous("linear_bias_bf16", t)?;
+        if t.dtype() != DType::BF16 {
+            bail!("linear_bias_bf16: operands must be bf16");
+        }
+    }
+    let dev = cuda_dev(x)?;
+    let stream = dev.cuda_stream();
+    let mut out = unsafe { dev.alloc::<half::bf16>(rows * n) }?;
+    static STATE: OnceLock<Mutex<LtState>> = OnceLock::new();
+    let mut state = STATE
+        .get_or_init(|| {
+            Mutex::new(LtState {
+                handles: Vec::new(),
+                plans: Vec::new(),
+            })
+        })
+        .lock()
+        .map_err(poisoned)?;
+    let lt_err = |what: &str, e: lt::result::CublasError| {
+        candle_core::Error::Msg(format!("cuBLASLt {what}: {e:?}"))
+    };
+    if !state.handles.iter().any(|h| h.dev == dev.id()) {
+        let handle = lt::result::create_handle().map_err(|e| lt_err("create", e))?;
+        let workspace = unsafe { dev.alloc::<u8>(LT_WORKSPACE) }?;
+        state.handles.push(LtHandle {
+            dev: dev.id(),
+            handle,
+            workspace,
+        });
+    }
+    let hi = state
+        .handles
+        .iter()
+        .position(|h| h.dev == dev.id())
+        .unwrap_or(0);
+    let key = (dev.id(), n, rows, k, residual.is_some());
+    if !state.plans.iter().any(|p| p.key == key) {
+        let plan = lt_plan(state.handles[hi].handle, key).map_err(|e| lt_err("plan", e))?;
+        state.plans.push(plan);
+    }
+    let LtState { handles, plans } = &mut *state;
+    let plan = plans
+        .iter()
+        .find(|p| p.key == key)
+        .expect("plan inserted above");
+    let h = &handles[hi];
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (bs, bl) = bias.storage_and_layout();
+    let (xv, wv, bv) = (
+        view::<half::bf16>(&xs, xl)?,
+        view::<half::bf16>(&ws, wl)?,
+        view::<half::bf16>(&bs, bl)?,
+    );
+    let res = residual.map(|r| r.storage_and_layout());
+    let rv = match &res {
+        Some((rs, rl)) => Some(view::<half::bf16>(rs, rl)?),
+        None => None,
+    };
+    let (one, beta) = (1f32, if residual.is_some() { 1f32 } else { 0f32 });
+    {
+        let (xp, _gx) = xv.device_ptr(&stream);
+        let (wp, _gw) = wv.device_ptr(&stream);
+        let (bp, _gb) = bv.device_ptr(&stream);
+        let rp = rv.as_ref().map(|r| r.device_ptr(&stream));
+        let (op, _go) = out.device_ptr_mut(&stream);
+        let (wsp, _gws) = h.workspace.device_ptr(&stream);
+        let cp = rp.as_ref().map(|(p, _)| *p).unwrap_or(op);
+        // SAFETY: the plan's layouts describe exactly these contiguous operands (checked above); the bias
+        // pointer is set on the plan's descriptor under the state lock, right before the call that reads
+        // it; everything is enqueued on candle's stream.
+        unsafe {
+            lt::result::set_matmul_desc_attribute(
+                plan.desc,
+                lt::sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                (&bp) as *const u64 as *const _,
+                std::mem::size_of::<u64>(),
+            )
+            .map_err(|e| lt_err("bias pointer", e))?;
+            lt::result::matmul(
+                h.handle,
+                plan.desc,
+                (&one) as *const f32 as *const _,
+                (&beta) as *const f32 as *const _,
+                wp as *const _,
+                plan.a,
+                xp as *const _,
+                plan.b,
+                cp as *const _,
+                plan.c,
+                op as *mut _,
+                plan.c,
+                &plan.algo,
+                wsp as *mut _,
+                LT_WORKSPACE,
+                stream.cu_stream() as *mut _,
+            )
+            .map_err(|e| lt_err("matmul", e))?;
+        }
+    }
+    let mut shape = x.dims().to_vec();
+    *shape.last_mut().expect("x has a last dim") = n;
+    Ok(wrap(out, &dev, shape))
+}
+
+/// Descriptors for `D (n × rows, col-major) = W (k × n, col-major)ᵀ · X (k × rows) + bias [+ C]`, the
+/// row-major `Y (rows, n) = X Wᵀ + b`, and the fastest algorithm cuBLASLt's heuristic gives for them.
+fn lt_plan(
+    handle: lt::sys::cublasLtHandle_t,
+    key: (DeviceId, usize, usize, usize, bool),
+) -> std::result::Result<LtPlan, lt::result::CublasError> {
+    use lt::sys::{cublasLtMatmulDescAttributes_t as Attr, cudaDataType_t as Ty};
+    let (_, n, rows, k, _) = key;
+    let bf = Ty::CUDA_R_16BF;
+    let desc = lt::result::create_matmul_desc(
+        lt::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        Ty::CUDA_R_32F,
+    )?;
+    let a = lt::result::create_matrix_layout(bf, k as u64, n as u64, k as i64)?;
+    let b = lt::result::create_matrix_layout(bf, k as u64, rows as u64, k as i64)?;
+    let c = lt::result::create_matrix_layout(bf, n as u64, rows as u64, n as i64)?;
+    let trans = candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
+    let epilogue = lt::sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+    // SAFETY: attribute buffers are live locals of the sizes cuBLASLt documents for each attribute.
+    unsafe {
+        lt::result::set_matmul_desc_attribute(
+            desc,
+            Attr::CUBLASLT_MATMUL_DESC_TRANSA,
+            (&trans) as *const _ as *const _,
+            std::mem::size_of_val(&trans),
+        )?;
+        lt::result::set_matmul_desc_attribute(
+            desc,
+            Attr::CUBLASLT_MATMUL_DESC_EPILOGUE,
+            (&epilogue) as *const _ as *const _,
+            std::mem::size_of_val(&epilogue),
+        )?;
+        let pref = lt::result::create_matmul_pref()?;
+        let ws = LT_WORKSPACE;
+        lt::result::set_matmul_pref_attribute(
+            pref,
+            lt::sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&ws) as *const usize as *const _,
+            std::mem::size_of::<usize>(),
+        )?;
+        let heuristic = lt::result::get_matmul_algo_heuristic(handle, desc, a, b, c, c, pref);
+        lt::result::destroy_matmul_pref(pref)?;
+        Ok(LtPlan {
+            key,
+            desc,
+            a,
+            b,
+            c,
+            algo: heuristic?.algo,
+        })
+    }
+}

@@ -314,7 +314,17 @@ pub fn linear(lin: &candle_nn::Linear, x: &Tensor, residual: Option<&Tensor>) ->
     #[cfg(feature = "cuda")]
     if fused(x) {
         if let Some(b) = lin.bias() {
-            let y = candle_nn::Linear::new(lin.weight().clone(), None).forward(x)?;
+            let w = lin.weight();
+            if x.dtype() == DType::BF16
+                && w.dtype() == DType::BF16
+                && x.is_contiguous()
+                && w.is_contiguous()
+                && residual.is_none_or(|r| r.is_contiguous() && r.dtype() == DType::BF16)
+            {
+                let b = b.to_dtype(DType::BF16)?;
+                return super::kernels::linear_bias_bf16(x, w, &b, residual);
+            }
+            let y = candle_nn::Linear::new(w.clone(), None).forward(x)?;
             return super::kernels::add_bias_rows(y, &b.to_dtype(x.dtype())?, residual);
         }
     }
