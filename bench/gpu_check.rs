@@ -526,6 +526,25 @@ fn fused_op_cases(device: &Device, dtype: DType, rows: &mut Vec<Row>) -> anyhow:
     check("linear bias+residual (2,1024,2240)", &|| {
         ops::linear(&lin, &y, Some(&h))
     })?;
+    // Cross-attention over 300 text tokens, the last 180 of batch 1 masked (the flash kernel): Sana's
+    // 20 heads × 112, and 70 × 32.
+    if dtype == DType::BF16 {
+        let xq = rnd(&[2, 1024, 2240], 1.0)?;
+        let keep: Vec<f32> = (0..600)
+            .map(|i| if i >= 300 + 120 { -10000.0 } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(keep, (2, 1, 1, 300), device)?;
+        for (heads, d) in [(20usize, 112usize), (70, 32)] {
+            let (xk, xv) = (
+                rnd(&[2, heads, 300, d], 1.0)?,
+                rnd(&[2, heads, 300, d], 1.0)?,
+            );
+            check(
+                &format!("cross_attention (2,1024,{heads}·{d}) T=300 masked"),
+                &|| ops::cross_attention(&xq, &xk, &xv, &mask, (d as f64).powf(-0.5)),
+            )?;
+        }
+    }
     // Fused q|k|v projection with bias, (2, 1024, 2240) -> 3·2240 (cuBLASLt bias epilogue).
     let qkv = candle_nn::Linear::new(rnd(&[6720, 2240], 0.02)?, Some(rnd(&[6720], 1.0)?));
     check("linear bias (2,1024,2240)->6720", &|| {

@@ -51,14 +51,20 @@ const IMAGE: Source = Source {
     module: "fleet_image",
     code: include_str!("kernels/image.cu"),
 };
-const ALL: [Source; 4] = [DWCONV, LINEAR_ATTN, NORM, IMAGE];
+const ATTENTION: Source = Source {
+    module: "fleet_attention",
+    code: include_str!("kernels/attention.cu"),
+};
+const ALL: [Source; 5] = [DWCONV, LINEAR_ATTN, NORM, IMAGE, ATTENTION];
 
 /// One function of each module, loaded by [`preload`] (loading one function loads its whole module).
-const PRELOAD: [(Source, &str); 4] = [
+/// `attention.cu` uses bf16 tensor-core `mma` (sm_80 and later): loaded only where [`flash_attention_ok`].
+const PRELOAD: [(Source, &str); 5] = [
     (DWCONV, "dwconv_bf16_v8_k3_glu"),
     (LINEAR_ATTN, "la_kv_reduce"),
     (NORM, "ln_modulate_bf16"),
     (IMAGE, "rgb_u8_bf16"),
+    (ATTENTION, "xattn_bf16_d32"),
 ];
 
 fn ptx(src: Source, arch: &str) -> Result<String> {
@@ -140,6 +146,9 @@ fn func(dev: &CudaDevice, src: Source, name: &str) -> Result<(Arc<CudaStream>, C
 /// Compiles (NVRTC) and loads every kernel module on `dev`. Idempotent; seconds the first time.
 pub fn preload(dev: &CudaDevice) -> Result<()> {
     for (src, name) in PRELOAD {
+        if src.module == ATTENTION.module && !flash_attention_ok(dev)? {
+            continue;
+        }
         func(dev, src, name)?;
     }
     debug_assert_eq!(ALL.len(), PRELOAD.len());
@@ -1376,6 +1385,9 @@ pub fn cross_attention_bf16(
         }
     }
     let dev = cuda_dev(q)?;
+    if matches!(d, 32 | 64 | 112) && mask.dtype() == DType::F32 && flash_attention_ok(&dev)? {
+        return flash_cross_attention(q, k, v, mask, scale);
+    }
     let stream = dev.cuda_stream();
     let mut scores = unsafe { dev.alloc::<f32>(b * h * n * t) }?;
     let (qs, ql) = q.storage_and_layout();
@@ -1426,6 +1438,66 @@ pub fn cross_attention_bf16(
                 h,
             )?;
         }
+    }
+    Ok(wrap(out, &dev, (b, n, inner)))
+}
+
+/// Whether `attention.cu` runs here: its bf16 `mma.sync` needs compute capability 8.0 or later.
+fn flash_attention_ok(dev: &CudaDevice) -> Result<bool> {
+    Ok(arch(dev)?
+        .trim_start_matches("compute_")
+        .parse::<u32>()
+        .is_ok_and(|cc| cc >= 80))
+}
+
+/// [`cross_attention_bf16`] for head dim 32, 64 or 112 (Sana's cross-attention: 20 heads × 112) in one
+/// kernel (`attention.cu`, flash style on tensor cores): the scores stay in registers, with an online
+/// softmax in f32. Same operands and result.
+fn flash_cross_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let (_, h, t, d) = k.dims4()?;
+    let dev = cuda_dev(q)?;
+    // 16-byte K/V rows for the vector loads into shared memory; Q and the output are read and written as
+    // bf16 pairs.
+    let (k, v) = (vec_ready(k, 8)?, vec_ready(v, 8)?);
+    let q = vec_ready(q, 2)?;
+    let mask = mask.contiguous()?;
+    let (stream_f, f) = func(&dev, ATTENTION, &format!("xattn_bf16_d{d}"))?;
+    let mut out = unsafe { dev.alloc::<half::bf16>(b * n * inner) }?;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (ms, ml) = mask.storage_and_layout();
+    let (qv, kv, vv, mv) = (
+        view::<half::bf16>(&qs, ql)?,
+        view::<half::bf16>(&ks, kl)?,
+        view::<half::bf16>(&vs, vl)?,
+        view::<f32>(&ms, ml)?,
+    );
+    let dims = [n, h, t].map(|x| x as i32);
+    let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(64) as u32, h as u32, b as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    {
+        let mut lb = stream_f.launch_builder(&f);
+        lb.arg(&qv).arg(&kv).arg(&vv).arg(&mv).arg(&mut out);
+        for a in &dims {
+            lb.arg(a);
+        }
+        lb.arg(&scale_log2);
+        // SAFETY: operands checked by `cross_attention_bf16` (shapes, bf16, contiguous) and made aligned
+        // above; the kernel reads q (B·N·H·d), k and v (B·H·T·d), mask (B·T) and writes each output
+        // element once.
+        unsafe { lb.launch(cfg) }.w()?;
     }
     Ok(wrap(out, &dev, (b, n, inner)))
 }
