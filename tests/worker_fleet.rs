@@ -325,6 +325,7 @@ async fn a_buffer_keeps_that_many_warm_workers_beyond_demand_even_at_zero() {
 
     // Demand 1: the warm worker takes the job at once, and the buffer asks for one more beside it.
     let job = long_job("a buffered fox");
+    let published = Instant::now();
     publisher.publish_job(&job).await.expect("publish");
     let (_, both) = workerproc::wait_http(addr, "/metrics", WAIT, "job + buffer", |_, t| {
         workers(t, "busy") == 1.0 && alive(t) == 2.0
@@ -336,7 +337,12 @@ async fn a_buffer_keeps_that_many_warm_workers_beyond_demand_even_at_zero() {
         "{both}"
     );
     assert_eq!(decisions(&both, "start"), 2.0, "{both}");
+    eprintln!(
+        "job + buffer seen {:?} after the publish",
+        published.elapsed()
+    );
     log.terminal(&job.request_id, WAIT).await;
+    eprintln!("the job ended {:?} after the publish", published.elapsed());
     assert_eq!(log.count(&job.request_id, EventKind::Completed), 1);
     // Demand 0 again: the target falls back to the buffer, and both stay warm (keep-alive 600 s).
     let (_, after) = workerproc::wait_http(addr, "/metrics", WAIT, "two warm workers", |_, t| {
@@ -464,6 +470,7 @@ async fn scale_down_with_jobs_in_flight_finishes_each_once_and_leaves_the_rest_q
         .filter(|j| log.count(&j.request_id, EventKind::Started) > 0)
         .collect();
     assert!(started.len() >= 2, "two jobs were in flight");
+    eprintln!("{} of {} jobs started", started.len(), jobs.len());
     for job in &started {
         let id = &job.request_id;
         let end = log.terminal(id, WAIT).await;
