@@ -24,7 +24,7 @@ pub mod child;
 pub mod demand;
 pub mod metrics;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,7 +74,7 @@ struct Fleet {
     metrics: Arc<SupervisorMetrics>,
     last_plan: Option<(u32, u32, u32)>,
     /// Notices not yet confirmed by the broker (published at the end of each tick).
-    notices: Vec<Notice>,
+    notices: VecDeque<Notice>,
 }
 
 /// Why the supervisor cannot run.
@@ -119,7 +119,7 @@ pub async fn run(
         http: reqwest::Client::new(),
         metrics,
         last_plan: None,
-        notices: Vec::new(),
+        notices: VecDeque::new(),
     };
     let mut tick = tokio::time::interval(fleet.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -165,12 +165,12 @@ impl Fleet {
 
     /// Publishes the pending notices in order; what the broker does not take waits for the next tick.
     async fn send_notices(&mut self) {
-        while let Some(notice) = self.notices.first() {
+        while let Some(notice) = self.notices.front() {
             if let Err(e) = self.depth.notify(notice).await {
                 tracing::warn!(error = %e, pending = self.notices.len(), "cannot publish a notice; retrying next tick");
                 return;
             }
-            self.notices.remove(0);
+            self.notices.pop_front();
         }
     }
 
@@ -311,9 +311,9 @@ impl Fleet {
             };
             let notice = Notice::new(*kind, NoticeBody::WorkerStartFailed(body));
             if self.notices.len() >= MAX_PENDING_NOTICES {
-                self.notices.remove(0);
+                self.notices.pop_front();
             }
-            self.notices.push(notice);
+            self.notices.push_back(notice);
         }
     }
 
