@@ -180,6 +180,71 @@ impl Failure {
     }
 }
 
+/// A notice about an endpoint kind rather than one request, kept in the results stream beside the
+/// events: every request of `endpoint` still waiting for a worker when the notice is read shows it in its
+/// status `logs` (the dispatcher applies it to its queued requests in stream order, so every dispatcher
+/// and every replay agree). Published with the AMQP `type` [`NOTICE_TYPE`] and routing key
+/// `{kind}.notice`; [`crate::queue::subscribe_results`] hides notices from readers of events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notice {
+    pub endpoint: EndpointKind,
+    /// Unix time in seconds (fractional) at which the publisher emitted the notice.
+    pub at: f64,
+    #[serde(flatten)]
+    pub body: NoticeBody,
+}
+
+/// AMQP `type` property of notices in the results stream.
+pub const NOTICE_TYPE: &str = "fleet.notice";
+
+/// What the notice says, by kind; the serde tag is the `notice` field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "notice", rename_all = "snake_case")]
+pub enum NoticeBody {
+    /// A worker that would serve the waiting requests exited before it was ready (issue 12: a start
+    /// failure is visible in the waiting requests' `logs`).
+    WorkerStartFailed(WorkerStartFailed),
+}
+
+/// `worker_start_failed`: which worker, why (the cause its exit status names, never an internal error
+/// text), and when the supervisor tries again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStartFailed {
+    pub worker: String,
+    /// The cause, in words (`its models could not be loaded`).
+    pub cause: String,
+    /// Consecutive start failures so far.
+    pub failures: u32,
+    /// Seconds until the next start attempt.
+    pub retry_in: f64,
+}
+
+impl Notice {
+    /// A notice emitted now.
+    pub fn new(endpoint: EndpointKind, body: NoticeBody) -> Self {
+        Notice {
+            endpoint,
+            at: now_unix(),
+            body,
+        }
+    }
+
+    /// Routing key on `fleet.events`: `{kind}.notice` (no event pattern, so only the stream takes it).
+    pub fn routing_key(&self) -> String {
+        format!("{}.notice", self.endpoint.as_str())
+    }
+
+    /// The line shown in a waiting request's `logs`.
+    pub fn log_line(&self) -> String {
+        match &self.body {
+            NoticeBody::WorkerStartFailed(f) => format!(
+                "worker failed to start: {} ({}); start failure {} in a row, retrying in {:.0} s",
+                f.worker, f.cause, f.failures, f.retry_in
+            ),
+        }
+    }
+}
+
 impl EventBody {
     pub fn kind(&self) -> EventKind {
         match self {
@@ -390,6 +455,33 @@ mod tests {
         let back: JobMessage = serde_json::from_str(&serde_json::to_string(&msg).unwrap()).unwrap();
         assert_eq!(back.submitted_at.to_bits(), msg.submitted_at.to_bits());
         assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn notices_round_trip_route_and_read() {
+        let n = Notice::new(
+            EndpointKind::Sprint,
+            NoticeBody::WorkerStartFailed(WorkerStartFailed {
+                worker: "h-s0-3".into(),
+                cause: "its models could not be loaded".into(),
+                failures: 2,
+                retry_in: 60.0,
+            }),
+        );
+        assert_eq!(n.routing_key(), "sprint.notice");
+        let v = serde_json::to_value(&n).unwrap();
+        assert_eq!(v["notice"], "worker_start_failed");
+        assert_eq!(v["endpoint"], "sprint");
+        assert_eq!(v["worker"], "h-s0-3");
+        let back: Notice = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(back, n);
+        // A notice is no event: a reader that only knows events cannot mistake it for one.
+        assert!(serde_json::from_value::<Event>(v).is_err());
+        assert_eq!(
+            n.log_line(),
+            "worker failed to start: h-s0-3 (its models could not be loaded); start failure 2 in a row, \
+             retrying in 60 s"
+        );
     }
 
     #[test]

@@ -2,90 +2,30 @@
 //! checkpoints, against the real RabbitMQ and S3: a burst scales 0 → max and never above while every job
 //! completes exactly once, then back to 0 after keep-alive with every worker drained; a worker that
 //! never got a job is reaped after 10 s although keep-alive is long; a worker that cannot start (bad model
-//! path) is retried with a growing backoff.
+//! path) is retried with a growing backoff, and the requests waiting for it (submitted through a real
+//! dispatcher) show the failure in their status `logs`; `--concurrency-buffer 1` keeps one warm worker at
+//! zero demand (past the 10 s reap) and one beside a running job; `--scaling-delay` holds a start back
+//! until the job has waited that long; SIGTERM to the supervisor with two jobs in flight finishes each
+//! exactly once and leaves the job no worker took on its queue.
 
 mod common;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::workerproc::{self, sample, tiny_model_args};
+use common::fleetproc::{
+    alive, decisions, metrics, model_args, spawn_fleet, spawn_fleet_with, value, workers,
+};
+use common::workerproc;
 use common::EventLog;
 use fleet::events::EventKind;
 use fleet::job::EndpointKind;
-use fleet::queue::{Publisher, Topology};
+use fleet::queue::Publisher;
+use fleet_worker::scaling::NEVER_USED_REAP;
 use lapin::options::QueuePurgeOptions;
 use serde_json::json;
-use tokio::process::Child;
 
 const WAIT: Duration = Duration::from_secs(240);
-
-/// The children's model flags: the tiny checkpoints on the CPU, the sprint model from `sprint`.
-fn model_args(sprint: &str) -> Vec<String> {
-    let mut args = tiny_model_args();
-    let i = args
-        .iter()
-        .position(|a| a == "--sprint-model")
-        .expect("tiny_model_args sets --sprint-model");
-    args[i + 1] = sprint.to_string();
-    args
-}
-
-/// `worker fleet` on `topology` with `fleet_args`, its children on the tiny checkpoints plus `serve_args`.
-fn spawn_fleet(topology: &Topology, fleet_args: &[&str], serve_args: &[&str]) -> Child {
-    let mut child_args = tiny_model_args();
-    child_args.extend(serve_args.iter().map(|s| s.to_string()));
-    spawn_fleet_with(topology, fleet_args, &child_args)
-}
-
-/// `worker fleet` on `topology` with `fleet_args`; `child_args` after `--` for every `worker serve`.
-fn spawn_fleet_with(topology: &Topology, fleet_args: &[&str], child_args: &[String]) -> Child {
-    let s3 = common::s3_config();
-    let mut cmd = tokio::process::Command::new(common::binary("worker"));
-    cmd.arg("fleet")
-        .args(["--topology-prefix", &topology.prefix])
-        .args(["--results-max-age", &topology.results_max_age])
-        .args(["--delivery-limit", &topology.delivery_limit.to_string()])
-        .args(["--http", "127.0.0.1:0", "--tick-ms", "200"])
-        .args(fleet_args)
-        .arg("--")
-        .args(child_args)
-        .env("FLEET_AMQP_URL", common::amqp_url())
-        .env("FLEET_S3_ENDPOINT", &s3.endpoint)
-        .env("FLEET_S3_REGION", &s3.region)
-        .env("FLEET_S3_ACCESS_KEY_ID", &s3.access_key_id)
-        .env("FLEET_S3_SECRET_ACCESS_KEY", &s3.secret_access_key)
-        .env("FLEET_S3_BUCKET", &s3.bucket)
-        .stdout(std::process::Stdio::piped())
-        .stderr(if std::env::var_os("FLEET_TEST_WORKER_LOGS").is_some() {
-            std::process::Stdio::inherit()
-        } else {
-            std::process::Stdio::null()
-        })
-        .kill_on_drop(true);
-    cmd.spawn().expect("spawn worker fleet")
-}
-
-/// The supervisor's metrics text.
-async fn metrics(addr: SocketAddr) -> String {
-    workerproc::get(addr, "/metrics")
-        .await
-        .expect("supervisor metrics")
-        .1
-}
-
-fn value(text: &str, series: &str) -> f64 {
-    sample(text, series).unwrap_or(0.0)
-}
-
-/// Live worker processes (any state) in a supervisor metrics text.
-fn alive(text: &str) -> f64 {
-    ["starting", "idle", "busy", "draining"]
-        .iter()
-        .map(|s| value(text, &format!("fleet_supervisor_workers{{state=\"{s}\"}}")))
-        .sum()
-}
 
 #[tokio::test]
 async fn a_burst_scales_zero_to_max_never_above_completes_and_returns_to_zero() {
@@ -326,5 +266,297 @@ async fn a_worker_that_cannot_start_is_retried_with_a_growing_backoff() {
     assert!(gaps[2] > gaps[0] + step, "the backoff grows: {gaps:?}");
     workerproc::signal(&fleet, "-TERM");
     assert!(workerproc::wait_exit(&mut fleet, WAIT).await.success());
+    common::drop_topology(&conn, &topology).await;
+}
+
+/// A long base job: many steps and images, so a worker is busy with it over several supervisor ticks.
+fn long_job(prompt: &str) -> fleet::events::JobMessage {
+    common::job(
+        EndpointKind::Base,
+        json!({"prompt": prompt, "image_size": "square_hd", "num_images": 4, "num_inference_steps": 50}),
+    )
+}
+
+#[tokio::test]
+async fn a_buffer_keeps_that_many_warm_workers_beyond_demand_even_at_zero() {
+    let conn = common::connect().await;
+    let topology = common::fresh_topology(&conn).await;
+    let publisher = Publisher::new(&conn, topology.clone())
+        .await
+        .expect("publisher");
+    let mut log = EventLog::open(&conn, &topology).await;
+    // min 0, buffer 1: one warm worker with nothing to do; demand 1 asks for 1 + 1.
+    let mut fleet = spawn_fleet(
+        &topology,
+        &[
+            "--cpu-slots",
+            "3",
+            "--concurrency-buffer",
+            "1",
+            "--keep-alive",
+            "600s",
+        ],
+        &["--drain-grace", "600"],
+    );
+    let addr = workerproc::http_addr(&mut fleet, WAIT).await;
+    let (_, warm) = workerproc::wait_http(addr, "/metrics", WAIT, "one warm worker", |_, t| {
+        workers(t, "idle") == 1.0
+    })
+    .await;
+    let ready_at = Instant::now();
+    assert_eq!(
+        value(&warm, "fleet_supervisor_demand_jobs{kind=\"waiting\"}"),
+        0.0
+    );
+    assert_eq!(
+        value(&warm, "fleet_supervisor_demand_jobs{kind=\"running\"}"),
+        0.0
+    );
+    assert_eq!(value(&warm, "fleet_supervisor_target_workers"), 1.0);
+    assert_eq!(alive(&warm), 1.0, "the buffer, no more: {warm}");
+    // Kept although it never got a job: the 10 s reap of unused workers is only for min = buffer = 0.
+    let window = NEVER_USED_REAP + Duration::from_secs(3);
+    while ready_at.elapsed() < window {
+        let t = metrics(addr).await;
+        assert_eq!(alive(&t), 1.0, "{:?} after ready: {t}", ready_at.elapsed());
+        assert_eq!(decisions(&t, "stop"), 0.0, "{t}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Demand 1: the warm worker takes the job at once, and the buffer asks for one more beside it.
+    let job = long_job("a buffered fox");
+    let published = Instant::now();
+    publisher.publish_job(&job).await.expect("publish");
+    let (_, both) = workerproc::wait_http(addr, "/metrics", WAIT, "job + buffer", |_, t| {
+        workers(t, "busy") == 1.0 && alive(t) == 2.0
+    })
+    .await;
+    assert_eq!(
+        value(&both, "fleet_supervisor_target_workers"),
+        2.0,
+        "{both}"
+    );
+    assert_eq!(decisions(&both, "start"), 2.0, "{both}");
+    eprintln!(
+        "job + buffer seen {:?} after the publish",
+        published.elapsed()
+    );
+    log.terminal(&job.request_id, WAIT).await;
+    eprintln!("the job ended {:?} after the publish", published.elapsed());
+    assert_eq!(log.count(&job.request_id, EventKind::Completed), 1);
+    // Demand 0 again: the target falls back to the buffer, and both stay warm (keep-alive 600 s).
+    let (_, after) = workerproc::wait_http(addr, "/metrics", WAIT, "two warm workers", |_, t| {
+        workers(t, "idle") == 2.0 && value(t, "fleet_supervisor_target_workers") == 1.0
+    })
+    .await;
+    assert_eq!(alive(&after), 2.0, "never more than job + buffer: {after}");
+    assert_eq!(decisions(&after, "start"), 2.0, "{after}");
+    assert_eq!(value(&after, "fleet_supervisor_start_failures_total"), 0.0);
+
+    workerproc::signal(&fleet, "-TERM");
+    assert!(workerproc::wait_exit(&mut fleet, WAIT).await.success());
+    common::drop_topology(&conn, &topology).await;
+}
+
+#[tokio::test]
+async fn scaling_delay_holds_a_new_worker_until_a_request_has_waited_that_long() {
+    let conn = common::connect().await;
+    let topology = common::fresh_topology(&conn).await;
+    let publisher = Publisher::new(&conn, topology.clone())
+        .await
+        .expect("publisher");
+    let mut log = EventLog::open(&conn, &topology).await;
+    let delay = Duration::from_secs(4);
+    let mut fleet = spawn_fleet(
+        &topology,
+        &[
+            "--cpu-slots",
+            "1",
+            "--scaling-delay",
+            "4s",
+            "--keep-alive",
+            "600s",
+        ],
+        &[],
+    );
+    let addr = workerproc::http_addr(&mut fleet, WAIT).await;
+    workerproc::wait_http(addr, "/metrics", WAIT, "a first decision", |_, t| {
+        t.contains("fleet_supervisor_demand_jobs{kind=\"waiting\"} 0")
+    })
+    .await;
+    // Taken before the publish: the job cannot have waited longer than this.
+    let published = Instant::now();
+    let job = common::job(EndpointKind::Sprint, json!({"prompt": "a patient fox"}));
+    publisher.publish_job(&job).await.expect("publish");
+    // Until a worker appears, every answer must show no worker; at least one must show the supervisor
+    // seeing the waiting job and holding the start back (target 0).
+    let deadline = Instant::now() + WAIT;
+    let mut held = false;
+    let started_after = loop {
+        let t = metrics(addr).await;
+        if alive(&t) > 0.0 {
+            break published.elapsed();
+        }
+        held |= value(&t, "fleet_supervisor_demand_jobs{kind=\"waiting\"}") == 1.0
+            && value(&t, "fleet_supervisor_target_workers") == 0.0;
+        assert!(Instant::now() < deadline, "no worker within {WAIT:?}: {t}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("worker started {started_after:?} after the publish (scaling delay {delay:?})");
+    assert!(
+        held,
+        "the supervisor never showed the job waiting with target 0"
+    );
+    assert!(
+        started_after >= delay,
+        "a worker started {started_after:?} after the job was queued, before the {delay:?} delay"
+    );
+    assert!(
+        started_after < delay + Duration::from_secs(20),
+        "a worker started only {started_after:?} after the job was queued"
+    );
+    assert_eq!(
+        log.terminal(&job.request_id, WAIT).await.kind(),
+        EventKind::Completed
+    );
+    assert_eq!(log.count(&job.request_id, EventKind::Completed), 1);
+    workerproc::signal(&fleet, "-TERM");
+    assert!(workerproc::wait_exit(&mut fleet, WAIT).await.success());
+    common::drop_topology(&conn, &topology).await;
+}
+
+#[tokio::test]
+async fn scale_down_with_jobs_in_flight_finishes_each_once_and_leaves_the_rest_queued() {
+    let conn = common::connect().await;
+    let topology = common::fresh_topology(&conn).await;
+    let publisher = Publisher::new(&conn, topology.clone())
+        .await
+        .expect("publisher");
+    let mut log = EventLog::open(&conn, &topology).await;
+    let mut fleet = spawn_fleet(
+        &topology,
+        &[
+            "--cpu-slots",
+            "2",
+            "--max-workers",
+            "2",
+            "--keep-alive",
+            "600s",
+        ],
+        &["--drain-grace", "600"],
+    );
+    let addr = workerproc::http_addr(&mut fleet, WAIT).await;
+    let jobs: Vec<_> = (0..3)
+        .map(|i| long_job(&format!("in flight {i}")))
+        .collect();
+    for job in &jobs {
+        publisher.publish_job(job).await.expect("publish");
+    }
+    // Both workers busy, the third job waiting: scale everything down now (SIGTERM to the supervisor).
+    workerproc::wait_http(addr, "/metrics", WAIT, "two busy workers", |_, t| {
+        workers(t, "busy") == 2.0
+    })
+    .await;
+    workerproc::signal(&fleet, "-TERM");
+    assert!(workerproc::wait_exit(&mut fleet, WAIT).await.success());
+    // Every job a worker had started ends in exactly one `completed`, none failed or ran twice. (Two
+    // were in flight at the SIGTERM; a third only if a worker finished one before its peer was ready.)
+    log.wait_count(WAIT, "the in-flight jobs finishing", 2, |e| {
+        e.kind() == EventKind::Completed
+    })
+    .await;
+    let started: Vec<_> = jobs
+        .iter()
+        .filter(|j| log.count(&j.request_id, EventKind::Started) > 0)
+        .collect();
+    assert!(started.len() >= 2, "two jobs were in flight");
+    eprintln!("{} of {} jobs started", started.len(), jobs.len());
+    for job in &started {
+        let id = &job.request_id;
+        let end = log.terminal(id, WAIT).await;
+        assert_eq!(end.kind(), EventKind::Completed, "{id}: {end:?}");
+        assert_eq!(log.count(id, EventKind::Started), 1, "{id} started once");
+        assert_eq!(
+            log.count(id, EventKind::Completed),
+            1,
+            "{id} completed once"
+        );
+        assert_eq!(log.count(id, EventKind::Failed), 0, "{id}");
+    }
+    // The jobs no worker had taken are still on their queue: none lost, none started.
+    let queued = common::http::jobs_enqueued(&conn, &topology).await;
+    assert_eq!(
+        queued as usize,
+        jobs.len() - started.len(),
+        "{} started",
+        started.len()
+    );
+    common::drop_topology(&conn, &topology).await;
+}
+
+#[tokio::test]
+async fn a_worker_that_cannot_start_shows_in_the_waiting_requests_logs() {
+    let conn = common::connect().await;
+    let topology = common::fresh_topology(&conn).await;
+    let dispatcher = common::http::Spawned::start(&topology, &[]).await;
+    let client = reqwest::Client::new();
+    common::http::wait_ready(&client, &dispatcher.base).await;
+    // One slot whose worker cannot load its models; a long backoff, so one failure in this test.
+    let mut fleet = spawn_fleet_with(
+        &topology,
+        &["--cpu-slots", "1", "--start-backoff-ms", "600000"],
+        &model_args(&workerproc::empty_dir()),
+    );
+    let addr = workerproc::http_addr(&mut fleet, WAIT).await;
+    let submitted = common::http::submit(
+        &client,
+        &dispatcher.base,
+        "/sprint",
+        json!({"prompt": "a fox nobody can draw"}),
+    )
+    .await;
+    let status_url = format!(
+        "{}?logs=1",
+        submitted["status_url"].as_str().expect("status_url")
+    );
+    let deadline = Instant::now() + WAIT;
+    let (status, line) = loop {
+        let (code, _, body) = common::http::send(client.get(&status_url)).await;
+        assert!(code == 200 || code == 202, "status {code}: {body}");
+        let failed = body["logs"].as_array().and_then(|logs| {
+            logs.iter()
+                .find(|l| {
+                    l["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("worker failed to start"))
+                })
+                .cloned()
+        });
+        if let Some(line) = failed {
+            break (body["status"].clone(), line);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no start failure in the logs within {WAIT:?}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, "IN_QUEUE", "the request keeps waiting for a worker");
+    assert_eq!(line["level"], "ERROR", "{line}");
+    let message = line["message"].as_str().expect("message");
+    assert!(
+        message.contains("its models could not be loaded"),
+        "{message}"
+    );
+    assert!(message.contains("start failure 1 in a row"), "{message}");
+    let text = metrics(addr).await;
+    assert_eq!(
+        value(&text, "fleet_supervisor_start_failures_total"),
+        1.0,
+        "{text}"
+    );
+    workerproc::signal(&fleet, "-TERM");
+    assert!(workerproc::wait_exit(&mut fleet, WAIT).await.success());
+    drop(dispatcher);
     common::drop_topology(&conn, &topology).await;
 }

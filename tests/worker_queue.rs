@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use fleet::events::{testing, EventKind};
+use fleet::events::{testing, EventKind, Notice, NoticeBody, WorkerStartFailed};
 use fleet::job::EndpointKind;
 use fleet::queue::{
     delivery_attempt, header_str, subscribe_raw, subscribe_results, Publisher, QueueError,
@@ -103,6 +103,18 @@ async fn results_stream_replays_from_first_and_from_an_offset() {
         if i == 0 {
             publisher.publish_marker("m-1").await.expect("marker");
         }
+        if i == 1 {
+            let notice = Notice::new(
+                EndpointKind::Base,
+                NoticeBody::WorkerStartFailed(WorkerStartFailed {
+                    worker: "w".into(),
+                    cause: "test".into(),
+                    failures: 1,
+                    retry_in: 30.0,
+                }),
+            );
+            publisher.publish_notice(&notice).await.expect("notice");
+        }
     }
 
     let mut all = subscribe_results(&conn, &topology, StreamOffset::First)
@@ -122,7 +134,7 @@ async fn results_stream_replays_from_first_and_from_an_offset() {
             .map(|(_, e)| e.request_id.as_str())
             .collect::<Vec<_>>(),
         ids,
-        "order kept, marker hidden"
+        "order kept, marker and notice hidden"
     );
     assert!(
         seen.windows(2).all(|w| w[0].0 < w[1].0),
@@ -145,7 +157,7 @@ async fn results_stream_replays_from_first_and_from_an_offset() {
         .await
         .expect("subscribe raw");
     let mut kinds = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..5 {
         let (_, item) = tokio::time::timeout(WAIT, raw.next())
             .await
             .expect("in time")
@@ -154,9 +166,13 @@ async fn results_stream_replays_from_first_and_from_an_offset() {
         kinds.push(match item {
             StreamItem::Event(e) => e.request_id,
             StreamItem::Marker(m) => format!("marker:{m}"),
+            StreamItem::Notice(n) => format!("notice:{}", n.routing_key()),
         });
     }
-    assert_eq!(kinds, ["r-0", "marker:m-1", "r-1", "r-2"]);
+    assert_eq!(
+        kinds,
+        ["r-0", "marker:m-1", "r-1", "notice:base.notice", "r-2"]
+    );
 
     let mut next = subscribe_results(&conn, &topology, StreamOffset::Next)
         .await

@@ -109,8 +109,8 @@ pub async fn submit(
     Err(QueueError::Closed("results stream ended before the request finished".into()).into())
 }
 
-/// One output line of `dispatcher results`: the event with its stream offset.
-pub fn event_line(offset: u64, ev: &Event) -> String {
+/// One output line of `dispatcher results`: the event (or notice) with its stream offset.
+pub fn event_line(offset: u64, ev: &impl serde::Serialize) -> String {
     let mut v = serde_json::to_value(ev).unwrap_or_else(|e| json!({"error": e.to_string()}));
     if let Value::Object(map) = &mut v {
         map.insert("offset".into(), json!(offset));
@@ -141,7 +141,12 @@ pub async fn results(
             (_, StreamItem::Marker(token)) if token == marker => return Ok(printed),
             (_, StreamItem::Marker(_)) => {}
             (offset, StreamItem::Event(ev)) => {
-                writeln!(out, "{}", event_line(offset, &ev))?;
+                writeln!(out, "{}", event_line(offset, &*ev))?;
+                out.flush()?;
+                printed += 1;
+            }
+            (offset, StreamItem::Notice(notice)) => {
+                writeln!(out, "{}", event_line(offset, &*notice))?;
                 out.flush()?;
                 printed += 1;
             }

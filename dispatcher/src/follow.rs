@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::metrics::Metrics;
 use super::state::SharedRegistry;
-use fleet::events::Event;
+use fleet::events::{Event, Notice};
 use fleet::job::EndpointKind;
 use fleet::queue::EventSink;
 
@@ -27,6 +27,16 @@ pub struct Follower {
 impl EventSink for Follower {
     fn apply(&self, offset: u64, event: &Event, _live: bool) {
         self.follow(offset, event);
+    }
+
+    fn notice(&self, offset: u64, notice: &Notice, _live: bool) {
+        let n = self.registry.apply_notice(offset, notice);
+        tracing::debug!(
+            offset,
+            endpoint = notice.endpoint.as_str(),
+            requests = n,
+            "notice applied"
+        );
     }
 
     fn caught_up(&self) {

@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use fleet::events::{ErrorType, Event, EventBody};
+use fleet::events::{ErrorType, Event, EventBody, Notice};
 use fleet::job::{EndpointKind, JobInput};
 
 /// fal's three statuses; nothing else goes on the wire.
@@ -54,14 +54,35 @@ pub enum Outcome {
 pub struct LogLine {
     pub message: String,
     pub at: f64,
+    pub level: LogLevel,
+}
+
+/// fal's log levels, as far as the fleet uses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Info,
+    /// Something went wrong for the request (a worker that would serve it failed to start).
+    Error,
 }
 
 impl LogLine {
+    pub fn info(message: impl Into<String>, at: f64) -> Self {
+        LogLine {
+            message: message.into(),
+            at,
+            level: LogLevel::Info,
+        }
+    }
+
     /// fal's log object: `{message, level, source, timestamp}`.
     pub fn to_json(&self) -> Value {
+        let level = match self.level {
+            LogLevel::Info => "INFO",
+            LogLevel::Error => "ERROR",
+        };
         json!({
             "message": self.message,
-            "level": "INFO",
+            "level": level,
             "source": "user",
             "timestamp": iso8601(self.at),
         })
@@ -232,10 +253,7 @@ impl Registry {
                 if started.attempt > 1 {
                     line.push_str(&format!(" (attempt {})", started.attempt));
                 }
-                view.logs.push(LogLine {
-                    message: line,
-                    at: ev.at,
-                });
+                view.logs.push(LogLine::info(line, ev.at));
                 Applied::Updated
             }
             EventBody::Progress(progress) => {
@@ -247,7 +265,7 @@ impl Registry {
                     .message
                     .clone()
                     .unwrap_or_else(|| format!("step {}/{}", progress.step, progress.total));
-                view.logs.push(LogLine { message, at: ev.at });
+                view.logs.push(LogLine::info(message, ev.at));
                 Applied::Updated
             }
             EventBody::Completed(done) => {
@@ -259,20 +277,17 @@ impl Registry {
                     billable_units: done.billable_units,
                     inference_time: Some(done.inference_time),
                 });
-                view.logs.push(LogLine {
-                    message: "completed".into(),
-                    at: ev.at,
-                });
+                view.logs.push(LogLine::info("completed", ev.at));
                 Applied::Finished
             }
             EventBody::Failed(failure) | EventBody::Cancelled(failure) => {
                 queue.remove(&key);
                 view.phase = Phase::Done;
                 view.finished_at = Some(ev.at);
-                view.logs.push(LogLine {
-                    message: format!("{}: {}", failure.error_type.as_str(), failure.error),
-                    at: ev.at,
-                });
+                view.logs.push(LogLine::info(
+                    format!("{}: {}", failure.error_type.as_str(), failure.error),
+                    ev.at,
+                ));
                 view.outcome = Some(Outcome::Failed {
                     error: failure.error.clone(),
                     error_type: failure.error_type,
@@ -282,6 +297,29 @@ impl Registry {
             }
         };
         applied
+    }
+
+    /// Applies a notice read at stream `offset`: each request of its endpoint kind still waiting for a
+    /// worker gets its line (an error line: something is keeping the request from starting). Requests
+    /// that started, ended or come later in the stream do not. Returns how many requests got it.
+    pub fn apply_notice(&mut self, offset: u64, notice: &Notice) -> usize {
+        self.last_offset = Some(self.last_offset.map_or(offset, |o| o.max(offset)));
+        let Some(waiting) = self.queued.get(&notice.endpoint) else {
+            return 0;
+        };
+        let line = LogLine {
+            message: notice.log_line(),
+            at: notice.at,
+            level: LogLevel::Error,
+        };
+        let mut n = 0;
+        for (_, id) in waiting {
+            if let Some(view) = self.views.get_mut(id) {
+                view.logs.push(line.clone());
+                n += 1;
+            }
+        }
+        n
     }
 }
 
@@ -318,6 +356,19 @@ impl SharedRegistry {
         };
         self.changes.send_modify(|n| *n += 1);
         applied
+    }
+
+    /// Applies a notice and wakes every waiter.
+    pub fn apply_notice(&self, offset: u64, notice: &Notice) -> usize {
+        let n = {
+            let mut reg = self
+                .inner
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            reg.apply_notice(offset, notice)
+        };
+        self.changes.send_modify(|c| *c += 1);
+        n
     }
 
     /// Runs `f` on a consistent snapshot.
@@ -493,6 +544,37 @@ mod tests {
         assert_eq!(reg.status("c"), Some(Status::InQueue { position: 0 }));
         assert_eq!(reg.queued_count(EndpointKind::Sprint), 1);
         assert_eq!(reg.status("nope"), None);
+    }
+
+    #[test]
+    fn a_notice_reaches_the_logs_of_the_waiting_requests_of_its_kind_only() {
+        use fleet::events::{NoticeBody, WorkerStartFailed};
+        let mut reg = Registry::new();
+        reg.apply(1, &queued("running", EndpointKind::Sprint));
+        reg.apply(2, &ev("running", EndpointKind::Sprint, EventKind::Started));
+        reg.apply(3, &queued("waiting", EndpointKind::Sprint));
+        reg.apply(4, &queued("other-kind", EndpointKind::Base));
+        let notice = Notice::new(
+            EndpointKind::Sprint,
+            NoticeBody::WorkerStartFailed(WorkerStartFailed {
+                worker: "h-s0-1".into(),
+                cause: "its models could not be loaded".into(),
+                failures: 1,
+                retry_in: 30.0,
+            }),
+        );
+        assert_eq!(reg.apply_notice(5, &notice), 1);
+        reg.apply(6, &queued("later", EndpointKind::Sprint));
+        let logs = |id: &str| reg.get(id).expect("known").logs.clone();
+        let waiting = logs("waiting");
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(waiting[0].message, notice.log_line());
+        assert_eq!(waiting[0].to_json()["level"], "ERROR");
+        assert_eq!(logs("running").len(), 1, "only its `started` line");
+        assert!(logs("other-kind").is_empty());
+        assert!(logs("later").is_empty());
+        assert_eq!(reg.status("waiting"), Some(Status::InQueue { position: 0 }));
+        assert_eq!(reg.last_offset(), Some(6));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use serde::Serialize;
 
 use super::{QueueError, Topology, HEADER_ENDPOINT};
-use crate::events::{Event, JobMessage};
+use crate::events::{Event, JobMessage, Notice, NOTICE_TYPE};
 
 /// Routing key of stream markers (see [`Publisher::publish_marker`]); matches no `{kind}.{event}` pattern.
 pub const MARKER_ROUTING_KEY: &str = "_marker";
@@ -125,6 +125,29 @@ impl Publisher {
         self.publish_raw(
             &self.topology.events_exchange(),
             &event.routing_key(),
+            &body,
+            props,
+        )
+        .await
+    }
+
+    /// Publishes a [`Notice`] to `{prefix}.events` with routing key `{kind}.notice` and the AMQP `type`
+    /// [`NOTICE_TYPE`] (it lands in the results stream only). Returns after the broker confirmed it.
+    pub async fn publish_notice(&self, notice: &Notice) -> Result<(), QueueError> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            HEADER_ENDPOINT.into(),
+            AMQPValue::LongString(notice.endpoint.as_str().into()),
+        );
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(PERSISTENT)
+            .with_type(NOTICE_TYPE.into())
+            .with_headers(headers);
+        let body = serde_json::to_vec(notice).map_err(QueueError::Serialize)?;
+        self.publish_raw(
+            &self.topology.events_exchange(),
+            &notice.routing_key(),
             &body,
             props,
         )

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     subscribe_raw, Backoff, Link, Publisher, QueueError, ResultStream, StreamItem, StreamOffset,
 };
-use crate::events::Event;
+use crate::events::{Event, Notice};
 
 /// How long [`StreamReader::sync`] waits for its marker to come back.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -33,6 +33,8 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 pub trait EventSink: Send + Sync {
     /// One event at `offset`; `live` once the replay at start is complete.
     fn apply(&self, offset: u64, event: &Event, live: bool);
+    /// One notice about an endpoint kind at `offset` (most sinks have no use for them).
+    fn notice(&self, _offset: u64, _notice: &Notice, _live: bool) {}
     /// The replay at start is complete: everything published before the process started was applied.
     fn caught_up(&self) {}
 }
@@ -167,6 +169,11 @@ impl Reading {
                 (offset, StreamItem::Event(event)) => {
                     for sink in &reader.sinks {
                         sink.apply(offset, &event, live);
+                    }
+                }
+                (offset, StreamItem::Notice(notice)) => {
+                    for sink in &reader.sinks {
+                        sink.notice(offset, &notice, live);
                     }
                 }
             }

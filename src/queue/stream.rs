@@ -10,7 +10,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::Connection;
 
 use super::{header_u64, QueueError, Topology, HEADER_STREAM_OFFSET, MARKER_TYPE};
-use crate::events::Event;
+use crate::events::{Event, Notice, NOTICE_TYPE};
 
 /// Deliveries a stream reader may hold unacknowledged (RabbitMQ requires a prefetch for streams).
 const STREAM_PREFETCH: u16 = 256;
@@ -61,10 +61,12 @@ impl std::str::FromStr for StreamOffset {
     }
 }
 
-/// One message of the stream: a lifecycle event, or a marker token (see `Publisher::publish_marker`).
+/// One message of the stream: a lifecycle event, a notice about an endpoint kind (see
+/// `Publisher::publish_notice`), or a marker token (see `Publisher::publish_marker`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamItem {
     Event(Box<Event>),
+    Notice(Box<Notice>),
     Marker(String),
 }
 
@@ -72,7 +74,7 @@ pub enum StreamItem {
 pub type ResultStream<T> = Pin<Box<dyn Stream<Item = Result<(u64, T), QueueError>> + Send>>;
 
 /// Reads lifecycle events from the results stream starting at `from`, yielding `(offset, event)` in
-/// stream order. Markers are skipped; a message that is not a valid event is skipped with a warning
+/// stream order. Markers and notices are skipped; a message that is not a valid event is skipped with a warning
 /// (a reader must not wedge on one bad message). The reader opens and owns its own channel.
 pub async fn subscribe_results(
     conn: &Connection,
@@ -83,7 +85,7 @@ pub async fn subscribe_results(
     Ok(Box::pin(raw.filter_map(|item| async move {
         match item {
             Ok((offset, StreamItem::Event(e))) => Some(Ok((offset, *e))),
-            Ok((_, StreamItem::Marker(_))) => None,
+            Ok((_, StreamItem::Marker(_) | StreamItem::Notice(_))) => None,
             Err(e) => Some(Err(e)),
         }
     })))
@@ -137,6 +139,14 @@ pub async fn subscribe_raw(
             let is_marker = delivery.properties.kind().as_ref().is_some_and(|t| t.as_str() == MARKER_TYPE);
             if is_marker {
                 yield Ok((offset, StreamItem::Marker(String::from_utf8_lossy(&delivery.data).into_owned())));
+                continue;
+            }
+            let is_notice = delivery.properties.kind().as_ref().is_some_and(|t| t.as_str() == NOTICE_TYPE);
+            if is_notice {
+                match serde_json::from_slice::<Notice>(&delivery.data) {
+                    Ok(notice) => yield Ok((offset, StreamItem::Notice(Box::new(notice)))),
+                    Err(e) => tracing::warn!(offset, error = %e, "results stream notice does not parse; skipped"),
+                }
                 continue;
             }
             match serde_json::from_slice::<Event>(&delivery.data) {

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod faults;
+pub mod fleetproc;
 pub mod http;
 pub mod realpipe;
 pub mod workerproc;

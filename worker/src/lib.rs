@@ -178,6 +178,24 @@ impl WorkerError {
             WorkerError::Spawn(_) => 7,
         }
     }
+
+    /// The cause a worker's exit status names ([`Self::exit_code`]), in words a client may read (a
+    /// supervisor tells the requests waiting for a worker that failed to start why).
+    pub fn exit_cause(status: std::process::ExitStatus) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(0), _) => "it exited before it was ready".into(),
+            (Some(2), _) => "bad flags".into(),
+            (Some(3), _) => "invalid configuration".into(),
+            (Some(4), _) => "its models could not be loaded".into(),
+            (Some(5), _) => "the broker could not be reached".into(),
+            (Some(6), _) => "the object store could not be reached".into(),
+            (Some(7), _) => "its model thread could not be started".into(),
+            (Some(code), _) => format!("exit status {code}"),
+            (None, Some(signal)) => format!("killed by signal {signal}"),
+            (None, None) => "it stopped for an unknown reason".into(),
+        }
+    }
 }
 
 /// Runs a worker until keep-alive `exit`, `shutdown`, or a fatal error.
@@ -454,5 +472,26 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("amqp://fleet:***@rabbit:5672/%2f"), "{text}");
+    }
+
+    #[test]
+    fn every_exit_code_has_the_cause_the_supervisor_reports() {
+        use std::os::unix::process::ExitStatusExt;
+        // A wait status holds the exit code in its second byte and a signal in its low bits.
+        let exited = |code: i32| std::process::ExitStatus::from_raw(code << 8);
+        let model = WorkerError::Model(model::ModelError::Stopped);
+        assert_eq!(
+            WorkerError::exit_cause(exited(i32::from(model.exit_code()))),
+            "its models could not be loaded"
+        );
+        assert_eq!(
+            WorkerError::exit_cause(exited(5)),
+            "the broker could not be reached"
+        );
+        assert_eq!(WorkerError::exit_cause(exited(101)), "exit status 101");
+        assert_eq!(
+            WorkerError::exit_cause(std::process::ExitStatus::from_raw(9)),
+            "killed by signal 9"
+        );
     }
 }

@@ -15,25 +15,32 @@
 //!
 //! Start failures (a child that exits before it is ready) are retried with [`StartBackoff`] (+step per
 //! consecutive failure, capped at 20 steps, reset by a child that gets ready); while failures are
-//! pending, one child at a time is started. Each failure is a log line and
-//! `fleet_supervisor_start_failures_total`.
+//! pending, one child at a time is started. Each failure is a log line,
+//! `fleet_supervisor_start_failures_total`, and a `worker_start_failed` notice per served endpoint kind in
+//! the results stream, which the dispatchers add to the `logs` of every request of that kind still
+//! waiting (`fleet::events::Notice`): the client sees why nothing starts its request.
 
 pub mod child;
 pub mod demand;
 pub mod metrics;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::scaling::{Observation, Plan, ScalingPolicy, StartBackoff, WorkerState, WorkerView};
+use crate::WorkerError;
 use child::{ChildSpec, Slot, WorkerChild};
 use demand::QueueDepth;
+use fleet::events::{Notice, NoticeBody, WorkerStartFailed};
 use fleet::job::EndpointKind;
 use fleet::queue::Topology;
 use metrics::SupervisorMetrics;
+
+/// Most notices kept for a broker that cannot take them now; older ones are dropped first.
+const MAX_PENDING_NOTICES: usize = 64;
 
 /// Everything the supervisor needs.
 #[derive(Debug, Clone)]
@@ -66,6 +73,8 @@ struct Fleet {
     http: reqwest::Client,
     metrics: Arc<SupervisorMetrics>,
     last_plan: Option<(u32, u32, u32)>,
+    /// Notices not yet confirmed by the broker (published at the end of each tick).
+    notices: VecDeque<Notice>,
 }
 
 /// Why the supervisor cannot run.
@@ -110,6 +119,7 @@ pub async fn run(
         http: reqwest::Client::new(),
         metrics,
         last_plan: None,
+        notices: VecDeque::new(),
     };
     let mut tick = tokio::time::interval(fleet.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -150,6 +160,18 @@ impl Fleet {
         let plan = self.config.policy.decide(&obs);
         self.publish_metrics(Some(&obs), plan.target);
         self.execute(&obs, plan, now);
+        self.send_notices().await;
+    }
+
+    /// Publishes the pending notices in order; what the broker does not take waits for the next tick.
+    async fn send_notices(&mut self) {
+        while let Some(notice) = self.notices.front() {
+            if let Err(e) = self.depth.notify(notice).await {
+                tracing::warn!(error = %e, pending = self.notices.len(), "cannot publish a notice; retrying next tick");
+                return;
+            }
+            self.notices.pop_front();
+        }
     }
 
     fn observe(&self, waiting: u32, now: Instant) -> Observation {
@@ -246,7 +268,7 @@ impl Fleet {
                 }
                 Err(e) => {
                     tracing::error!(worker = %id, error = %e, "worker could not be spawned");
-                    self.start_failed(now);
+                    self.start_failed(now, &id, "it could not be spawned".into());
                 }
             }
         }
@@ -266,18 +288,33 @@ impl Fleet {
         }
     }
 
-    fn start_failed(&mut self, now: Instant) {
+    /// A start failure of worker `id`: backoff, metric, log line, and a notice for the waiting requests.
+    fn start_failed(&mut self, now: Instant, id: &str, cause: String) {
         self.backoff.failed();
-        self.next_start = now + self.backoff.delay();
+        let delay = self.backoff.delay();
+        self.next_start = now + delay;
         self.metrics.start_failures.inc();
-        self.metrics
-            .backoff_seconds
-            .set(self.backoff.delay().as_secs_f64());
+        self.metrics.backoff_seconds.set(delay.as_secs_f64());
         tracing::error!(
+            worker = %id,
+            %cause,
             failures = self.backoff.failures(),
-            retry_in_s = self.backoff.delay().as_secs_f64(),
+            retry_in_s = delay.as_secs_f64(),
             "worker failed to start; backing off"
         );
+        for kind in &self.config.endpoints {
+            let body = WorkerStartFailed {
+                worker: id.to_string(),
+                cause: cause.clone(),
+                failures: self.backoff.failures(),
+                retry_in: delay.as_secs_f64(),
+            };
+            let notice = Notice::new(*kind, NoticeBody::WorkerStartFailed(body));
+            if self.notices.len() >= MAX_PENDING_NOTICES {
+                self.notices.pop_front();
+            }
+            self.notices.push_back(notice);
+        }
     }
 
     /// Removes children that exited, telling drained, failed-to-start and crashed ones apart.
@@ -302,7 +339,7 @@ impl Fleet {
                         .exits
                         .with_label_values(&["start_failed"])
                         .inc();
-                    self.start_failed(now);
+                    self.start_failed(now, &id, WorkerError::exit_cause(status));
                 }
                 (false, true) => {
                     tracing::error!(worker = %id, %status, "worker exited unasked");
