@@ -7,7 +7,7 @@
 //! both confirmed by the broker, before the client gets an answer. `http` is the door (router, key
 //! check, admission limit) in front of `handlers`; both share `app` (settings and state), and every error
 //! answer comes from `reply`; `playground` is the static page that tries the API in a browser. `client`
-//! holds the CLI's `submit`/`results` commands. `deadletter` and
+//! holds the CLI's `submit`/`results` commands and `progress` their progress display. `deadletter` and
 //! `deadlines` close requests whose job the broker dropped or whose start deadline passed. `webhooks`
 //! turns terminal events into durable, signed webhook deliveries (its own RabbitMQ queues). The
 //! `dispatcher` binary only parses flags and calls [`serve`].
@@ -25,6 +25,7 @@ pub mod ingress;
 pub mod metrics;
 pub mod openapi;
 pub mod playground;
+pub mod progress;
 pub mod reply;
 pub mod state;
 pub mod submit;
