@@ -316,7 +316,14 @@ async fn playground_submits_follows_and_shows_the_image_in_headless_chromium() {
     }
     let id = meta(&browser, "request id").await;
     assert_eq!(meta(&browser, "seed").await, "1234");
-    assert!(meta(&browser, "inference time").await.ends_with(" s"));
+    for timing in ["inference time", "time in queue", "total time"] {
+        let shown = meta(&browser, timing).await;
+        let secs: f64 = shown
+            .strip_suffix(" s")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{timing}: {shown:?}"));
+        assert!(secs > 0.0, "{timing}: {shown:?}");
+    }
     assert_eq!(meta(&browser, "billable units").await, "1");
 
     // The stream agrees with the page: what was submitted, and that it ran once, after the one ahead.
@@ -330,6 +337,7 @@ async fn playground_submits_follows_and_shows_the_image_in_headless_chromium() {
             _ => None,
         })
         .expect("a queued event");
+    assert_eq!(queued_event.prompt, "a lighthouse at dusk, oil painting");
     assert_eq!(queued_event.seed, 1234);
     assert_eq!(queued_event.num_inference_steps, 4);
     assert_eq!(queued_event.negative_prompt, "blurry");
