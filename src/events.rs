@@ -40,6 +40,25 @@ impl EventKind {
     }
 }
 
+impl std::str::FromStr for EventKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            EventKind::Queued,
+            EventKind::Started,
+            EventKind::Progress,
+            EventKind::Completed,
+            EventKind::Failed,
+            EventKind::Cancelled,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| {
+            format!("unknown event {s:?} (expected queued, started, progress, completed, failed or cancelled)")
+        })
+    }
+}
+
 /// fal's error types (service-contract §4), each with its HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -438,6 +457,22 @@ mod tests {
         assert_eq!(v["seed"], 3);
         let back: JobMessage = serde_json::from_value(v).unwrap();
         assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn event_kinds_parse_from_their_wire_names() {
+        for kind in [
+            "queued",
+            "started",
+            "progress",
+            "completed",
+            "failed",
+            "cancelled",
+        ] {
+            let parsed: EventKind = kind.parse().expect("known kind");
+            assert_eq!(parsed.as_str(), kind);
+        }
+        assert!("done".parse::<EventKind>().is_err());
     }
 
     #[test]

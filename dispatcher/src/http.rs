@@ -3,10 +3,10 @@
 //!
 //! Routes live under `/{owner}/{app}` (configurable, default `local/sana`); the `/sprint` submit path
 //! picks the sprint pipeline, and request routes are also answered under `/{owner}/{app}/sprint/…` for
-//! clients that keep the path. `/health`, `/metrics` need no key; everything else does when keys are
-//! configured. A semaphore bounds in-flight requests (SSE streams excepted, they are long-lived): a
-//! request waits up to `admission_timeout` for a permit, then gets 503 (never 429, which fal clients
-//! retry blindly).
+//! clients that keep the path. `/health`, `/metrics` and the playground page (static, no data: its script
+//! sends the key the user types) need no key; everything else does when keys are configured. A semaphore
+//! bounds in-flight requests (SSE streams excepted, they are long-lived): a request waits up to
+//! `admission_timeout` for a permit, then gets 503 (never 429, which fal clients retry blindly).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -20,8 +20,8 @@ use axum::Router;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::app::{AppState, HttpConfig};
-use crate::handlers;
 use crate::reply::ApiError;
+use crate::{handlers, playground};
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
@@ -58,6 +58,11 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(handlers::health))
+        .route(&format!("{base}/playground"), get(playground::page))
+        .route(
+            &format!("{base}/playground/app.js"),
+            get(playground::script),
+        )
         .route("/metrics", get(handlers::metrics))
         .merge(guarded)
         .fallback(handlers::not_found)

@@ -6,7 +6,8 @@
 //! Submissions (`submit`, used by `handlers` and `ingress`) publish a `queued` event and then the job,
 //! both confirmed by the broker, before the client gets an answer. `http` is the door (router, key
 //! check, admission limit) in front of `handlers`; both share `app` (settings and state), and every error
-//! answer comes from `reply`. `client` holds the CLI's `submit`/`results` commands. `deadletter` and
+//! answer comes from `reply`; `playground` is the static page that tries the API in a browser. `client`
+//! holds the CLI's `submit`/`results` commands and `progress` their progress display. `deadletter` and
 //! `deadlines` close requests whose job the broker dropped or whose start deadline passed. `webhooks`
 //! turns terminal events into durable, signed webhook deliveries (its own RabbitMQ queues). The
 //! `dispatcher` binary only parses flags and calls [`serve`].
@@ -23,6 +24,8 @@ mod http_tests;
 pub mod ingress;
 pub mod metrics;
 pub mod openapi;
+pub mod playground;
+pub mod progress;
 pub mod reply;
 pub mod state;
 pub mod submit;

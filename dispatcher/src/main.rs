@@ -1,19 +1,24 @@
 //! `dispatcher`: the fal-compatible queue API in front of the fleet (service-contract §4, §5).
 //!
 //! `dispatcher [serve]` runs the HTTP API, the AMQP ingress and the stream follower;
-//! `dispatcher submit` submits over AMQP and follows the result topic; `dispatcher results` prints the
-//! result stream as JSON lines. All logic lives in the `fleet_dispatcher` library; this file only parses flags.
+//! `dispatcher submit` submits over AMQP and follows the result topic (progress on stderr, then the image
+//! URLs, the result body with `--json`, the images saved with `--download`); `dispatcher results` prints the
+//! result stream as JSON lines, filtered by `--endpoint` and `--event`. All logic lives in the
+//! `fleet_dispatcher` library; this file only parses flags.
 //! Once listening, `serve` prints `listening on <scheme>://<addr>` on stdout (logs go to stderr).
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use fleet::events::EventKind;
+use fleet::job::EndpointKind;
 use fleet::queue::{StreamOffset, Topology};
 use fleet::signal::shutdown_signal;
-use fleet_dispatcher::client::{self, SubmitArgs};
+use fleet_dispatcher::client::{self, EventFilter, SubmitArgs};
 use fleet_dispatcher::http::{HttpConfig, ListenConfig};
 use fleet_dispatcher::webhooks::{RetryPolicy, Secret, WebhookConfig};
 use fleet_dispatcher::{serve, ServeConfig};
@@ -185,9 +190,16 @@ struct SubmitCmd {
     /// normal or low.
     #[arg(long, env = "FLEET_SUBMIT_PRIORITY")]
     priority: Option<String>,
-    /// Follow the request and print its image URLs.
+    /// Follow the request, showing its progress on stderr (queue position, steps, upload), then print
+    /// its image URLs.
     #[arg(long, env = "FLEET_SUBMIT_WAIT")]
     wait: bool,
+    /// Print the result body (JSON) on stdout instead of the request id and URLs; implies --wait.
+    #[arg(long, env = "FLEET_SUBMIT_JSON")]
+    json: bool,
+    /// Save the images under DIR/<request_id>/; implies --wait.
+    #[arg(long, env = "FLEET_SUBMIT_DOWNLOAD", value_name = "DIR")]
+    download: Option<PathBuf>,
 }
 
 impl SubmitCmd {
@@ -229,6 +241,13 @@ struct ResultsCmd {
     /// Keep reading new events instead of stopping at the present.
     #[arg(long, env = "FLEET_RESULTS_FOLLOW")]
     follow: bool,
+    /// Only these endpoint kinds (base, sprint; comma-separated or repeated); all when absent.
+    #[arg(long, env = "FLEET_RESULTS_ENDPOINT", value_delimiter = ',')]
+    endpoint: Vec<EndpointKind>,
+    /// Only these events (queued, started, progress, completed, failed, cancelled; comma-separated or
+    /// repeated); all when absent.
+    #[arg(long, env = "FLEET_RESULTS_EVENT", value_delimiter = ',')]
+    event: Vec<EventKind>,
 }
 
 #[tokio::main]
@@ -250,7 +269,10 @@ async fn main() -> anyhow::Result<()> {
                 input: cmd.input()?,
                 webhook_url: cmd.webhook.clone(),
                 priority: cmd.priority.clone(),
-                wait: cmd.wait,
+                wait: cmd.wait || cmd.json || cmd.download.is_some(),
+                json: cmd.json,
+                download: cmd.download.clone(),
+                tty: std::io::stderr().is_terminal(),
             };
             let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
             client::submit(
@@ -267,11 +289,16 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Results(cmd)) => {
             let mut out = std::io::stdout();
             let topology = cmd.broker.topology();
+            let filter = EventFilter {
+                endpoints: cmd.endpoint.clone(),
+                events: cmd.event.clone(),
+            };
             let follow = client::results(
                 &cmd.broker.amqp_url,
                 &topology,
                 cmd.from,
                 cmd.follow,
+                &filter,
                 &mut out,
             );
             tokio::select! {

@@ -7,6 +7,19 @@ use serde_json::{json, Value};
 
 use fleet::job::{EndpointKind, DEFAULT_SIZE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, SIZE_PRESETS};
 
+/// The input properties in the order of the contract's table, which forms (the playground) follow.
+pub const FIELD_ORDER: [&str; 9] = [
+    "prompt",
+    "negative_prompt",
+    "image_size",
+    "num_inference_steps",
+    "seed",
+    "guidance_scale",
+    "enable_safety_checker",
+    "num_images",
+    "output_format",
+];
+
 /// The input schema of one endpoint kind (JSON Schema as OpenAPI 3.1 embeds it).
 pub fn input_schema(kind: EndpointKind) -> Value {
     let presets: Vec<&str> = SIZE_PRESETS.iter().map(|(name, _)| *name).collect();
@@ -14,7 +27,7 @@ pub fn input_schema(kind: EndpointKind) -> Value {
         EndpointKind::Base => "What the image should not contain.",
         EndpointKind::Sprint => "Accepted for compatibility; Sana-Sprint ignores it.",
     };
-    json!({
+    let mut schema = json!({
         "type": "object",
         "title": format!("{}Input", title(kind)),
         "required": ["prompt"],
@@ -38,7 +51,14 @@ pub fn input_schema(kind: EndpointKind) -> Value {
             "num_images": {"type": "integer", "default": 1, "minimum": 1, "maximum": 4},
             "output_format": {"type": "string", "enum": ["jpeg", "png"], "default": "jpeg"}
         }
-    })
+    });
+    // JSON objects have no order (serde_json keeps keys sorted); fal's schemas carry the form order here.
+    schema["x-fal-order-properties"] = json!(FIELD_ORDER);
+    if kind == EndpointKind::Sprint {
+        // Accepted and ignored: clients (the playground) leave it out of their forms.
+        schema["properties"]["negative_prompt"]["x-fleet-ignored"] = json!(true);
+    }
+    schema
 }
 
 fn title(kind: EndpointKind) -> &'static str {
@@ -138,6 +158,10 @@ pub fn document(owner: &str, app: &str) -> Value {
                 "operationId": "cancel", "parameters": [id_param],
                 "responses": {"202": {"description": "CANCELLATION_REQUESTED"}, "400": {"description": "ALREADY_COMPLETED"},
                               "404": {"description": "NOT_FOUND"}}}},
+            format!("{base}/playground"): {"get": {
+                "operationId": "playground", "security": [{}],
+                "summary": "A page to try the API in a browser (its form is built from this document)",
+                "responses": {"200": {"description": "The page", "content": {"text/html": {}}}}}},
             "/health": {"get": {"operationId": "health", "responses": {"200": {"description": "Serving"}}}},
             "/metrics": {"get": {"operationId": "metrics", "responses": {"200": {"description": "Prometheus text format"}}}}
         }
@@ -164,5 +188,41 @@ mod tests {
         );
         assert!(doc["paths"]["/local/sana/sprint"]["post"].is_object());
         assert!(doc["paths"]["/local/sana/requests/{request_id}/status"]["get"].is_object());
+        assert!(doc["paths"]["/local/sana/playground"]["get"].is_object());
+    }
+
+    #[test]
+    fn the_field_order_names_every_property_once() {
+        for kind in EndpointKind::ALL {
+            let schema = input_schema(kind);
+            let mut listed: Vec<&str> = schema["x-fal-order-properties"]
+                .as_array()
+                .expect("an order")
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            let mut properties: Vec<&str> = schema["properties"]
+                .as_object()
+                .expect("properties")
+                .keys()
+                .map(String::as_str)
+                .collect();
+            listed.sort_unstable();
+            properties.sort_unstable();
+            assert_eq!(listed, properties);
+        }
+    }
+
+    #[test]
+    fn only_sprint_marks_the_negative_prompt_ignored() {
+        let doc = document("local", "sana");
+        let schemas = &doc["components"]["schemas"];
+        assert_eq!(
+            schemas["SanaSprintInput"]["properties"]["negative_prompt"]["x-fleet-ignored"],
+            true
+        );
+        assert!(schemas["SanaInput"]["properties"]["negative_prompt"]
+            .get("x-fleet-ignored")
+            .is_none());
     }
 }
