@@ -61,7 +61,10 @@ def submit(channel, prefix, endpoint, request_input):
 
 def follow(channel, prefix, request_id, since, deadline):
     """The request's terminal event, read from the results stream; its other events go to stderr."""
-    channel.basic_qos(prefetch_count=100)
+    # One unacked delivery at a time, and the terminal event is left unacked: then nothing is pending when the
+    # consumer is cancelled. (pika rejects pending deliveries on cancel, and a stream queue refuses
+    # basic.reject by closing the connection.)
+    channel.basic_qos(prefetch_count=1)
     stream = channel.consume(
         f"{prefix}.results",
         auto_ack=False,
@@ -74,10 +77,12 @@ def follow(channel, prefix, request_id, since, deadline):
                 sys.exit(f"no terminal event for {request_id} in time")
             if method is None:
                 continue  # nothing new for a second
-            channel.basic_ack(method.delivery_tag)
             if properties.type == MARKER_TYPE:
+                channel.basic_ack(method.delivery_tag)
                 continue
             event = json.loads(body)
+            if event.get("request_id") != request_id or event["event"] in ("queued", "started", "progress"):
+                channel.basic_ack(method.delivery_tag)
             if event.get("request_id") != request_id:
                 continue
             offset = (properties.headers or {}).get("x-stream-offset")
