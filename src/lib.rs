@@ -6,6 +6,7 @@
 //! `fleet-worker` crates build on it; the models live in `sana-pipelines`, which knows nothing of this
 //! crate (README, "Layout").
 
+pub mod duration;
 pub mod events;
 pub mod job;
 pub mod queue;

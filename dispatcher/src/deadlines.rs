@@ -18,7 +18,7 @@
 //! marker and waits until it is read back, so every event the broker confirmed before the call has then
 //! been applied.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,25 +33,58 @@ const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// What the client reads on a missed start deadline.
 const TIMEOUT_MESSAGE: &str = "Request timed out before it started";
 
-/// The pure part of the watch: what the stream said about each request.
+/// The pure part of the watch: what the stream said about each request, for the replay window.
+/// A request is forgotten once its first `started` (or terminal) event is older than the window: its
+/// start timer fired long before (start timeouts must fire within the window,
+/// `state::Retention::accepts_start_timeout`), and a dead-lettered job of it was dead-lettered long
+/// before too.
 #[derive(Debug, Default)]
 pub(crate) struct Index {
     /// Requests that started (`false`) or ended (`true`).
     seen: HashMap<String, bool>,
+    /// First-seen order with the event time, for forgetting.
+    order: VecDeque<(f64, String)>,
+    /// `None`: remember everything.
+    window: Option<f64>,
 }
 
 impl Index {
-    /// Applies one event.
-    pub(crate) fn apply(&mut self, ev: &Event) {
-        match &ev.body {
-            EventBody::Queued(_) => {}
+    pub(crate) fn with_window(window: Duration) -> Self {
+        Index {
+            window: Some(window.as_secs_f64()),
+            ..Index::default()
+        }
+    }
+
+    /// Applies one event, then forgets what is older than the window at `now`.
+    pub(crate) fn apply(&mut self, ev: &Event, now: f64) {
+        let fresh = !self.seen.contains_key(&ev.request_id);
+        let noted = match &ev.body {
+            EventBody::Queued(_) => false,
             EventBody::Started(_) | EventBody::Progress(_) => {
                 self.seen.entry(ev.request_id.clone()).or_insert(false);
+                true
             }
             EventBody::Completed(_) | EventBody::Failed(_) | EventBody::Cancelled(_) => {
                 self.seen.insert(ev.request_id.clone(), true);
+                true
             }
+        };
+        let Some(window) = self.window else { return };
+        if fresh && noted {
+            self.order.push_back((ev.at, ev.request_id.clone()));
         }
+        while let Some((at, _)) = self.order.front() {
+            if now - at <= window {
+                break;
+            }
+            let (_, id) = self.order.pop_front().expect("front exists");
+            self.seen.remove(&id);
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.seen.len()
     }
 
     pub(crate) fn is_terminal(&self, request_id: &str) -> bool {
@@ -71,11 +104,27 @@ pub struct WatchIndex {
 
 impl EventSink for WatchIndex {
     fn apply(&self, _offset: u64, event: &Event, _live: bool) {
-        self.lock().apply(event);
+        self.lock().apply(event, now_unix());
     }
 }
 
 impl WatchIndex {
+    /// An index that forgets requests older than `window` (see [`Index`]).
+    pub fn with_window(window: Duration) -> Self {
+        WatchIndex {
+            index: Mutex::new(Index::with_window(window)),
+        }
+    }
+
+    /// Requests remembered.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
         // A panic while holding the lock leaves plain maps behind; keep using them.
         self.index
@@ -203,14 +252,33 @@ mod tests {
             ("c", EventKind::Cancelled),
             ("f", EventKind::Failed),
         ] {
-            ix.apply(&ev(id, kind));
+            ix.apply(&ev(id, kind), 0.0);
         }
         assert!(!ix.started_or_ended("q"), "queued only: may time out");
         assert!(ix.started_or_ended("s") && !ix.is_terminal("s"));
         assert!(ix.started_or_ended("p") && !ix.is_terminal("p"));
         assert!(ix.is_terminal("c") && ix.is_terminal("f"));
         // A late `progress` after the end does not reopen it.
-        ix.apply(&ev("c", EventKind::Progress));
+        ix.apply(&ev("c", EventKind::Progress), 0.0);
         assert!(ix.is_terminal("c"));
+    }
+
+    #[test]
+    fn requests_older_than_the_window_are_forgotten() {
+        let mut ix = Index::with_window(Duration::from_secs(100));
+        let at = |id: &str, kind, when| Event {
+            at: when,
+            ..ev(id, kind)
+        };
+        ix.apply(&at("a", EventKind::Started, 10.0), 10.0);
+        ix.apply(&at("a", EventKind::Completed, 60.0), 60.0);
+        ix.apply(&at("b", EventKind::Started, 50.0), 50.0);
+        assert_eq!(ix.len(), 2);
+        // "a" was first seen 101 s ago: forgotten, although it ended 51 s ago.
+        ix.apply(&at("c", EventKind::Queued, 111.0), 111.0);
+        assert!(!ix.started_or_ended("a") && ix.started_or_ended("b"));
+        ix.apply(&at("c", EventKind::Started, 151.0), 151.0);
+        assert!(!ix.started_or_ended("b") && ix.started_or_ended("c"));
+        assert_eq!(ix.len(), 1);
     }
 }

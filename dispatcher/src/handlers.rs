@@ -22,7 +22,7 @@ use crate::app::AppState;
 use crate::reply::{
     json_response, set_header, set_request_id, ApiError, BILLABLE_UNITS_HEADER, TIMEOUT_TYPE_HEADER,
 };
-use crate::state::{Outcome, Registry, Status};
+use crate::state::{Outcome, Registry, SharedRegistry, Status, START_TIMEOUT_TOO_LONG};
 use crate::submit::{submit, Priority, SubmitError, SubmitOptions};
 use fleet::events::{ErrorType, Event};
 use fleet::job::{validate_request_id, EndpointKind};
@@ -172,10 +172,25 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
     Ok(Bytes::from(buf))
 }
 
+/// The 404 of the request routes: fal's "Request not found", or that it expired when the request ended
+/// longer ago than the retention (`state` module docs).
+fn not_found_or_expired(state: &AppState, id: String) -> Response {
+    if state.registry().read(|r| r.is_expired(&id)) {
+        let kept = state
+            .registry()
+            .retention()
+            .map_or(0, |r| r.finished.as_secs());
+        ApiError::RequestExpired(id, kept).into_response()
+    } else {
+        ApiError::RequestNotFound(id).into_response()
+    }
+}
+
 /// The submit options carried by the query (`fal_webhook`) and headers, or the header that does not parse.
 fn submit_options(
     headers: &HeaderMap,
     q: &HashMap<String, String>,
+    registry: &SharedRegistry,
 ) -> Result<SubmitOptions, BadInput> {
     let mut opts = SubmitOptions {
         webhook_url: q.get("fal_webhook").cloned(),
@@ -186,6 +201,16 @@ fn submit_options(
         if let Some(v) = headers.get(name) {
             let text = v.to_str().unwrap_or("");
             match text.trim().parse::<f64>() {
+                Ok(secs)
+                    if secs.is_finite() && secs > 0.0 && !registry.accepts_start_timeout(secs) =>
+                {
+                    return Err(BadInput {
+                        loc: json!(["header", name]),
+                        kind: "less_than_equal",
+                        msg: START_TIMEOUT_TOO_LONG,
+                        input: json!(text),
+                    })
+                }
                 Ok(secs) if secs.is_finite() && secs > 0.0 => opts.start_timeout = Some(secs),
                 _ => {
                     return Err(BadInput {
@@ -226,7 +251,7 @@ async fn submit_kind(
         }
     };
     let parsed = match serde_json::from_slice::<Value>(&body) {
-        Ok(raw) => submit_options(&headers, &q).map(|opts| (raw, opts)),
+        Ok(raw) => submit_options(&headers, &q, state.registry()).map(|opts| (raw, opts)),
         Err(e) => Err(BadInput {
             loc: json!(["body", e.column()]),
             kind: "json_invalid",
@@ -300,7 +325,7 @@ pub async fn status(
     {
         Some((Status::Completed, body)) => json_response(StatusCode::OK, &body, Some(&id)),
         Some((_, body)) => json_response(StatusCode::ACCEPTED, &body, Some(&id)),
-        None => ApiError::RequestNotFound(id).into_response(),
+        None => not_found_or_expired(&state, id),
     }
 }
 
@@ -320,7 +345,7 @@ pub async fn status_stream(
     let base = app_base(&state, &headers);
     let logs = wants_logs(&q);
     if state.registry().read(|r| r.get(&id).is_none()) {
-        return ApiError::RequestNotFound(id).into_response();
+        return not_found_or_expired(&state, id);
     }
     let registry = state.registry().clone();
     let mut changes = registry.subscribe();
@@ -358,7 +383,7 @@ pub async fn result(
         return e.into_response();
     }
     let Some(view) = state.registry().read(|r| r.get(&id).cloned()) else {
-        return ApiError::RequestNotFound(id).into_response();
+        return not_found_or_expired(&state, id);
     };
     let (status, body, units) = match &view.outcome {
         None => (
@@ -422,6 +447,14 @@ pub async fn cancel(
         .registry()
         .read(|r| r.get(&id).map(|v| (v.endpoint, v.is_terminal())))
     else {
+        if state.registry().read(|r| r.is_expired(&id)) {
+            // It ended longer ago than the retention: it is no longer cancellable, as when it is shown.
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"status": "ALREADY_COMPLETED"}),
+                Some(&id),
+            );
+        }
         return ApiError::CancelNotFound(id).into_response();
     };
     if terminal {

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
-use super::state::SharedRegistry;
+use super::state::{SharedRegistry, START_TIMEOUT_TOO_LONG};
 use super::submit::{submit, validation_failed, Bus, Priority, SubmitError, SubmitOptions};
 use fleet::events::{ErrorType, Event};
 use fleet::job::{
@@ -152,7 +152,7 @@ enum Parsed {
 }
 
 /// Reads an envelope field by field, so every defect is reported against the id it carries.
-fn parse(data: &[u8], fallback_id: Option<String>) -> Parsed {
+fn parse(data: &[u8], fallback_id: Option<String>, registry: &SharedRegistry) -> Parsed {
     let value: Value = match serde_json::from_slice(data) {
         Ok(v) => v,
         Err(e) => {
@@ -283,6 +283,20 @@ fn parse(data: &[u8], fallback_id: Option<String>) -> Parsed {
     let start_timeout = match obj.get("start_timeout") {
         None | Some(Value::Null) => None,
         Some(v) => match v.as_f64() {
+            Some(secs)
+                if secs.is_finite() && secs > 0.0 && !registry.accepts_start_timeout(secs) =>
+            {
+                errs.extend(
+                    one_error(
+                        &["start_timeout"],
+                        "less_than_equal",
+                        START_TIMEOUT_TOO_LONG,
+                        bounded_echo(v),
+                    )
+                    .0,
+                );
+                None
+            }
             Some(secs) if secs.is_finite() && secs > 0.0 => Some(secs),
             _ => {
                 errs.extend(
@@ -342,7 +356,7 @@ async fn handle(
     metrics: &Metrics,
 ) -> Result<(), QueueError> {
     let fallback_id = message_id(&delivery.properties);
-    let (request_id, kind, input, opts) = match parse(&delivery.data, fallback_id) {
+    let (request_id, kind, input, opts) = match parse(&delivery.data, fallback_id, registry) {
         Parsed::Submit {
             request_id,
             kind,

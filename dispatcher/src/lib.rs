@@ -33,17 +33,19 @@ pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use deadlines::{RequestWatch, WatchIndex};
-use fleet::queue::{EventSink, Link, QueueError, StreamReader, Topology};
+use fleet::events::now_unix;
+use fleet::queue::{EventSink, Link, QueueError, StreamOffset, StreamReader, Topology};
 use fleet::telemetry::redact_url;
 use follow::Follower;
 use http::{AppState, HttpConfig, ListenConfig};
 use metrics::Metrics;
-use state::SharedRegistry;
+use state::{Retention, SharedRegistry};
 use webhooks::{WebhookConfig, Webhooks};
 
 /// Everything `serve` needs. `Debug` redacts the broker password and API keys.
@@ -57,6 +59,8 @@ pub struct ServeConfig {
     /// Consume `fleet.submit` (AMQP ingress).
     pub ingress: bool,
     pub ingress_prefetch: u16,
+    /// How long ended requests are answered, and how far back a start replays the stream.
+    pub retention: Retention,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -69,6 +73,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("webhooks", &self.webhooks)
             .field("ingress", &self.ingress)
             .field("ingress_prefetch", &self.ingress_prefetch)
+            .field("retention", &self.retention)
             .finish()
     }
 }
@@ -97,7 +102,7 @@ pub async fn serve(
 ) -> Result<(), DispatcherError> {
     tracing::info!(config = ?cfg, "dispatcher starting");
     let link = Link::connect(&cfg.amqp_url, &cfg.topology).await?;
-    let registry = SharedRegistry::new();
+    let registry = SharedRegistry::with_retention(cfg.retention);
     let metrics = Arc::new(Metrics::new()?);
     let (ready_tx, ready_rx) = watch::channel(false);
     let bus: Arc<dyn submit::Bus> = Arc::new(link.publisher().clone());
@@ -117,9 +122,12 @@ pub async fn serve(
         metrics: metrics.clone(),
         ready: ready_tx,
     });
-    let watch_index = Arc::new(WatchIndex::default());
+    let watch_index = Arc::new(WatchIndex::with_window(cfg.retention.window));
     let sinks: Vec<Arc<dyn EventSink>> = vec![follower, watch_index.clone()];
-    let (reader, reading) = StreamReader::open(link.clone(), sinks).await?;
+    // Only the replay window is read back at start (state::Retention).
+    let from = (now_unix() - cfg.retention.window.as_secs_f64()).max(0.0) as u64;
+    let (reader, reading) =
+        StreamReader::open(link.clone(), StreamOffset::Timestamp(from), sinks).await?;
     let watch = RequestWatch::new(watch_index, reader.clone());
     let (ingress_on, ingress_prefetch, listen) =
         (cfg.ingress, cfg.ingress_prefetch, cfg.listen.clone());
@@ -187,6 +195,33 @@ pub async fn serve(
             r.map_err(DispatcherError::from)
         }
     };
+    // Eviction also when no events come (state::Retention).
+    let sweep_task = {
+        let (shutdown, registry, metrics) = (shutdown.clone(), registry.clone(), metrics.clone());
+        let every =
+            (cfg.retention.finished / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
+        async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok::<(), DispatcherError>(()),
+                    _ = tick.tick() => {}
+                }
+                registry.evict();
+                let (views, (ended, tombstones)) = registry.read(|r| (r.len(), r.retained()));
+                for (what, n) in [
+                    ("views", views),
+                    ("ended", ended),
+                    ("tombstones", tombstones),
+                ] {
+                    metrics
+                        .retained
+                        .with_label_values(&[what])
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+        }
+    };
     let http_task = {
         let shutdown = shutdown.clone();
         async move {
@@ -195,15 +230,16 @@ pub async fn serve(
             r.map_err(DispatcherError::from)
         }
     };
-    let (f, i, r, w, h) = tokio::join!(
+    let (f, i, r, w, h, s) = tokio::join!(
         follow_task,
         ingress_task,
         recovery_task,
         webhook_task,
-        http_task
+        http_task,
+        sweep_task
     );
     link.close("dispatcher shutting down").await;
-    f.and(i).and(r).and(w).and(h)
+    f.and(i).and(r).and(w).and(h).and(s)
 }
 
 #[cfg(test)]
@@ -233,6 +269,7 @@ mod tests {
             },
             ingress: true,
             ingress_prefetch: 16,
+            retention: Default::default(),
         };
         let text = format!("{cfg:?}");
         assert!(!text.contains("hunter2"), "{text}");

@@ -14,12 +14,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use fleet::duration::parse_duration;
 use fleet::events::EventKind;
 use fleet::job::EndpointKind;
 use fleet::queue::{StreamOffset, Topology};
 use fleet::signal::shutdown_signal;
 use fleet_dispatcher::client::{self, EventFilter, SubmitArgs};
 use fleet_dispatcher::http::{HttpConfig, ListenConfig};
+use fleet_dispatcher::state::Retention;
 use fleet_dispatcher::webhooks::{RetryPolicy, Secret, WebhookConfig};
 use fleet_dispatcher::{serve, ServeConfig};
 use serde_json::{json, Value};
@@ -124,6 +126,14 @@ struct ServeArgs {
     /// Seconds the request routes wait for the results-stream replay at start before answering 503.
     #[arg(long, env = "FLEET_REPLAY_WAIT", default_value_t = 10)]
     replay_wait: u64,
+    /// How long an ended request stays answerable (status, result, SSE) after its terminal event; later
+    /// it answers 404 with `error_type: request_expired`. fal keeps results for 1 h: `3600s`, `1h`.
+    #[arg(long, env = "FLEET_RETENTION", default_value = "1h", value_parser = parse_duration)]
+    retention: Duration,
+    /// How far back the results stream is replayed at start (at least the retention); start timeouts
+    /// must fire within it (22 h at most with 24 h).
+    #[arg(long, env = "FLEET_REPLAY_WINDOW", default_value = "24h", value_parser = parse_duration)]
+    replay_window: Duration,
     /// Consume the AMQP submit queue.
     #[arg(long, env = "FLEET_INGRESS", default_value_t = true, action = clap::ArgAction::Set)]
     ingress: bool,
@@ -351,7 +361,17 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         ingress: args.ingress,
         ingress_prefetch: args.ingress_prefetch,
+        retention: Retention {
+            finished: args.retention,
+            window: args.replay_window,
+        },
     };
+    anyhow::ensure!(
+        args.replay_window >= args.retention,
+        "--replay-window ({:?}) must be at least --retention ({:?})",
+        args.replay_window,
+        args.retention
+    );
     let shutdown = CancellationToken::new();
     {
         let shutdown = shutdown.clone();

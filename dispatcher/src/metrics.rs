@@ -22,6 +22,9 @@ pub struct Metrics {
     pub events: IntCounterVec,
     pub in_queue: IntGaugeVec,
     pub webhooks: IntCounterVec,
+    /// What the dispatcher holds in memory: `views` (requests answered), `ended` (of which ended,
+    /// evicted after the retention), `tombstones` (evicted ids kept for the replay window).
+    pub retained: IntGaugeVec,
 }
 
 impl Metrics {
@@ -73,6 +76,14 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
+        let retained = IntGaugeVec::new(
+            Opts::new(
+                "fleet_dispatcher_retained",
+                "Requests held in memory: views, ended (evicted after the retention), tombstones",
+            ),
+            &["what"],
+        )?;
+        registry.register(Box::new(retained.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(http_in_flight.clone()))?;
@@ -92,6 +103,7 @@ impl Metrics {
             events,
             in_queue,
             webhooks,
+            retained,
         })
     }
 

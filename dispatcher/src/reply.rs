@@ -59,6 +59,9 @@ pub enum ApiError {
     Replaying,
     /// 404 of the request routes for an unknown `request_id`.
     RequestNotFound(String),
+    /// 404 of the request routes for a request that ended longer ago than the retention (seconds) and
+    /// was evicted.
+    RequestExpired(String, u64),
     /// 404 of the cancel route for an unknown `request_id`, in fal's cancel vocabulary.
     CancelNotFound(String),
     /// 404 of a path no route matches.
@@ -97,6 +100,15 @@ impl IntoResponse for ApiError {
             ApiError::RequestNotFound(id) => json_response(
                 StatusCode::NOT_FOUND,
                 &json!({"detail": "Request not found"}),
+                Some(&id),
+            ),
+            ApiError::RequestExpired(id, kept) => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({
+                    "detail": "Request not found: it ended longer ago than results are kept",
+                    "error_type": "request_expired",
+                    "retention_seconds": kept,
+                }),
                 Some(&id),
             ),
             ApiError::CancelNotFound(id) => json_response(

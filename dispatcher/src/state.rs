@@ -6,9 +6,17 @@
 //! The queue position of a request is the number of still-queued requests of the same endpoint kind
 //! whose `queued` event came earlier in the stream (0 = next), which is the order the job queue
 //! delivers them in. Nothing here talks to the broker; `follow` in `dispatcher::stream` feeds it.
+//!
+//! Memory is bounded by [`Retention`]: an ended request is answered for `finished` after its terminal
+//! event (fal keeps a result for an hour), then its view is evicted and only an 8-byte hash of its id
+//! is kept as a tombstone for the replay `window`, so a late event of it (a duplicate `completed`, a
+//! straggling `progress`) cannot bring it back as a request in progress, and the API can say that it
+//! expired. Requests still queued or running are never evicted.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -158,6 +166,48 @@ pub enum Applied {
     Finished,
 }
 
+/// The 422 message for a start timeout that would fire outside the replay window.
+pub const START_TIMEOUT_TOO_LONG: &str =
+    "Input should be a start timeout whose timer fires within the dispatcher's replay window (--replay-window, 24 h by default: at most 22 h)";
+
+/// How long the dispatcher keeps what it read (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// An ended request is answered this long after its terminal event, then evicted.
+    pub finished: Duration,
+    /// How far back the stream is replayed at start, and how long an evicted request's tombstone lives.
+    /// At least `finished`; a start timeout must fire within it (`Retention::max_start_timeout`).
+    pub window: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            finished: Duration::from_secs(3600),
+            window: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl Retention {
+    /// Whether a start timeout of `secs` is accepted: its timer (rounded up to its bucket, plus the
+    /// grace) must fire within the replay window, so that a dispatcher restarted before it fires has
+    /// replayed the request's `queued` event and every later one, and never times out a request whose
+    /// `started` it did not replay.
+    pub fn accepts_start_timeout(&self, secs: f64) -> bool {
+        let wait = fleet::queue::deadline_bucket(Duration::from_secs_f64(secs.min(1e9)));
+        wait + fleet::queue::DEADLINE_GRACE <= self.window
+    }
+}
+
+/// The tombstone of an evicted request: a hash of its id (collisions are harmless at 2⁻⁶⁴ per pair:
+/// the other request's late events would be ignored and its status answered as expired).
+fn tombstone(request_id: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    request_id.hash(&mut h);
+    h.finish()
+}
+
 /// All requests seen on the stream, plus the per-kind queue order.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -165,11 +215,70 @@ pub struct Registry {
     queued: HashMap<EndpointKind, BTreeSet<(u64, String)>>,
     /// Offset of the last event applied (the follower resumes after it).
     last_offset: Option<u64>,
+    /// `None`: keep everything (tests of the state machine).
+    retention: Option<Retention>,
+    /// Ended requests in the order they ended, with the time of their terminal event.
+    ended: VecDeque<(f64, String)>,
+    /// Tombstones of evicted requests, and their eviction order with the time they ended.
+    expired: HashSet<u64>,
+    expired_order: VecDeque<(f64, u64)>,
 }
 
 impl Registry {
     pub fn new() -> Self {
         Registry::default()
+    }
+
+    /// A registry that evicts ended requests as `retention` says.
+    pub fn with_retention(retention: Retention) -> Self {
+        Registry {
+            retention: Some(retention),
+            ..Registry::default()
+        }
+    }
+
+    /// True when `request_id` ended longer ago than the retention and was evicted.
+    pub fn is_expired(&self, request_id: &str) -> bool {
+        !self.views.contains_key(request_id) && self.expired.contains(&tombstone(request_id))
+    }
+
+    /// Ended requests still answered, and tombstones kept.
+    pub fn retained(&self) -> (usize, usize) {
+        (self.ended.len(), self.expired.len())
+    }
+
+    /// Evicts the ended requests whose terminal event is older than the retention at `now` (unix
+    /// seconds), and forgets tombstones older than the window. Returns how many views were evicted.
+    pub fn evict(&mut self, now: f64) -> usize {
+        let Some(retention) = self.retention else {
+            return 0;
+        };
+        let (keep, window) = (
+            retention.finished.as_secs_f64(),
+            retention.window.as_secs_f64(),
+        );
+        let mut evicted = 0;
+        while let Some((at, _)) = self.ended.front() {
+            if now - at <= keep {
+                break;
+            }
+            let (at, id) = self.ended.pop_front().expect("front exists");
+            if self.views.remove(&id).is_some() {
+                evicted += 1;
+            }
+            let t = tombstone(&id);
+            if self.expired.insert(t) {
+                self.expired_order.push_back((at, t));
+            }
+        }
+        while let Some((at, _)) = self.expired_order.front() {
+            if now - at <= window {
+                break;
+            }
+            let (_, t) = self.expired_order.pop_front().expect("front exists");
+            self.expired.remove(&t);
+        }
+        evicted
     }
 
     pub fn get(&self, request_id: &str) -> Option<&RequestView> {
@@ -211,6 +320,21 @@ impl Registry {
     /// Applies one event read at stream `offset`. Offsets must not go backwards across calls.
     pub fn apply(&mut self, offset: u64, ev: &Event) -> Applied {
         self.last_offset = Some(self.last_offset.map_or(offset, |o| o.max(offset)));
+        if !self.expired.is_empty()
+            && !self.views.contains_key(&ev.request_id)
+            && self.expired.contains(&tombstone(&ev.request_id))
+        {
+            return Applied::Ignored;
+        }
+        let applied = self.apply_view(offset, ev);
+        if applied == Applied::Finished && self.retention.is_some() {
+            self.ended.push_back((ev.at, ev.request_id.clone()));
+            self.evict(fleet::events::now_unix());
+        }
+        applied
+    }
+
+    fn apply_view(&mut self, offset: u64, ev: &Event) -> Applied {
         let fresh = !self.views.contains_key(&ev.request_id);
         let view = self
             .views
@@ -339,10 +463,39 @@ impl Default for SharedRegistry {
 
 impl SharedRegistry {
     pub fn new() -> Self {
+        Self::from(Registry::new())
+    }
+
+    /// A shared registry that evicts ended requests as `retention` says.
+    pub fn with_retention(retention: Retention) -> Self {
+        Self::from(Registry::with_retention(retention))
+    }
+
+    fn from(registry: Registry) -> Self {
         SharedRegistry {
-            inner: Arc::new(RwLock::new(Registry::new())),
+            inner: Arc::new(RwLock::new(registry)),
             changes: watch::channel(0).0,
         }
+    }
+
+    /// The retention this registry evicts by (`None`: it keeps everything).
+    pub fn retention(&self) -> Option<Retention> {
+        self.read(|r| r.retention)
+    }
+
+    /// Whether a start timeout of `secs` is accepted ([`Retention::accepts_start_timeout`]; any
+    /// timeout when nothing is evicted).
+    pub fn accepts_start_timeout(&self, secs: f64) -> bool {
+        self.retention()
+            .is_none_or(|r| r.accepts_start_timeout(secs))
+    }
+
+    /// [`Registry::evict`] at the current time (the periodic sweep, for when no events come).
+    pub fn evict(&self) -> usize {
+        self.inner
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .evict(fleet::events::now_unix())
     }
 
     /// Applies an event and wakes every waiter.
@@ -716,5 +869,142 @@ mod tests {
             "2023-11-14T22:13:20.250000+00:00"
         );
         assert_eq!(iso8601(951_782_400.0), "2000-02-29T00:00:00.000000+00:00");
+    }
+
+    fn at(mut ev: Event, when: f64) -> Event {
+        ev.at = when;
+        ev
+    }
+
+    fn retention(finished: u64, window: u64) -> Retention {
+        Retention {
+            finished: Duration::from_secs(finished),
+            window: Duration::from_secs(window),
+        }
+    }
+
+    #[test]
+    fn ended_requests_are_evicted_after_the_retention_and_stay_expired_for_the_window() {
+        // Times are relative to now: `apply` evicts by the real clock, the explicit `evict`s by `t`.
+        let t0 = fleet::events::now_unix();
+        let t = |secs: f64| t0 + secs;
+        let mut r = Registry::with_retention(retention(100, 1000));
+        let k = EndpointKind::Sprint;
+        r.apply(0, &at(queued("done", k), t(0.0)));
+        r.apply(1, &at(ev("done", k, EventKind::Completed), t(10.0)));
+        r.apply(2, &at(queued("waiting", k), t(10.0)));
+        r.apply(3, &at(queued("running", k), t(10.0)));
+        r.apply(4, &at(ev("running", k, EventKind::Started), t(11.0)));
+        assert_eq!(r.evict(t(105.0)), 0, "ended 95 s ago: still answered");
+        assert_eq!(r.status("done"), Some(Status::Completed));
+        assert_eq!(r.evict(t(111.0)), 1);
+        assert!(r.get("done").is_none() && r.is_expired("done"));
+        assert_eq!(r.status("waiting"), Some(Status::InQueue { position: 0 }));
+        assert_eq!(r.status("running"), Some(Status::InProgress));
+        assert!(!r.is_expired("never-seen"));
+        assert_eq!(r.retained(), (0, 1));
+        // A straggler of the evicted request does not bring it back.
+        assert_eq!(
+            r.apply(5, &at(ev("done", k, EventKind::Progress), t(112.0))),
+            Applied::Ignored
+        );
+        assert!(r.get("done").is_none());
+        // After the window the tombstone goes too.
+        r.evict(t(1011.0));
+        assert!(!r.is_expired("done"));
+        assert_eq!(r.retained(), (0, 0));
+    }
+
+    #[test]
+    fn a_replayed_request_that_ended_before_the_retention_is_evicted_as_it_is_applied() {
+        let now = fleet::events::now_unix();
+        let mut r = Registry::with_retention(retention(60, 600));
+        let k = EndpointKind::Base;
+        r.apply(0, &at(queued("old", k), now - 300.0));
+        r.apply(1, &at(ev("old", k, EventKind::Completed), now - 200.0));
+        r.apply(2, &at(queued("recent", k), now - 30.0));
+        r.apply(3, &at(ev("recent", k, EventKind::Failed), now - 20.0));
+        assert!(r.is_expired("old"));
+        assert_eq!(r.status("recent"), Some(Status::Completed));
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn without_retention_nothing_is_evicted() {
+        let mut r = Registry::new();
+        let k = EndpointKind::Sprint;
+        r.apply(0, &at(queued("a", k), 0.0));
+        r.apply(1, &at(ev("a", k, EventKind::Completed), 1.0));
+        assert_eq!(r.evict(1e12), 0);
+        assert_eq!(r.status("a"), Some(Status::Completed));
+    }
+
+    #[test]
+    fn start_timeouts_must_fire_within_the_replay_window() {
+        let day = Retention::default();
+        assert!(day.accepts_start_timeout(30.0));
+        // 22 h rounds to 22 h; + 1 s grace is within 24 h. 23.5 h rounds up to 24 h: + grace is not.
+        assert!(day.accepts_start_timeout(22.0 * 3600.0));
+        assert!(!day.accepts_start_timeout(23.5 * 3600.0));
+        assert!(!day.accepts_start_timeout(7.0 * 86_400.0));
+        let short = retention(1, 10);
+        assert!(short.accepts_start_timeout(9.0));
+        assert!(!short.accepts_start_timeout(9.5));
+    }
+
+    /// Memory per retained request, for the README: a base request's view (queued, started, 18
+    /// progress lines, completed with one image URL) measured as the growth of the process's resident
+    /// set over 50 000 of them. By hand: `cargo test -p fleet-dispatcher --lib memory_per_retained
+    /// -- --ignored --nocapture --test-threads 1`.
+    #[test]
+    #[ignore = "a measurement (prints bytes per request), not a check"]
+    fn memory_per_retained_request() {
+        fn rss() -> u64 {
+            let status = std::fs::read_to_string("/proc/self/statm").expect("statm");
+            let pages: u64 = status.split_whitespace().nth(1).unwrap().parse().unwrap();
+            pages * 4096
+        }
+        const N: u64 = 50_000;
+        let k = EndpointKind::Base;
+        let url = "http://127.0.0.1:3900/fleet/results/0f8fad5b-d9cb-469f-a165-70867728950e/0.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=GK0123456789abcdef%2F20261206%2Fgarage%2Fs3%2Faws4_request&X-Amz-Date=20261206T120000Z&X-Amz-Expires=604800&X-Amz-SignedHeaders=host&X-Amz-Signature=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let result = json!({"images": [{"url": url, "width": 1024, "height": 1024, "content_type": "image/png"}],
+            "seed": 42, "has_nsfw_concepts": [false], "prompt": "a red fox in the snow, watercolor",
+            "timings": {"inference": 1.25}});
+        let mut r = Registry::with_retention(Retention::default());
+        let before = rss();
+        let now = fleet::events::now_unix();
+        let mut offset = 0;
+        for i in 0..N {
+            let id = uuid::Uuid::new_v4().to_string();
+            let mut next = |body: EventBody| {
+                offset += 1;
+                r.apply(offset, &at(Event::new(id.clone(), k, body), now));
+            };
+            let input = validate(
+                k,
+                &json!({"prompt": "a red fox in the snow, watercolor"}),
+                || i,
+            )
+            .expect("valid input");
+            next(EventBody::Queued(Queued {
+                input,
+                deadline: None,
+                webhook_url: None,
+            }));
+            next(EventBody::Started(Started {
+                worker: "worker-0".into(),
+                attempt: 1,
+            }));
+            for step in 1..=18 {
+                next(progress(step, 18));
+            }
+            next(completed(result.clone(), 1, 1.25));
+        }
+        let per = (rss() - before) as f64 / N as f64;
+        println!(
+            "memory per retained base request: {per:.0} bytes ({N} requests, {} views)",
+            r.len()
+        );
+        assert_eq!(r.len() as u64, N);
     }
 }

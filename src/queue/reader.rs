@@ -3,7 +3,8 @@
 //! [`EventSink`] of a single [`StreamReader`], so the stream is consumed once, in one order, and
 //! "caught up" and "synced" mean the same thing for all of them.
 //!
-//! At start the reader subscribes from the first offset and publishes a start marker; when it reads the
+//! At start the reader subscribes from a given offset (the first one, or a point in time for a process
+//! that replays only a window of the stream) and publishes a start marker; when it reads the
 //! marker back the replay is complete ([`StreamReader::caught_up`]), and events from then on are `live`.
 //! [`StreamReader::sync`] publishes a marker of its own and waits until it is read back: every event the
 //! broker confirmed before the call has then been handed to every sink.
@@ -54,20 +55,25 @@ pub struct Reading {
     start_marker: String,
     /// Offset of the last message read (events and markers): a resubscription starts after it.
     last_offset: Option<u64>,
+    /// Where the subscription started (a resubscription before anything was read starts there again).
+    start: StreamOffset,
 }
 
 impl StreamReader {
-    /// Subscribes from the first offset on `link`'s connection and publishes the start marker (through
-    /// the link's publisher, which the reader also uses for the markers of [`sync`](Self::sync)).
+    /// Subscribes from `start` on `link`'s connection and publishes the start marker (through the link's
+    /// publisher, which the reader also uses for the markers of [`sync`](Self::sync)).
+    /// `StreamOffset::Timestamp` starts at the first stream chunk written at or after that time, so a
+    /// few earlier events may come too.
     pub async fn open(
         link: Arc<Link>,
+        start: StreamOffset,
         sinks: Vec<Arc<dyn EventSink>>,
     ) -> Result<(Arc<StreamReader>, Reading), QueueError> {
         let conn = link
             .connection()
             .await
             .ok_or_else(|| QueueError::Closed("broker link closed".into()))?;
-        let stream = subscribe_raw(&conn, link.topology(), StreamOffset::First).await?;
+        let stream = subscribe_raw(&conn, link.topology(), start).await?;
         let start_marker = uuid::Uuid::new_v4().to_string();
         link.publisher().publish_marker(&start_marker).await?;
         let reader = Arc::new(StreamReader {
@@ -81,6 +87,7 @@ impl StreamReader {
             stream,
             start_marker,
             last_offset: None,
+            start,
         };
         Ok((reader, reading))
     }
@@ -185,7 +192,7 @@ impl Reading {
     async fn resubscribe(&mut self, shutdown: &CancellationToken) -> bool {
         let from = self
             .last_offset
-            .map_or(StreamOffset::First, |o| StreamOffset::Offset(o + 1));
+            .map_or(self.start, |o| StreamOffset::Offset(o + 1));
         let link = self.reader.link.clone();
         let mut backoff = Backoff::reconnect();
         loop {

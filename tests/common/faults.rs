@@ -158,6 +158,19 @@ impl RabbitNode {
             })
     }
 
+    /// The node's log so far (every `*.log` file under its log directory).
+    pub fn log_text(&self) -> String {
+        let mut text = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("log")) {
+            for entry in entries.flatten() {
+                if entry.path().extension().is_some_and(|e| e == "log") {
+                    text.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+                }
+            }
+        }
+        text
+    }
+
     /// `rabbitmqctl stop_app`: every connection is closed and the port refuses new ones.
     pub fn stop_app(&self) {
         assert!(self.ctl(&["stop_app"]), "stop_app on {}", self.name);

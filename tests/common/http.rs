@@ -47,6 +47,7 @@ fn serve_config(
         },
         ingress: true,
         ingress_prefetch: 16,
+        retention: Default::default(),
     }
 }
 

@@ -300,6 +300,7 @@ pub fn worker_config(
         retry_backoff: Duration::ZERO,
         image_memory_budget: 4096 << 20,
         upload_retry_for: Duration::from_secs(300),
+        replay_window: Duration::from_secs(86_400),
         storage,
     }
 }

@@ -16,7 +16,8 @@ use fleet_worker::supervisor::metrics::{router, SupervisorMetrics};
 use fleet_worker::supervisor::{self, SupervisorConfig};
 use tokio_util::sync::CancellationToken;
 
-use super::{one_of, parse_duration};
+use super::one_of;
+use fleet::duration::parse_duration;
 
 #[derive(Args, Clone)]
 pub struct FleetArgs {

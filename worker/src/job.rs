@@ -333,7 +333,7 @@ async fn run(ctx: &JobContext, job: &JobMessage, attempt: u32) -> (Settle, Outco
             (Settle::Requeue, Outcome::Requeued)
         }
         Err(JobError::Model(ModelError::Pipeline(PipelineError::Cancelled))) => {
-            tracing::info!("cancelled by the client between steps");
+            tracing::info!("request ended elsewhere (cancelled, timed out, or completed by another worker); stopped");
             (Settle::Ack, Outcome::Cancelled)
         }
         Err(e) => not_acked(failure(ctx, &job, attempt, e).await),
@@ -387,6 +387,7 @@ async fn execute(
     let input = &job.input;
     let request = generate_request(job.endpoint, input);
     let output = generate_with_progress(ctx, job, attempt, request, cancel).await?;
+    ended_elsewhere(ctx, job)?;
 
     let format = input.output_format;
     let images = output.images;
@@ -409,6 +410,9 @@ async fn execute(
         }
     });
     let images: Vec<Value> = futures::future::try_join_all(uploads).await?;
+    // Checked again right before `completed`: one terminal event per request wherever the tracker saw
+    // the other one in time (a duplicate is left only to a race within this gap; readers keep the first).
+    ended_elsewhere(ctx, job)?;
 
     let result = json!({
         "images": images,
@@ -434,6 +438,23 @@ async fn execute(
         "completed"
     );
     Ok(())
+}
+
+/// `Cancelled` when the request ended while this worker ran it (cancelled, timed out, or completed by
+/// another worker running a redelivered copy): its run stops without a second terminal event.
+fn ended_elsewhere(ctx: &JobContext, job: &JobMessage) -> Result<(), JobError> {
+    match ctx.tracker.terminal(&job.request_id) {
+        Some(kind) => {
+            tracing::info!(
+                ended = kind.as_str(),
+                "request ended elsewhere while running; stopping"
+            );
+            Err(JobError::Model(ModelError::Pipeline(
+                PipelineError::Cancelled,
+            )))
+        }
+        None => Ok(()),
+    }
 }
 
 /// Uploads one object, retrying while the store is unavailable (exponential backoff from 0.5 s to 15 s,

@@ -96,6 +96,9 @@ pub struct WorkerConfig {
     /// How long an upload that fails because the object store is unavailable is retried (exponential
     /// backoff, the encoded images kept in memory) before the job fails with `storage_error`.
     pub upload_retry_for: Duration,
+    /// How far back the results stream is replayed at start, and how long the tracker remembers an
+    /// ended request (its memory bound; `tracker` module docs).
+    pub replay_window: Duration,
     pub storage: StorageConfig,
 }
 
@@ -115,6 +118,7 @@ impl std::fmt::Debug for WorkerConfig {
             .field("retry_backoff", &self.retry_backoff)
             .field("image_memory_budget", &self.image_memory_budget)
             .field("upload_retry_for", &self.upload_retry_for)
+            .field("replay_window", &self.replay_window)
             .field("storage", &self.storage)
             .finish()
     }
@@ -242,7 +246,7 @@ pub async fn run_with_status(
 
     let link = Link::connect(&config.amqp_url, &config.topology).await?;
     let publisher = link.publisher().clone();
-    let (tracker, mut tracker_task) = Tracker::start(link.clone()).await?;
+    let (tracker, mut tracker_task) = Tracker::start(link.clone(), config.replay_window).await?;
 
     let (mut consume_ch, mut deliveries, tags) = open_consumers(&link, &config).await?;
     tracing::info!(endpoints = ?config.endpoints, "consuming");
@@ -455,6 +459,7 @@ mod tests {
             retry_backoff: Duration::ZERO,
             image_memory_budget: 1 << 30,
             upload_retry_for: Duration::from_secs(300),
+            replay_window: Duration::from_secs(86_400),
             storage: StorageConfig {
                 endpoint: "http://s3:3900".into(),
                 public_endpoint: None,

@@ -13,6 +13,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
+use fleet::duration::parse_duration;
 use fleet::job::EndpointKind;
 use fleet::queue::Topology;
 use fleet::storage::{StorageConfig, MAX_URL_LIFETIME};
@@ -153,6 +154,10 @@ struct ServeArgs {
     /// encoded images kept in memory) before the job fails with `storage_error`: `300s`, `5m`, `1h`.
     #[arg(long, env = "FLEET_UPLOAD_RETRY_FOR", default_value = "300s", value_parser = parse_duration)]
     upload_retry_for: Duration,
+    /// How far back the results stream is replayed at start, and how long an ended request is
+    /// remembered (a redelivered job of a request that ended within it is acked without running).
+    #[arg(long, env = "FLEET_REPLAY_WINDOW", default_value = "24h", value_parser = parse_duration)]
+    replay_window: Duration,
     /// S3 API endpoint.
     #[arg(
         long,
@@ -319,6 +324,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         retry_backoff: Duration::from_millis(args.retry_backoff_ms),
         image_memory_budget: args.image_memory_budget_mb << 20,
         upload_retry_for: args.upload_retry_for,
+        replay_window: args.replay_window,
         storage: StorageConfig {
             endpoint: args.s3_endpoint.clone(),
             public_endpoint: args.s3_public_endpoint.clone(),
@@ -380,39 +386,5 @@ async fn main() -> anyhow::Result<ExitCode> {
             .map(|()| ExitCode::SUCCESS),
         Some(Command::Fleet(args)) => fleet_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
         None => serve(cli.serve).await,
-    }
-}
-
-/// `300s`, `5m`, `1h` or plain seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?}: expected a number with s, m or h (e.g. 300s)"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(format!("{text:?}: unit must be s, m or h")),
-    };
-    Ok(Duration::from_secs(secs))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("300s"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("42"), Ok(Duration::from_secs(42)));
-        assert!(parse_duration("5 days").is_err());
-        assert!(parse_duration("m").is_err());
     }
 }
