@@ -211,4 +211,22 @@ mod tests {
         assert_eq!(state.terminal.get("r"), Some(&EventKind::Completed));
         assert!(state.cancelled.contains("r"));
     }
+
+    #[test]
+    fn any_terminal_event_stops_a_running_job() {
+        let mut state = State::with_window(Duration::from_secs(100));
+        let (timed_out, done_elsewhere, progressing) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        state.running.insert("t".into(), timed_out.clone());
+        state.running.insert("d".into(), done_elsewhere.clone());
+        state.running.insert("p".into(), progressing.clone());
+        state.apply(&at("t", EventKind::Failed, 1.0), 1.0);
+        state.apply(&at("d", EventKind::Completed, 1.0), 1.0);
+        state.apply(&at("p", EventKind::Progress, 1.0), 1.0);
+        assert!(timed_out.is_cancelled() && done_elsewhere.is_cancelled());
+        assert!(!progressing.is_cancelled());
+    }
 }
