@@ -104,27 +104,41 @@ async fn consume_once(
         "consuming AMQP submissions"
     );
     *backoff = Backoff::reconnect();
-    let result = loop {
-        let delivery = tokio::select! {
+    // Up to `prefetch` submissions are handled at once (each waits for two publisher confirms; one at a
+    // time held AMQP ingress to about 75 submissions/s in the load run of 2026-12-06).
+    let limit = usize::from(prefetch.max(1));
+    let mut running = futures::stream::FuturesUnordered::new();
+    let mut result = loop {
+        tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            d = consumer.next() => d,
-        };
-        let Some(delivery) = delivery else {
-            break Err(QueueError::Closed("submit consumer cancelled".into()));
-        };
-        let delivery = match delivery {
-            Ok(d) => d,
-            Err(source) => {
-                break Err(QueueError::Broker {
-                    op: "submit delivery",
-                    source,
-                })
+            Some(done) = running.next(), if !running.is_empty() => {
+                if let Err(e) = done {
+                    break Err(e);
+                }
             }
-        };
-        if let Err(e) = handle(delivery, bus, registry, metrics).await {
-            break Err(e);
+            delivery = consumer.next(), if running.len() < limit => {
+                let Some(delivery) = delivery else {
+                    break Err(QueueError::Closed("submit consumer cancelled".into()));
+                };
+                match delivery {
+                    Ok(d) => running.push(handle(d, bus, registry, metrics)),
+                    Err(source) => {
+                        break Err(QueueError::Broker {
+                            op: "submit delivery",
+                            source,
+                        })
+                    }
+                }
+            }
         }
     };
+    // Submissions under way finish (each is bounded by the publisher's confirm timeout), so none is left
+    // with a confirmed `queued` and no job.
+    while let Some(done) = running.next().await {
+        if let (Ok(()), Err(e)) = (&result, done) {
+            result = Err(e);
+        }
+    }
     // Unacknowledged deliveries return to the queue when the channel closes.
     if let Err(e) = channel.close(200, "ingress stopping".into()).await {
         tracing::debug!(error = %e, "closing the submit channel");
