@@ -2,18 +2,21 @@
 //! `dispatcher` and `worker` binaries, on a RabbitMQ node of the test's own (the shared broker is never
 //! stopped). Both processes stay up and reconnect; while the broker is away the HTTP API keeps answering
 //! status reads and answers submits 503 with `Retry-After`; afterwards every accepted request ends in
-//! exactly one terminal event with one set of objects, and none stays IN_QUEUE/IN_PROGRESS.
+//! exactly one terminal event with one set of objects, and none stays IN_QUEUE/IN_PROGRESS. Repeated:
+//! two restarts, each in its own burst.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::faults::{poll_until, spawn_dispatcher, spawn_worker, RabbitNode, Tally};
+use common::faults::{poll_until, secs, spawn_dispatcher, spawn_worker, RabbitNode, Tally};
 use common::EventLog;
 use fleet::job::EndpointKind;
 use serde_json::{json, Value};
 
-/// Requests in the burst, and how many go in before the broker stops.
+/// Broker restarts, each in the middle of its own burst.
+const ROUNDS: usize = 2;
+/// Requests per round, and how many go in before the broker stops.
 const BURST: usize = 10;
 const BEFORE_OUTAGE: usize = 5;
 /// How long the broker stays stopped.
@@ -97,62 +100,71 @@ async fn broker_restart_mid_burst_fault() {
 
     let mut accepted = Vec::new();
     let mut refused = 0usize;
-    for i in 0..BEFORE_OUTAGE {
-        accepted.push(submit_until_accepted(&client, &base, i, &mut refused).await);
-    }
-    // Stop while jobs are queued and (as soon as the worker took the first one) in flight.
-    let first = accepted[0].clone();
-    poll_until(WAIT, "the first job to start", || {
-        let (client, base, first) = (client.clone(), base.clone(), first.clone());
-        async move { status(&client, &base, &first).await.1["status"] != "IN_QUEUE" }
-    })
-    .await;
-    conn.close(200, "test stops the broker".into()).await.ok();
-    node.stop_app();
-    let outage_started = Instant::now();
-
-    // While the broker is away: reads are answered from the view, submits get 503 + Retry-After.
-    let (code, retry_after, body) = post(&client, &base, 999).await;
-    assert_eq!(code, 503, "submit while the broker is stopped: {body}");
-    assert!(retry_after.is_some(), "Retry-After on the 503");
-    refused += 1;
     let mut reads = 0usize;
-    while outage_started.elapsed() < OUTAGE {
-        for id in &accepted {
-            let (code, body) = status(&client, &base, id).await;
-            assert!(
-                matches!(code, 200 | 202),
-                "status read during the outage: {code} {body}"
-            );
-            reads += 1;
+    let (mut outages, mut accept_after, mut done_after) = (Vec::new(), Vec::new(), Vec::new());
+    // The test's own connection goes with the first restart; it reconnects at the end.
+    conn.close(200, "the test reads the stream at the end".into())
+        .await
+        .ok();
+    for round in 0..ROUNDS {
+        let offset = round * BURST;
+        let mut ids = Vec::new();
+        for i in 0..BEFORE_OUTAGE {
+            ids.push(submit_until_accepted(&client, &base, offset + i, &mut refused).await);
         }
-        assert!(
-            dispatcher.try_wait().expect("poll dispatcher").is_none(),
-            "dispatcher exited"
-        );
-        assert!(
-            worker.try_wait().expect("poll worker").is_none(),
-            "worker exited"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    node.start_app().await;
-    let outage = outage_started.elapsed();
-
-    let resumed = Instant::now();
-    for i in BEFORE_OUTAGE..BURST {
-        accepted.push(submit_until_accepted(&client, &base, i, &mut refused).await);
-    }
-    let first_accept_after = resumed.elapsed();
-    for id in &accepted {
-        let (client, base, id2) = (client.clone(), base.clone(), id.clone());
-        poll_until(WAIT, &format!("{id} to complete"), || {
-            let (client, base, id) = (client.clone(), base.clone(), id2.clone());
-            async move { status(&client, &base, &id).await.1["status"] == "COMPLETED" }
+        // Stop while jobs are queued and (as soon as the worker took the round's first) in flight.
+        let first = ids[0].clone();
+        poll_until(WAIT, "the round's first job to start", || {
+            let (client, base, first) = (client.clone(), base.clone(), first.clone());
+            async move { status(&client, &base, &first).await.1["status"] != "IN_QUEUE" }
         })
         .await;
+        node.stop_app();
+        let outage_started = Instant::now();
+
+        // While the broker is away: reads are answered from the view, submits get 503 + Retry-After.
+        let (code, retry_after, body) = post(&client, &base, 999).await;
+        assert_eq!(code, 503, "submit while the broker is stopped: {body}");
+        assert!(retry_after.is_some(), "Retry-After on the 503");
+        refused += 1;
+        while outage_started.elapsed() < OUTAGE {
+            for id in accepted.iter().chain(&ids) {
+                let (code, body) = status(&client, &base, id).await;
+                assert!(
+                    matches!(code, 200 | 202),
+                    "status read during the outage: {code} {body}"
+                );
+                reads += 1;
+            }
+            assert!(
+                dispatcher.try_wait().expect("poll dispatcher").is_none(),
+                "dispatcher exited"
+            );
+            assert!(
+                worker.try_wait().expect("poll worker").is_none(),
+                "worker exited"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        node.start_app().await;
+        outages.push(outage_started.elapsed());
+
+        let resumed = Instant::now();
+        for i in BEFORE_OUTAGE..BURST {
+            ids.push(submit_until_accepted(&client, &base, offset + i, &mut refused).await);
+        }
+        accept_after.push(resumed.elapsed());
+        for id in &ids {
+            let (client, base, id2) = (client.clone(), base.clone(), id.clone());
+            poll_until(WAIT, &format!("{id} to complete"), || {
+                let (client, base, id) = (client.clone(), base.clone(), id2.clone());
+                async move { status(&client, &base, &id).await.1["status"] == "COMPLETED" }
+            })
+            .await;
+        }
+        done_after.push(resumed.elapsed());
+        accepted.extend(ids);
     }
-    let all_done = resumed.elapsed();
     assert!(
         dispatcher.try_wait().expect("poll dispatcher").is_none(),
         "dispatcher exited"
@@ -193,20 +205,20 @@ async fn broker_restart_mid_burst_fault() {
     tally.print(
         "broker_restart",
         &format!(
-            "outage={:.1}s generations={generations} refused_503={refused} status_reads_during_outage={reads} \
-             all_completed_after_restart={:.1}s resubmits_accepted_after={:.1}s",
-            outage.as_secs_f64(),
-            all_done.as_secs_f64(),
-            first_accept_after.as_secs_f64()
+            "rounds={ROUNDS} outages={} generations={generations} refused_503={refused} \
+             status_reads_during_outages={reads} all_completed_after_restart={} resubmits_accepted_after={}",
+            secs(&outages),
+            secs(&done_after),
+            secs(&accept_after)
         ),
     );
-    assert_eq!(tally.accepted, BURST);
+    assert_eq!(tally.accepted, ROUNDS * BURST);
     assert_eq!(
         (tally.lost, tally.duplicated, tally.failed),
         (0, 0, 0),
         "{tally:?}"
     );
-    assert_eq!(tally.completed, BURST);
+    assert_eq!(tally.completed, ROUNDS * BURST);
     let _ = worker.kill().await;
     let _ = dispatcher.kill().await;
     common::drop_topology(&conn, &topology).await;

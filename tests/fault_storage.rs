@@ -1,6 +1,6 @@
 //! Fault: the object store goes away mid-burst. The real `worker` binary uploads to a Garage node of the
 //! test's own, which the test kills and starts again on the same ports and data (the shared Garage is
-//! never touched). Uploads are retried with backoff while the encoded images wait in memory: every
+//! never touched), twice, 30 s each time. Uploads are retried with backoff while the encoded images wait in memory: every
 //! accepted request completes exactly once, each generated once (one `started` each), with one set of
 //! objects. A store that stays away longer than `upload_retry_for` fails the job with `storage_error`,
 //! after one generation.
@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::faults::{spawn_worker, GarageNode, Tally};
+use common::faults::{secs, spawn_worker, GarageNode, Tally};
 use common::realpipe::{ObservedFactory, Probe};
 use common::{EventLog, RunningWorker};
 use fleet::events::{ErrorType, EventKind};
@@ -17,9 +17,12 @@ use fleet::job::EndpointKind;
 use fleet::queue::Publisher;
 use serde_json::json;
 
-const BURST: usize = 8;
+/// Outages, each in the middle of its own burst.
+const ROUNDS: usize = 2;
+/// Requests per round.
+const BURST: usize = 6;
 /// How long the store stays down.
-const OUTAGE: Duration = Duration::from_secs(15);
+const OUTAGE: Duration = Duration::from_secs(30);
 /// Generous bound for the burst of tiny CPU jobs on a shared 2-core machine.
 const WAIT: Duration = Duration::from_secs(240);
 
@@ -41,44 +44,48 @@ async fn storage_outage_mid_burst_fault() {
         &["--upload-retry-for", "120s"],
     );
     let mut accepted = Vec::new();
-    for i in 0..BURST {
-        let job = common::job(
-            EndpointKind::Sprint,
-            json!({"prompt": format!("outage {i}"), "image_size": {"width": 256, "height": 256}}),
-        );
-        publisher.publish_job(&job).await.expect("publish job");
-        accepted.push(job.request_id);
-    }
-    // The store goes away once the first job completed, with the rest queued or in flight.
-    log.terminal(&accepted[0], WAIT).await;
-    garage.down();
-    let outage_started = Instant::now();
-    // Hold the outage; meanwhile the worker must finish generating but not fail anything.
-    let mut during = 0usize;
-    while outage_started.elapsed() < OUTAGE {
-        assert!(
-            worker.try_wait().expect("poll worker").is_none(),
-            "worker exited"
-        );
-        let deadline = OUTAGE.saturating_sub(outage_started.elapsed());
-        if let Ok(e) =
-            tokio::time::timeout(deadline, log.next_matching(WAIT, "any event", |_| true)).await
-        {
-            assert_ne!(
-                e.kind(),
-                EventKind::Failed,
-                "nothing fails during a short outage: {e:?}"
+    let (mut outages, mut done_after, mut during) = (Vec::new(), Vec::new(), 0usize);
+    for round in 0..ROUNDS {
+        let mut ids = Vec::new();
+        for i in 0..BURST {
+            let job = common::job(
+                EndpointKind::Sprint,
+                json!({"prompt": format!("outage {round}.{i}"), "image_size": {"width": 256, "height": 256}}),
             );
-            during += 1;
+            publisher.publish_job(&job).await.expect("publish job");
+            ids.push(job.request_id);
         }
+        // The store goes away once the round's first job completed, with the rest queued or in flight.
+        log.terminal(&ids[0], WAIT).await;
+        garage.down();
+        let outage_started = Instant::now();
+        // Hold the outage; meanwhile the worker must finish generating but not fail anything.
+        while outage_started.elapsed() < OUTAGE {
+            assert!(
+                worker.try_wait().expect("poll worker").is_none(),
+                "worker exited"
+            );
+            let deadline = OUTAGE.saturating_sub(outage_started.elapsed());
+            if let Ok(e) =
+                tokio::time::timeout(deadline, log.next_matching(WAIT, "any event", |_| true)).await
+            {
+                assert_ne!(
+                    e.kind(),
+                    EventKind::Failed,
+                    "nothing fails during the outage: {e:?}"
+                );
+                during += 1;
+            }
+        }
+        garage.up().await;
+        outages.push(outage_started.elapsed());
+        let resumed = Instant::now();
+        for id in &ids {
+            log.terminal(id, WAIT).await;
+        }
+        done_after.push(resumed.elapsed());
+        accepted.extend(ids);
     }
-    garage.up().await;
-    let outage = outage_started.elapsed();
-    let resumed = Instant::now();
-    for id in &accepted {
-        log.terminal(id, WAIT).await;
-    }
-    let all_done = resumed.elapsed();
     // Anything published after the terminal events read so far (a duplicate) lies before this marker.
     let end = common::job(EndpointKind::Base, json!({"prompt": "end marker"}));
     publisher
@@ -98,10 +105,10 @@ async fn storage_outage_mid_burst_fault() {
     tally.print(
         "storage_outage",
         &format!(
-            "outage={:.1}s events_during_outage={during} generations={generations} \
-             all_completed_after_store_back={:.1}s",
-            outage.as_secs_f64(),
-            all_done.as_secs_f64()
+            "rounds={ROUNDS} outages={} events_during_outages={during} generations={generations} \
+             all_completed_after_store_back={}",
+            secs(&outages),
+            secs(&done_after)
         ),
     );
     assert_eq!(
@@ -109,9 +116,10 @@ async fn storage_outage_mid_burst_fault() {
         (0, 0, 0),
         "{tally:?}"
     );
-    assert_eq!(tally.completed, BURST);
+    assert_eq!(tally.completed, ROUNDS * BURST);
     assert_eq!(
-        generations, BURST,
+        generations,
+        ROUNDS * BURST,
         "each request generated once: the upload is retried, not the job"
     );
     assert!(

@@ -23,6 +23,15 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// Durations for a fault line: `[16.2s, 0.7s]`.
+pub fn secs(durations: &[Duration]) -> String {
+    let parts: Vec<String> = durations
+        .iter()
+        .map(|d| format!("{:.1}s", d.as_secs_f64()))
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
 /// Polls `cond` every 100 ms until it is true, failing after `timeout` with `what`.
 pub async fn poll_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
 where
