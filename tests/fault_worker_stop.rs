@@ -10,8 +10,8 @@
 //! on a channel's tick timer, and a channel cancels that timer when its process hibernates
 //! (`rabbit_channel:handle_pre_hibernate/1` calls `maybe_cancel_tick_timer/1`). A frozen client sends
 //! nothing, so a channel that hibernated before the delivery was `consumer_timeout` old never ticks
-//! again; then the requeue comes only when the connection dies of missed heartbeats. With lapin taking
-//! the server's 60 s heartbeat, that is the 185 s seen in the first run of this test (2026-12-01). The
+//! again; then the requeue comes only when the connection dies of missed heartbeats. The first run of this
+//! test (2026-12-01) saw 185 s with lapin taking the server's 60 s heartbeat, which fits (its log is gone). The
 //! worker here connects with `?heartbeat=4` in its AMQP URL (the knob the README names), so either way
 //! the job is requeued within seconds; the test prints how many connections the node closed for missed
 //! heartbeats (the other freezes ended by the consumer timeout).
