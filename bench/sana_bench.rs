@@ -15,7 +15,8 @@
 //!   column "ours − text" subtracts the median of the matching text-encoding case, timed apart.
 //! - `gemma2 encode pos(510)+neg(300)`: `Gemma2Encoder::forward` on random ids of 510 and 300 tokens, all
 //!   attended (the diffusers case), no tokeniser.
-//! - `dc-ae decode 1024x1024`: `latents / scaling_factor` + `DcAeDecoder::decode`, latents (1, 32, 32, 32).
+//! - `dc-ae decode 1024x1024`: `latents / scaling_factor` + `DcAeDecoder::decode`, latents (1, 32, 32, 32);
+//!   `dc-ae decode 4x 1024x1024 in one call`: the same with latents (4, 32, 32, 32).
 //! - `base transformer fwd B=2 1024^2`: `prepare_text` (caption projection, cross K/V) + `forward`, the
 //!   diffusers case's inputs (B=2, 300 text tokens of which 40 attended, timestep 999).
 //!
@@ -351,6 +352,13 @@ fn main() -> anyhow::Result<()> {
     let inv = 1.0 / vae_cfg.scaling_factor;
     bench.case("dc-ae decode 1024x1024", None, || {
         vae.decode(&lat.affine(inv, 0.0)?)?;
+        Ok(())
+    });
+    // The same decode over 4 latents in one call (the pipelines decode one image at a time): whether
+    // a batched decode is cheaper per image (issue 14).
+    let lat4 = Tensor::randn(0f32, 1f32, (4, 32, 32, 32), &device)?.to_dtype(DType::BF16)?;
+    bench.case("dc-ae decode 4x 1024x1024 in one call", None, || {
+        vae.decode(&lat4.affine(inv, 0.0)?)?;
         Ok(())
     });
     drop(vae);

@@ -4,19 +4,23 @@
 //! arrive together (distinct prompts and seeds, one image each):
 //! - `one at a time`: `ImagePipeline::generate` per request in arrival order; a request's latency is the
 //!   time from the burst's start to the end of its own run (it waited for those before it);
-//! - `batched`: one `ImagePipeline::generate_batch` over the whole burst; every request's latency is the
-//!   batch's wall time (the worker answers a batch's requests when the batch returns).
+//! - `batched`: one `ImagePipeline::generate_batch_each` over the whole burst; a request's latency is the
+//!   time from the burst's start to the moment its images are handed over (after the shared steps, its
+//!   own decode and those of the requests before it: the worker answers each request at that moment).
 //!
 //! Each mode: one untimed warm-up, one warm-up that samples device memory (`MemPoller`: device-wide peak,
 //! context and pool included), then `SANA_BENCH_RUNS` (default 5) timed bursts between `synchronize()`
 //! calls. Reported: images/s (images of all timed bursts / their total time), p50 and p99 request latency
 //! over every request of the timed bursts (nearest rank), peak GiB; the JSON (`SANA_BENCH_JSON`) also has
-//! the batched/one-at-a-time ratios of images/s and p50.
+//! the batched/one-at-a-time ratios of images/s and p50. Exactness on this card: each request's image of
+//! the last timed batched burst against its image of the last one-at-a-time burst (same seed): bit
+//! equality and the lowest PSNR over the burst (a second table, and the JSON).
 
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::Device;
+use sana_pipelines::image_ops::psnr;
 use sana_pipelines::{BatchEntry, GenerateRequest, NoProgress, PipelineKind, Pipelines};
 
 use crate::{MemPoller, GIB, PROMPT};
@@ -26,6 +30,8 @@ const CONCURRENCY: [u32; 4] = [1, 2, 4, 8];
 
 /// One mode of one burst.
 struct Measured {
+    /// Each request's images of the last timed burst (for the batched-vs-solo comparison).
+    images: Vec<image::RgbImage>,
     images_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -49,18 +55,20 @@ fn burst(kind: PipelineKind, n: u32) -> Vec<GenerateRequest> {
         .collect()
 }
 
-/// Runs the burst once; returns each request's latency in ms (from the burst's start).
+/// Runs the burst once; returns each request's latency in ms (from the burst's start) and its image, in
+/// request order.
 fn run_burst(
     pipes: &mut Pipelines,
     device: &Device,
     reqs: &[GenerateRequest],
     batched: bool,
-) -> anyhow::Result<Vec<f64>> {
+) -> anyhow::Result<(Vec<f64>, Vec<image::RgbImage>)> {
     let kind = reqs[0].endpoint;
     let pipe = pipes.get_mut(kind).context("pipeline loaded")?;
     device.synchronize()?;
     let t = Instant::now();
     let mut lat = Vec::with_capacity(reqs.len());
+    let mut out = Vec::with_capacity(reqs.len());
     if batched {
         let mut observers: Vec<NoProgress> = reqs.iter().map(|_| NoProgress).collect();
         let mut entries: Vec<BatchEntry<'_>> = reqs
@@ -71,27 +79,40 @@ fn run_burst(
                 observer: o,
             })
             .collect();
-        let out = pipe.generate_batch(&mut entries)?;
+        // The images are host memory when handed over, so the hand-over time needs no device sync.
+        let mut handed = Vec::with_capacity(reqs.len());
+        pipe.generate_batch_each(&mut entries, &mut |i, r| {
+            handed.push((i, t.elapsed().as_secs_f64() * 1e3, r))
+        })?;
         device.synchronize()?;
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        for r in out {
-            let images = r?;
+        if handed.len() != reqs.len() {
+            bail!(
+                "{} of {} batched requests answered",
+                handed.len(),
+                reqs.len()
+            );
+        }
+        handed.sort_by_key(|h| h.0);
+        for (_, ms, r) in handed {
+            let mut images = r?;
             if images.len() != 1 || images[0].dimensions() != (1024, 1024) {
                 bail!("a batched request gave {} images", images.len());
             }
             lat.push(ms);
+            out.extend(images.pop());
         }
     } else {
         for req in reqs {
-            let images = pipe.generate(req, &mut NoProgress)?;
+            let mut images = pipe.generate(req, &mut NoProgress)?;
             device.synchronize()?;
             if images.len() != 1 {
                 bail!("a request gave {} images", images.len());
             }
             lat.push(t.elapsed().as_secs_f64() * 1e3);
+            out.extend(images.pop());
         }
     }
-    Ok(lat)
+    Ok((lat, out))
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -115,13 +136,16 @@ fn measure(
     warm?;
     let mut all = Vec::with_capacity(runs * reqs.len());
     let mut total_s = 0.0;
+    let mut images = Vec::new();
     for _ in 0..runs {
-        let lat = run_burst(pipes, device, reqs, batched)?;
+        let (lat, last) = run_burst(pipes, device, reqs, batched)?;
         total_s += lat.iter().copied().fold(0.0, f64::max) / 1e3;
         all.extend(lat);
+        images = last;
     }
     all.sort_by(f64::total_cmp);
     Ok(Measured {
+        images,
         images_per_s: all.len() as f64 / total_s.max(1e-9),
         p50_ms: percentile(&all, 50.0),
         p99_ms: percentile(&all, 99.0),
@@ -141,6 +165,7 @@ pub fn run(
     println!("\n## sana-bench batch on {card} (bf16, random weights at the real configs)\n");
     println!("| case | requests | mode | images/s | p50 ms | p99 ms | peak GiB | runs |");
     println!("|---|---|---|---|---|---|---|---|");
+    let mut exactness = Vec::new();
     let mut cases = Vec::new();
     let mut errors = Vec::new();
     // `SANA_BENCH_BATCH_KINDS=sprint` (or `base`) runs one pipeline's cases only.
@@ -154,6 +179,7 @@ pub fn run(
             let reqs = burst(kind, n);
             let name = format!("batch {kind} 1024x1024 {} steps", kind.default_steps());
             let mut pair = Vec::new();
+            let mut images: Vec<Vec<image::RgbImage>> = Vec::new();
             for batched in [false, true] {
                 let mode = if batched { "batched" } else { "one at a time" };
                 match measure(pipes, device, cuda, &reqs, batched, runs) {
@@ -170,6 +196,7 @@ pub fn run(
                             "peak_gib": m.peak_gib,
                             "runs": m.runs,
                         }));
+                        images.push(m.images);
                     }
                     Err(e) => {
                         println!("| {name} | {n} | {mode} | FAILED: {e:#} |");
@@ -184,8 +211,27 @@ pub fn run(
                 },
                 _ => None,
             };
+            // Each batched request's image against the same request run alone (same seed).
+            let (bit_exact, min_psnr) = match images.as_slice() {
+                [solo, batched] if solo.len() == batched.len() => (
+                    solo == batched,
+                    solo.iter()
+                        .zip(batched)
+                        .map(|(a, b)| psnr(a, b))
+                        .fold(f64::INFINITY, f64::min),
+                ),
+                _ => (false, f64::NAN),
+            };
+            exactness.push(format!("| {name} | {n} | {bit_exact} | {min_psnr:.2} |"));
             cases.push(serde_json::json!({
                 "case": name,
+                "batched_equals_solo_bit_exact": bit_exact,
+                // JSON has no infinity: a bit-exact burst writes "inf" (and a missing mode "NaN").
+                "batched_vs_solo_min_psnr_db": if min_psnr.is_finite() {
+                    serde_json::json!(min_psnr)
+                } else {
+                    serde_json::json!(min_psnr.to_string())
+                },
                 "endpoint": kind.as_str(),
                 "requests": n,
                 "modes": pair,
@@ -193,6 +239,13 @@ pub fn run(
                 "p50_ratio": ratio("p50_ms"),
             }));
         }
+    }
+    println!(
+        "\n| case | requests | batched images bit-exact to solo | min PSNR batched vs solo dB |"
+    );
+    println!("|---|---|---|---|");
+    for line in &exactness {
+        println!("{line}");
     }
     if let Ok(path) = std::env::var("SANA_BENCH_JSON") {
         let doc = serde_json::json!({

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::faults::{poll_until, spawn_dispatcher, spawn_worker, RabbitNode, Tally};
 use common::EventLog;
-use fleet::events::{Event, EventKind};
+use fleet::events::EventKind;
 use fleet::job::EndpointKind;
 use serde_json::{json, Value};
 
@@ -128,19 +128,8 @@ async fn worker_stopped_past_the_consumer_timeout_fault() {
     for id in &accepted {
         log.terminal(id, WAIT).await;
     }
-    // A late duplicate would sit after the terminal events read so far: read up to a fresh marker.
-    let publisher = fleet::queue::Publisher::new(&conn, topology.clone())
-        .await
-        .expect("publisher");
-    let probe = common::job(EndpointKind::Base, json!({"prompt": "end marker"}));
-    publisher
-        .publish_event(&Event::cancelled(
-            probe.request_id.clone(),
-            EndpointKind::Base,
-        ))
-        .await
-        .expect("end marker");
-    log.terminal(&probe.request_id, WAIT).await;
+    // A late duplicate would sit after the terminal events read so far.
+    log.read_to_end(&conn, &topology, WAIT).await;
     for id in &accepted {
         let (client, base, id2) = (client.clone(), base.clone(), id.clone());
         poll_until(WAIT, &format!("{id} COMPLETED in the dispatcher"), || {

@@ -2,7 +2,8 @@
 //! tiny Sana-Sprint checkpoint: sprint jobs submitted together with `max_batch = 4` run as one batch
 //! (observed: the batch sizes the pipeline was called with, `Probe::batches`), every request keeps its
 //! own `started`/`progress`/`completed` events, and every uploaded PNG is pixel for pixel the image of the
-//! request's solo run (the bound of `sana_pipelines`' batching on the CPU: bit-exact). A batch that
+//! request's solo run (the bound of `sana_pipelines`' batching on the CPU: bit-exact); each job is
+//! answered when its own images are decoded, not when the batch ends (`timings.inference`). A batch that
 //! panics on the model is run again request by request: the request that breaks the model fails alone.
 
 mod common;
@@ -93,6 +94,7 @@ async fn sprint_jobs_submitted_together_run_as_one_batch_and_equal_their_solo_ru
     }
 
     let mut delivered = Vec::new();
+    let mut inference = Vec::new();
     for job in &jobs {
         let done = log.terminal(&job.request_id, WAIT).await;
         assert_eq!(done.kind(), EventKind::Completed, "{done:?}");
@@ -107,6 +109,11 @@ async fn sprint_jobs_submitted_together_run_as_one_batch_and_equal_their_solo_ru
             .collect();
         assert_eq!(steps, vec![(1, 2), (2, 2)], "its own progress events");
         let result = done.result().expect("result body");
+        inference.push(
+            result["timings"]["inference"]
+                .as_f64()
+                .expect("timings.inference"),
+        );
         let mut images = Vec::new();
         for meta in result["images"].as_array().expect("images") {
             let (status, _, body) = common::http_get(meta["url"].as_str().expect("url")).await;
@@ -120,6 +127,19 @@ async fn sprint_jobs_submitted_together_run_as_one_batch_and_equal_their_solo_ru
 
     let batches = probe.batches.lock().expect("probe").clone();
     assert_eq!(batches, vec![4], "the four jobs ran as one batch");
+    // Each job is answered when its own images are decoded: its inference time (batch start to its
+    // answer) includes the decodes of the jobs answered before it, so no two are alike. Were the batch
+    // answered at its end, all four would be the batch's time plus a check of microseconds (no safety
+    // check here).
+    let mut sorted = inference.clone();
+    sorted.sort_by(f64::total_cmp);
+    eprintln!("inference times of the batch, sorted: {sorted:?} s");
+    for pair in sorted.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 1e-3,
+            "answers at least one decode apart: {sorted:?}"
+        );
+    }
 
     let solo = {
         let jobs = jobs.clone();

@@ -128,9 +128,12 @@ pub struct BatchEntry<'a> {
     pub observer: &'a mut dyn StepObserver,
 }
 
-/// Per-request outcomes of a batched run, in the order of the entries: images, or the error that is the
-/// request's own (invalid or incompatible request, cancelled by its observer, its decode failed).
-pub type BatchOutcome = Vec<Result<Vec<image::RgbImage>, PipelineError>>;
+/// One request's outcome in a batched run: its images, or the error that is the request's own (invalid or
+/// incompatible request, cancelled by its observer, its decode failed).
+pub type RequestOutcome = Result<Vec<image::RgbImage>, PipelineError>;
+
+/// Per-request outcomes of a batched run, in the order of the entries.
+pub type BatchOutcome = Vec<RequestOutcome>;
 
 /// One text-to-image pipeline. Owned and called by the single model thread of a worker; never from async code.
 pub trait ImagePipeline: Send {
@@ -148,19 +151,44 @@ pub trait ImagePipeline: Send {
     /// Runs compatible requests as one batch: each request's images are those its solo
     /// [`ImagePipeline::generate`] gives (the implementation states the bound), each observer sees its
     /// own request's steps, and an observer that cancels takes only its request out of the batch.
-    /// `Err` = the batch as a whole failed (a model or device error: the caller may retry per request).
+    ///
+    /// Each request's outcome goes to `done(entry index, outcome)` as soon as it is final, not when the
+    /// batch ends: a request that cannot run or is cancelled when it leaves, a completed one right after
+    /// its own images are decoded (the sampling steps are shared; the decodes run one request after
+    /// another, so the first request's answer need not wait for the last one's decode).
+    /// `Ok` = every entry was handed exactly once. `Err` = the batch as a whole failed (a model or device
+    /// error); the entries not handed before it failed with it (the caller may retry them one by one).
     /// The default runs the entries one after another.
+    fn generate_batch_each(
+        &mut self,
+        batch: &mut [BatchEntry<'_>],
+        done: &mut dyn FnMut(usize, RequestOutcome),
+    ) -> Result<(), PipelineError> {
+        for (i, entry) in batch.iter_mut().enumerate() {
+            match self.generate(entry.request, &mut *entry.observer) {
+                Err(PipelineError::Candle(e)) => return Err(PipelineError::Candle(e)),
+                other => done(i, other),
+            }
+        }
+        Ok(())
+    }
+
+    /// [`ImagePipeline::generate_batch_each`], with the outcomes collected in entry order.
     fn generate_batch(
         &mut self,
         batch: &mut [BatchEntry<'_>],
     ) -> Result<BatchOutcome, PipelineError> {
-        let mut out = Vec::with_capacity(batch.len());
-        for entry in batch.iter_mut() {
-            out.push(match self.generate(entry.request, &mut *entry.observer) {
-                Err(PipelineError::Candle(e)) => return Err(PipelineError::Candle(e)),
-                other => other,
-            });
-        }
-        Ok(out)
+        let mut slots: Vec<Option<RequestOutcome>> = batch.iter().map(|_| None).collect();
+        self.generate_batch_each(batch, &mut |i, outcome| slots[i] = Some(outcome))?;
+        Ok(slots
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| {
+                    Err(PipelineError::InvalidRequest(
+                        "the batch gave this request no outcome".into(),
+                    ))
+                })
+            })
+            .collect())
     }
 }

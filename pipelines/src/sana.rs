@@ -27,7 +27,8 @@ use super::scheduler::{DpmSolverConfig, FlowDpmSolver, ScmConfig, ScmScheduler};
 use super::text::TextEncoder;
 use super::transformer::SanaTransformer2DModel;
 use super::{
-    BatchEntry, BatchKey, BatchOutcome, GenerateRequest, ImagePipeline, PipelineError, StepObserver,
+    BatchEntry, BatchKey, GenerateRequest, ImagePipeline, PipelineError, RequestOutcome,
+    StepObserver,
 };
 use crate::PipelineKind;
 
@@ -258,7 +259,9 @@ impl SanaPipeline {
             noise,
             observer,
         }];
-        one_outcome(self.generate_batch_with_noise(&mut members, opts)?)
+        let mut outcome = None;
+        self.generate_batch_with_noise(&mut members, opts, &mut |_, o| outcome = Some(o))?;
+        one_outcome(outcome)
     }
 }
 
@@ -281,13 +284,14 @@ impl ImagePipeline for SanaPipeline {
         )
     }
 
-    fn generate_batch(
+    fn generate_batch_each(
         &mut self,
         batch: &mut [BatchEntry<'_>],
-    ) -> Result<BatchOutcome, PipelineError> {
+        done: &mut dyn FnMut(usize, RequestOutcome),
+    ) -> Result<(), PipelineError> {
         let device = self.core.device.clone();
         with_seeded_members(batch, &device, |members| {
-            self.generate_batch_with_noise(members, RunOptions::default())
+            self.generate_batch_with_noise(members, RunOptions::default(), done)
         })
     }
 }
@@ -347,7 +351,9 @@ impl SanaSprintPipeline {
             noise,
             observer,
         }];
-        one_outcome(self.generate_batch_with_noise(&mut members, opts)?)
+        let mut outcome = None;
+        self.generate_batch_with_noise(&mut members, opts, &mut |_, o| outcome = Some(o))?;
+        one_outcome(outcome)
     }
 }
 
@@ -370,20 +376,21 @@ impl ImagePipeline for SanaSprintPipeline {
         )
     }
 
-    fn generate_batch(
+    fn generate_batch_each(
         &mut self,
         batch: &mut [BatchEntry<'_>],
-    ) -> Result<BatchOutcome, PipelineError> {
+        done: &mut dyn FnMut(usize, RequestOutcome),
+    ) -> Result<(), PipelineError> {
         let device = self.core.device.clone();
         with_seeded_members(batch, &device, |members| {
-            self.generate_batch_with_noise(members, RunOptions::default())
+            self.generate_batch_with_noise(members, RunOptions::default(), done)
         })
     }
 }
 
 /// The outcome of a batch of one.
-fn one_outcome(mut outcome: BatchOutcome) -> Result<Vec<image::RgbImage>, PipelineError> {
-    outcome.pop().unwrap_or_else(|| {
+fn one_outcome(outcome: Option<RequestOutcome>) -> RequestOutcome {
+    outcome.unwrap_or_else(|| {
         Err(PipelineError::InvalidRequest(
             "a batch of one gave no outcome".into(),
         ))
@@ -395,8 +402,8 @@ fn one_outcome(mut outcome: BatchOutcome) -> Result<Vec<image::RgbImage>, Pipeli
 fn with_seeded_members(
     batch: &mut [BatchEntry<'_>],
     device: &Device,
-    f: impl FnOnce(&mut [BatchMember<'_>]) -> Result<BatchOutcome, PipelineError>,
-) -> Result<BatchOutcome, PipelineError> {
+    f: impl FnOnce(&mut [BatchMember<'_>]) -> Result<(), PipelineError>,
+) -> Result<(), PipelineError> {
     let mut noises = batch
         .iter()
         .map(|e| seeded_noise(e.request.seed, device))

@@ -459,3 +459,83 @@ fn incompatible_and_invalid_requests_fail_alone_in_a_batch() {
     assert!(out[0].as_ref().unwrap() == &solo[0], "{BATCH_EXACTNESS}");
     assert!(out[3].as_ref().unwrap() == &solo[1], "{BATCH_EXACTNESS}");
 }
+
+/// Logs its request's steps into a log shared by every member of a batch.
+struct Logged<'a> {
+    idx: usize,
+    log: &'a std::cell::RefCell<Vec<String>>,
+    cancel_at: Option<u32>,
+}
+
+impl StepObserver for Logged<'_> {
+    fn on_step(&mut self, step: u32, _total: u32) -> Result<(), PipelineError> {
+        self.log
+            .borrow_mut()
+            .push(format!("step {} of {}", step, self.idx));
+        if self.cancel_at == Some(step) {
+            return Err(PipelineError::Cancelled);
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn each_request_of_a_batch_is_answered_when_its_outcome_is_final() {
+    for (kind, steps) in [(PipelineKind::Base, 4), (PipelineKind::Sprint, 3)] {
+        let mut reqs = batch_requests(kind, steps);
+        let mut invalid = reqs[0].clone();
+        invalid.num_images = 0;
+        reqs.insert(1, invalid);
+        // Members: 0 ok, 1 invalid, 2 ok, 3 cancelled after step 2.
+        let solo = solo_runs(kind, &[reqs[0].clone(), reqs[2].clone()]);
+        let log = std::cell::RefCell::new(Vec::new());
+        let mut observers: Vec<Logged<'_>> = (0..reqs.len())
+            .map(|idx| Logged {
+                idx,
+                log: &log,
+                cancel_at: (idx == 3).then_some(2),
+            })
+            .collect();
+        let mut guard = pipelines().lock().unwrap_or_else(|p| p.into_inner());
+        let p = guard.get_mut(kind).expect("loaded");
+        let mut entries: Vec<BatchEntry<'_>> = reqs
+            .iter()
+            .zip(observers.iter_mut())
+            .map(|(request, observer)| BatchEntry { request, observer })
+            .collect();
+        let mut outcomes: Vec<Option<Result<Vec<image::RgbImage>, PipelineError>>> =
+            reqs.iter().map(|_| None).collect();
+        p.generate_batch_each(&mut entries, &mut |i, outcome| {
+            log.borrow_mut().push(format!("answer {i}"));
+            assert!(
+                outcomes[i].replace(outcome).is_none(),
+                "{kind}: {i} answered twice"
+            );
+        })
+        .expect("the batch runs");
+        drop((entries, guard));
+        let log = log.into_inner();
+        let at = |what: &str| {
+            log.iter()
+                .position(|l| l == what)
+                .unwrap_or_else(|| panic!("{kind}: no `{what}` in {log:?}"))
+        };
+        // The invalid request is answered before any step, the cancelled one right after its last step
+        // (before the others' next step), the completed ones after every step, in member order.
+        assert!(at("answer 1") < at("step 1 of 0"), "{kind}: {log:?}");
+        assert!(at("step 2 of 3") < at("answer 3"), "{kind}: {log:?}");
+        assert!(at("answer 3") < at("step 3 of 0"), "{kind}: {log:?}");
+        let last_step = format!("step {steps} of 2");
+        assert!(at(&last_step) < at("answer 0"), "{kind}: {log:?}");
+        assert!(at("answer 0") < at("answer 2"), "{kind}: {log:?}");
+        assert!(matches!(
+            outcomes[1],
+            Some(Err(PipelineError::InvalidRequest(_)))
+        ));
+        assert!(matches!(outcomes[3], Some(Err(PipelineError::Cancelled))));
+        for (i, want) in [(0, &solo[0]), (2, &solo[1])] {
+            let got = outcomes[i].take().expect("answered").expect("completed");
+            assert!(&got == want, "{kind} request {i}: {BATCH_EXACTNESS}");
+        }
+    }
+}

@@ -226,6 +226,27 @@ impl EventLog {
         .await
     }
 
+    /// Reads the stream up to a fresh end marker (a `cancelled` event of a new request id) published on
+    /// `conn` now: anything published before this call (a late duplicate of a terminal event read so far)
+    /// is then in `seen`.
+    pub async fn read_to_end(&mut self, conn: &Connection, topology: &Topology, timeout: Duration) {
+        let publisher = queue::Publisher::new(conn, topology.clone())
+            .await
+            .expect("publisher of the end marker");
+        let marker = job(
+            fleet::job::EndpointKind::Base,
+            serde_json::json!({"prompt": "end marker"}),
+        );
+        publisher
+            .publish_event(&Event::cancelled(
+                marker.request_id.clone(),
+                fleet::job::EndpointKind::Base,
+            ))
+            .await
+            .expect("end marker");
+        self.terminal(&marker.request_id, timeout).await;
+    }
+
     /// Events of one request, in stream order.
     pub fn of(&self, request_id: &str) -> Vec<&Event> {
         self.seen

@@ -26,7 +26,8 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use sana_pipelines::loader::ModelSource;
 use sana_pipelines::{
-    BatchEntry, BatchKey, BatchOutcome, GenerateRequest, ImagePipeline, PipelineError, StepObserver,
+    BatchEntry, BatchKey, GenerateRequest, ImagePipeline, PipelineError, RequestOutcome,
+    StepObserver,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -123,9 +124,9 @@ pub enum Freed {
 pub struct Probe {
     /// Completed calls of the real factory.
     pub loads: Arc<AtomicUsize>,
-    /// Requests run by a real pipeline (`generate` calls plus the requests of `generate_batch` calls).
+    /// Requests run by a real pipeline (`generate` calls plus the requests of `generate_batch_each` calls).
     pub runs: Arc<AtomicUsize>,
-    /// Number of requests of each `generate_batch` call, in call order (the worker runs even a single
+    /// Number of requests of each `generate_batch_each` call, in call order (the worker runs even a single
     /// request through it).
     pub batches: Arc<Mutex<Vec<usize>>>,
     freed: mpsc::UnboundedSender<Freed>,
@@ -253,10 +254,11 @@ impl ImagePipeline for ObservedSet {
             .batch_key(req)
     }
 
-    fn generate_batch(
+    fn generate_batch_each(
         &mut self,
         batch: &mut [BatchEntry<'_>],
-    ) -> Result<BatchOutcome, PipelineError> {
+        done: &mut dyn FnMut(usize, RequestOutcome),
+    ) -> Result<(), PipelineError> {
         let kind = self.kind.ok_or_else(|| {
             PipelineError::InvalidRequest("generate before a pipeline lookup".into())
         })?;
@@ -288,7 +290,7 @@ impl ImagePipeline for ObservedSet {
             .zip(gated.iter_mut())
             .map(|(request, observer)| BatchEntry { request, observer })
             .collect();
-        real.generate_batch(&mut entries)
+        real.generate_batch_each(&mut entries, done)
     }
 }
 

@@ -4,13 +4,15 @@
 //! and adds, from the jobs already waiting and then from those arriving within `batch_wait`, up to
 //! `max_batch − 1` jobs with the same [`BatchKey`] (endpoint, binned size, steps, CFG on/off; see
 //! `sana_pipelines::BatchKey`). Incompatible jobs keep their place in the queue. The batch then runs as
-//! one `ImagePipeline::generate_batch`: `started` is signalled for each job, progress goes to each job's
-//! own channel, each job is safety-checked on its own and answered on its own reply.
+//! one `ImagePipeline::generate_batch_each`: `started` is signalled for each job, progress goes to each
+//! job's own channel, and each job is safety-checked on its own and answered on its own reply as soon as
+//! its images are decoded (the decodes run one request after another after the shared steps, so the
+//! first job of a batch of k is answered k − 1 decodes before the last).
 //!
 //! Failures: a job cancelled before or during the run leaves alone (the others keep their values); a
 //! failure that is one request's own (invalid request, its decode, its safety check) fails only it; a
-//! batch that fails on the model (a tensor error or a panic) is run again request by request, so the
-//! job that breaks the model fails alone and the others complete. `max_batch = 1` is the old behaviour:
+//! batch that fails on the model (a tensor error or a panic) is run again request by request (those not
+//! answered yet), so the job that breaks the model fails alone and the others complete. `max_batch = 1` is the old behaviour:
 //! one job at a time, in arrival order.
 
 use std::time::{Duration, Instant};
@@ -123,7 +125,11 @@ pub(crate) fn collect(
     batch
 }
 
-/// Runs `batch` and answers every job: as one batch, then (when the batch fails on the model) one by one.
+/// The reply of a job not answered yet (`None` once answered).
+type Reply = Option<oneshot::Sender<Result<GenerateOutput, ModelError>>>;
+
+/// Runs `batch` and answers every job: as one batch (each job as soon as its own images are checked),
+/// then, when the batch fails on the model, the jobs not answered yet one by one.
 pub(crate) fn run(
     models: &mut Option<LoadedModels>,
     factory: &mut dyn PipelineFactory,
@@ -131,110 +137,113 @@ pub(crate) fn run(
     batch: Vec<Waiting>,
 ) {
     let mut jobs = Vec::with_capacity(batch.len());
-    let mut replies = Vec::with_capacity(batch.len());
+    let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
     for (mut job, reply) in batch {
         // `started` = the thread works on this job now (before loading or running anything).
         let (signal, _) = oneshot::channel();
         let _ = std::mem::replace(&mut job.started, signal).send(());
         jobs.push(job);
-        replies.push(reply);
+        replies.push(Some(reply));
     }
     let size = jobs.len();
     if size > 1 {
         tracing::info!(size, endpoint = %jobs[0].endpoint, "running a batch");
     }
     let result = guarded(models, |m| {
-        ensure_loaded(m, &mut *factory, endpoints).and_then(|m| run_batch(m, &jobs))
+        ensure_loaded(m, &mut *factory, endpoints).and_then(|m| run_batch(m, &jobs, &mut replies))
     });
-    match result {
-        Ok(outcomes) => {
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(outcome);
-            }
+    let Err(e) = result else { return };
+    if size == 1 {
+        if let Some(reply) = replies.pop().flatten() {
+            let _ = reply.send(Err(e));
         }
-        Err(e) if size == 1 => {
-            if let Some(reply) = replies.pop() {
-                let _ = reply.send(Err(e));
-            }
+        return;
+    }
+    let left = replies.iter().filter(|r| r.is_some()).count();
+    tracing::warn!(size, left, error = %e, "the batch failed on the model; running its unanswered requests one by one");
+    for (job, reply) in jobs.iter().zip(replies.iter_mut()) {
+        if reply.is_none() {
+            continue;
         }
-        Err(e) => {
-            tracing::warn!(size, error = %e, "the batch failed on the model; running its requests one by one");
-            for (job, reply) in jobs.iter().zip(replies) {
-                let solo = guarded(models, |m| {
-                    ensure_loaded(m, &mut *factory, endpoints)
-                        .and_then(|m| run_batch(m, std::slice::from_ref(job)))
-                });
-                let outcome = solo.and_then(|mut v| v.pop().unwrap_or(Err(ModelError::Stopped)));
-                let _ = reply.send(outcome);
-            }
+        let mut one = [reply.take()];
+        let solo = guarded(models, |m| {
+            ensure_loaded(m, &mut *factory, endpoints)
+                .and_then(|m| run_batch(m, std::slice::from_ref(job), &mut one))
+        });
+        if let (Err(e), Some(reply)) = (solo, one[0].take()) {
+            let _ = reply.send(Err(e));
         }
     }
 }
 
-/// One pipeline run over `jobs` (all for the same endpoint), then each job's safety check. `Err` = the
-/// run failed as a whole; otherwise one outcome per job.
+/// One pipeline run over `jobs` (all for the same endpoint), each job answered on its reply as soon as
+/// its images are safety-checked. `Err` = the run failed as a whole; the jobs whose reply is still
+/// `Some` were not answered.
 fn run_batch(
     models: &mut LoadedModels,
     jobs: &[Box<GenerateJob>],
-) -> Result<Vec<Result<GenerateOutput, ModelError>>, ModelError> {
+    replies: &mut [Reply],
+) -> Result<(), ModelError> {
     let started = Instant::now();
-    let mut outcomes: Vec<Option<Result<GenerateOutput, ModelError>>> =
-        jobs.iter().map(|_| None).collect();
+    let mut answer = |i: usize, outcome: Result<GenerateOutput, ModelError>| {
+        if let Some(reply) = replies[i].take() {
+            let _ = reply.send(outcome);
+        }
+    };
     let mut runnable = Vec::with_capacity(jobs.len());
     for (i, job) in jobs.iter().enumerate() {
         if job.cancel.is_cancelled() {
-            outcomes[i] = Some(Err(PipelineError::Cancelled.into()));
+            answer(i, Err(PipelineError::Cancelled.into()));
         } else {
             runnable.push(i);
         }
     }
-    if let Some(&first) = runnable.first() {
-        let endpoint = jobs[first].endpoint;
-        let pipeline = models.pipelines.pipeline(endpoint).ok_or_else(|| {
-            PipelineError::InvalidRequest(format!(
-                "this worker does not serve the {endpoint} endpoint"
-            ))
-        })?;
-        let mut observers: Vec<Observer<'_>> = runnable
-            .iter()
-            .map(|&i| Observer {
-                cancel: &jobs[i].cancel,
-                progress: &jobs[i].progress,
-                last: std::time::Instant::now(),
+    let Some(&first) = runnable.first() else {
+        return Ok(());
+    };
+    let endpoint = jobs[first].endpoint;
+    let LoadedModels { pipelines, safety } = models;
+    let pipeline = pipelines.pipeline(endpoint).ok_or_else(|| {
+        PipelineError::InvalidRequest(format!(
+            "this worker does not serve the {endpoint} endpoint"
+        ))
+    })?;
+    let mut observers: Vec<Observer<'_>> = runnable
+        .iter()
+        .map(|&i| Observer {
+            cancel: &jobs[i].cancel,
+            progress: &jobs[i].progress,
+            last: std::time::Instant::now(),
+        })
+        .collect();
+    let mut entries: Vec<BatchEntry<'_>> = runnable
+        .iter()
+        .zip(observers.iter_mut())
+        .map(|(&i, observer)| BatchEntry {
+            request: &jobs[i].request,
+            observer,
+        })
+        .collect();
+    let batch_size = runnable.len();
+    pipeline.generate_batch_each(&mut entries, &mut |entry, result| {
+        let i = runnable[entry];
+        let outcome = result.map_err(ModelError::from).and_then(|mut images| {
+            let flags = if jobs[i].check_safety {
+                safety.check(&images)?
+            } else {
+                vec![false; images.len()]
+            };
+            safety::apply(&mut images, &flags);
+            Ok(GenerateOutput {
+                images,
+                has_nsfw_concepts: flags,
+                // From the batch's start to this job's checked images: its share of the shared steps,
+                // the decodes before its own, its decode and its check.
+                inference_time: started.elapsed().as_secs_f64(),
+                batch_size,
             })
-            .collect();
-        let mut entries: Vec<BatchEntry<'_>> = runnable
-            .iter()
-            .zip(observers.iter_mut())
-            .map(|(&i, observer)| BatchEntry {
-                request: &jobs[i].request,
-                observer,
-            })
-            .collect();
-        let results = pipeline.generate_batch(&mut entries)?;
-        drop(entries);
-        let pipeline_time = started.elapsed();
-        for (&i, result) in runnable.iter().zip(results) {
-            let checked = Instant::now();
-            let outcome = result.map_err(ModelError::from).and_then(|mut images| {
-                let flags = if jobs[i].check_safety {
-                    models.safety.check(&images)?
-                } else {
-                    vec![false; images.len()]
-                };
-                safety::apply(&mut images, &flags);
-                Ok(GenerateOutput {
-                    images,
-                    has_nsfw_concepts: flags,
-                    inference_time: (pipeline_time + checked.elapsed()).as_secs_f64(),
-                    batch_size: runnable.len(),
-                })
-            });
-            outcomes[i] = Some(outcome);
-        }
-    }
-    Ok(outcomes
-        .into_iter()
-        .map(|o| o.unwrap_or(Err(ModelError::Stopped)))
-        .collect())
+        });
+        answer(i, outcome);
+    })?;
+    Ok(())
 }

@@ -20,13 +20,18 @@
 //! the next step; its rows are dropped from the latents and the text context, and the others go on
 //! with the same values. A request that cannot run (invalid, incompatible with the first valid
 //! request's key, its noise source failed) fails alone; a failing forward fails the batch (`Err`).
+//!
+//! Answers: each request's outcome goes to the caller's `done` as soon as it is final ([`Outcomes`]):
+//! a failed or cancelled request when it leaves, a completed one right after its own decode. The
+//! decodes run request after request (see `DenoiserParts::decode_to_images`), so in a batch of k the
+//! first answer comes k − 1 decodes before the last.
 
 use candle_core::{DType, Tensor};
 
 use super::{check_request, DenoiserParts, NoiseSource, PipelineCore, RunOptions};
 use super::{SanaPipeline, SanaSprintPipeline};
 use crate::scheduler::{self, FlowDpmSolver, ScmScheduler};
-use crate::{BatchKey, BatchOutcome, GenerateRequest, PipelineError, PipelineKind, StepObserver};
+use crate::{BatchKey, GenerateRequest, PipelineError, PipelineKind, RequestOutcome, StepObserver};
 
 /// One request of a batched run with its own noise source and observer.
 pub struct BatchMember<'a> {
@@ -68,9 +73,41 @@ struct Live<S> {
     left: Option<PipelineError>,
 }
 
-/// Members that may run: the outcome slots (filled for those that may not) and the shared key.
+/// Hands each member's outcome to the caller's `done` exactly once, as soon as it is final.
+struct Outcomes<'d> {
+    done: &'d mut dyn FnMut(usize, RequestOutcome),
+    given: Vec<bool>,
+}
+
+impl<'d> Outcomes<'d> {
+    fn new(members: usize, done: &'d mut dyn FnMut(usize, RequestOutcome)) -> Self {
+        Outcomes {
+            done,
+            given: vec![false; members],
+        }
+    }
+
+    fn give(&mut self, idx: usize, outcome: RequestOutcome) {
+        if !std::mem::replace(&mut self.given[idx], true) {
+            (self.done)(idx, outcome);
+        }
+    }
+
+    /// Ends a batch that ran to its end: a member no path answered (none should) still gets an answer.
+    fn close(mut self) {
+        for i in 0..self.given.len() {
+            self.give(
+                i,
+                Err(PipelineError::InvalidRequest(
+                    "request left no outcome".into(),
+                )),
+            );
+        }
+    }
+}
+
+/// Members that may run and the shared key (those that may not are answered already).
 struct Admitted {
-    outcomes: Vec<Option<Result<Vec<image::RgbImage>, PipelineError>>>,
     /// `(member index, n)` of the admitted members, in member order.
     admitted: Vec<(usize, usize)>,
     key: Option<BatchKey>,
@@ -80,22 +117,23 @@ fn admit(
     parts: &DenoiserParts,
     kind: PipelineKind,
     members: &[BatchMember<'_>],
+    outcomes: &mut Outcomes<'_>,
     opts: RunOptions,
 ) -> Admitted {
     let mut out = Admitted {
-        outcomes: members.iter().map(|_| None).collect(),
         admitted: Vec::new(),
         key: None,
     };
     for (i, m) in members.iter().enumerate() {
         match batch_key(parts, kind, m.request, opts) {
-            Err(e) => out.outcomes[i] = Some(Err(e)),
-            Ok(key) if out.key.is_some_and(|k| k != key) => {
-                out.outcomes[i] = Some(Err(PipelineError::InvalidRequest(format!(
+            Err(e) => outcomes.give(i, Err(e)),
+            Ok(key) if out.key.is_some_and(|k| k != key) => outcomes.give(
+                i,
+                Err(PipelineError::InvalidRequest(format!(
                     "request {key:?} is not compatible with the batch {:?}",
                     out.key
-                ))))
-            }
+                ))),
+            ),
             Ok(key) => {
                 out.key = Some(key);
                 out.admitted.push((i, m.request.num_images as usize));
@@ -141,7 +179,7 @@ fn encode_per_request<S, T>(
 fn observe<S>(
     live: &mut Vec<Live<S>>,
     members: &mut [BatchMember<'_>],
-    outcomes: &mut [Option<Result<Vec<image::RgbImage>, PipelineError>>],
+    outcomes: &mut Outcomes<'_>,
     text: &mut crate::transformer::TextContext,
     rows_per_image: usize,
     (step, total): (u32, u32),
@@ -160,7 +198,7 @@ fn observe<S>(
                 keep_rows.extend(offset..offset + rows);
                 kept.push(l);
             }
-            Err(e) => outcomes[l.idx] = Some(Err(e)),
+            Err(e) => outcomes.give(l.idx, Err(e)),
         }
         offset += rows;
     }
@@ -171,27 +209,19 @@ fn observe<S>(
     Ok(())
 }
 
-/// Decodes every request still live and collects all outcomes in member order.
+/// Decodes the requests still live one after another, answering each as soon as its images exist.
 fn finish<S>(
     parts: &DenoiserParts,
     live: Vec<(Live<S>, Tensor)>,
     members: &[BatchMember<'_>],
-    mut outcomes: Vec<Option<Result<Vec<image::RgbImage>, PipelineError>>>,
+    mut outcomes: Outcomes<'_>,
     opts: RunOptions,
-) -> BatchOutcome {
+) {
     for (l, latents) in live {
-        outcomes[l.idx] = Some(parts.decode_to_images(&latents, members[l.idx].request, opts));
+        let images = parts.decode_to_images(&latents, members[l.idx].request, opts);
+        outcomes.give(l.idx, images);
     }
-    outcomes
-        .into_iter()
-        .map(|o| {
-            o.unwrap_or_else(|| {
-                Err(PipelineError::InvalidRequest(
-                    "request left no outcome".into(),
-                ))
-            })
-        })
-        .collect()
+    outcomes.close();
 }
 
 impl SanaPipeline {
@@ -201,16 +231,16 @@ impl SanaPipeline {
         &mut self,
         members: &mut [BatchMember<'_>],
         opts: RunOptions,
-    ) -> Result<BatchOutcome, PipelineError> {
+        done: &mut dyn FnMut(usize, RequestOutcome),
+    ) -> Result<(), PipelineError> {
         let core = &self.core;
         let parts = &core.parts;
-        let Admitted {
-            mut outcomes,
-            admitted,
-            key,
-        } = admit(parts, PipelineKind::Base, members, opts);
+        let mut outcomes = Outcomes::new(members.len(), done);
+        let Admitted { admitted, key } =
+            admit(parts, PipelineKind::Base, members, &mut outcomes, opts);
         let Some(key) = key else {
-            return Ok(finish::<()>(parts, Vec::new(), members, outcomes, opts));
+            finish::<()>(parts, Vec::new(), members, outcomes, opts);
+            return Ok(());
         };
         let (h, w) = (key.height as usize, key.width as usize);
         let mut live = Vec::with_capacity(admitted.len());
@@ -218,7 +248,7 @@ impl SanaPipeline {
             let sched = match FlowDpmSolver::new(&core.scheduler, key.steps as usize) {
                 Ok(s) => s,
                 Err(e) => {
-                    outcomes[idx] = Some(Err(e));
+                    outcomes.give(idx, Err(e));
                     continue;
                 }
             };
@@ -234,11 +264,12 @@ impl SanaPipeline {
                     denoised: None,
                     left: None,
                 }),
-                Err(e) => outcomes[idx] = Some(Err(e)),
+                Err(e) => outcomes.give(idx, Err(e)),
             }
         }
         if live.is_empty() {
-            return Ok(finish::<()>(parts, Vec::new(), members, outcomes, opts));
+            finish::<()>(parts, Vec::new(), members, outcomes, opts);
+            return Ok(());
         }
         let pos = encode_per_request(core, &live, members, false)?;
         let mut rows = Vec::new();
@@ -308,7 +339,8 @@ impl SanaPipeline {
                 (l, latents)
             })
             .collect();
-        Ok(finish(parts, live, members, outcomes, opts))
+        finish(parts, live, members, outcomes, opts);
+        Ok(())
     }
 }
 
@@ -319,16 +351,16 @@ impl SanaSprintPipeline {
         &mut self,
         members: &mut [BatchMember<'_>],
         opts: RunOptions,
-    ) -> Result<BatchOutcome, PipelineError> {
+        done: &mut dyn FnMut(usize, RequestOutcome),
+    ) -> Result<(), PipelineError> {
         let core = &self.core;
         let parts = &core.parts;
-        let Admitted {
-            mut outcomes,
-            admitted,
-            key,
-        } = admit(parts, PipelineKind::Sprint, members, opts);
+        let mut outcomes = Outcomes::new(members.len(), done);
+        let Admitted { admitted, key } =
+            admit(parts, PipelineKind::Sprint, members, &mut outcomes, opts);
         let Some(key) = key else {
-            return Ok(finish::<()>(parts, Vec::new(), members, outcomes, opts));
+            finish::<()>(parts, Vec::new(), members, outcomes, opts);
+            return Ok(());
         };
         let (h, w) = (key.height as usize, key.width as usize);
         let mut live = Vec::with_capacity(admitted.len());
@@ -336,7 +368,7 @@ impl SanaSprintPipeline {
             let sched = match ScmScheduler::new(&core.scheduler, key.steps as usize) {
                 Ok(s) => s,
                 Err(e) => {
-                    outcomes[idx] = Some(Err(e));
+                    outcomes.give(idx, Err(e));
                     continue;
                 }
             };
@@ -354,11 +386,12 @@ impl SanaSprintPipeline {
                     denoised: None,
                     left: None,
                 }),
-                Err(e) => outcomes[idx] = Some(Err(e)),
+                Err(e) => outcomes.give(idx, Err(e)),
             }
         }
         if live.is_empty() {
-            return Ok(finish::<()>(parts, Vec::new(), members, outcomes, opts));
+            finish::<()>(parts, Vec::new(), members, outcomes, opts);
+            return Ok(());
         }
         let (rows, masks): (Vec<Tensor>, Vec<Tensor>) =
             encode_per_request(core, &live, members, false)?
@@ -421,19 +454,21 @@ impl SanaSprintPipeline {
                 break;
             }
         }
-        let mut done = Vec::with_capacity(live.len());
+        let mut finished = Vec::with_capacity(live.len());
         for l in live {
             let sigma_data = l.sched.sigma_data();
             let Some(x0) = l.denoised.as_ref() else {
-                outcomes[l.idx] = Some(Err(PipelineError::InvalidRequest(
-                    "no denoising steps".into(),
-                )));
+                outcomes.give(
+                    l.idx,
+                    Err(PipelineError::InvalidRequest("no denoising steps".into())),
+                );
                 continue;
             };
             // latents = denoised / sigma_data
             let latents = x0.broadcast_div(&Tensor::new(sigma_data, x0.device())?)?;
-            done.push((l, latents));
+            finished.push((l, latents));
         }
-        Ok(finish(parts, done, members, outcomes, opts))
+        finish(parts, finished, members, outcomes, opts);
+        Ok(())
     }
 }
