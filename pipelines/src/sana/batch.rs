@@ -13,8 +13,10 @@
 //! Exactness: every operation of the transformer and text encoder is row-independent, so a request's
 //! result differs from its solo run only if a kernel's summation order depends on the batch size. On
 //! the CPU (f32, gemm) the tiny-checkpoint test `pipeline_e2e::batched_equals_solo_*` finds them
-//! bit-exact; on CUDA, cuBLAS may choose another GEMM algorithm per batch size, so there the bound is
-//! the PSNR one (≥ 60 dB) of the issue, not bit equality.
+//! bit-exact. On CUDA in bf16 they are not: the GEMMs of k rows are not the kernels (or the summation
+//! order) of one row, and the difference carries through the steps and the decoder. Measured on an H100
+//! at 1024² (`bench/results/2026-12-07-h100-batch.md`): lowest PSNR 49.7 dB (Sprint) and 50.7 dB (base)
+//! against the solo runs, below the issue's 60 dB.
 //!
 //! Leaving a batch: an observer that returns an error (cancellation) takes only its request out before
 //! the next step; its rows are dropped from the latents and the text context, and the others go on
