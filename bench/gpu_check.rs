@@ -6,7 +6,9 @@
 //! 2. Both tiny pipelines (`tests/fixtures/tiny/sana`, `tiny/sana_sprint`) on CUDA with the reference run's
 //!    latents (and Sprint step noises) injected, as `tests/pipeline_e2e.rs` does on the CPU: PSNR against
 //!    the diffusers PNGs, in f32 (must reach [`MIN_PSNR_F32_DB`]) and in bf16 (reported only).
-//! 3. Seeded generation on CUDA (the GPU generator through `ImagePipeline::generate`): repeatable, and the
+//! 3. With the real-size random checkpoints (third argument): fused ops against the portable path, and
+//!    batch invariance (issue 14): a batch row against the same row alone, bit for bit.
+//! 4. Seeded generation on CUDA (the GPU generator through `ImagePipeline::generate`): repeatable, and the
 //!    same images as with the CPU port's noise up to its last-ulp differences (PSNR reported).
 //!
 //! Usage: `gpu-check [REPO_ROOT [EXTRA_RANDN_DIR]]` (default `.`; the extra directory holds draws in the
@@ -637,6 +639,149 @@ fn real_size_fused_vs_portable(
     Ok(())
 }
 
+/// Largest |a - b| over all elements (f64), 0 exactly when the tensors are equal.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
+    anyhow::ensure!(a.dims() == b.dims(), "{:?} vs {:?}", a.dims(), b.dims());
+    let d = (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?.abs()?;
+    Ok(d.flatten_all()?.max(0)?.to_scalar::<f64>()?)
+}
+
+/// `f` on the whole batch against `f` on each batch row alone (its own contiguous copy, as a solo run
+/// holds it): the largest difference over the rows. `f` maps a `(B, ..)` input to a `(B, ..)` output.
+fn batch_vs_rows(
+    x: &Tensor,
+    f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> anyhow::Result<f64> {
+    let whole = f(x)?;
+    let mut worst = 0f64;
+    for i in 0..x.dim(0)? {
+        let alone = f(&x.narrow(0, i, 1)?.contiguous()?)?;
+        worst = worst.max(max_abs_diff(&whole.narrow(0, i, 1)?, &alone)?);
+    }
+    Ok(worst)
+}
+
+/// Issue 14: a batch row computes exactly what it computes alone. With batch invariance on (the default,
+/// `ops::set_batch_invariant`) every case must be bit-equal (difference 0); with it off the differences
+/// are reported. Op level at the real shapes (cuBLASLt linears of the transformer and Gemma-2, the
+/// timestep embedding's 2-D linear, the linear attention), then a real-size transformer forward of 4
+/// rows against each row alone, tap by tap (the first tap that differs names the block), and the real-size
+/// Gemma-2 encoder on 4 prompts' tokens against each alone. `real` is the base directory of
+/// `make_real_random_checkpoints.py`.
+fn batch_invariance_cases(real: &Path, device: &Device, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    use sana_pipelines::gemma2::{Config as GemmaConfig, Gemma2Encoder};
+    use sana_pipelines::loader::{self, ModelRepo};
+    use sana_pipelines::transformer::SanaTransformer2DModel;
+    let rnd = |shape: &[usize], std: f32| -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, std, shape, device)?.to_dtype(DType::BF16)
+    };
+    let lin = |n: usize, k: usize, bias: bool| -> candle_core::Result<candle_nn::Linear> {
+        let b = if bias { Some(rnd(&[n], 0.1)?) } else { None };
+        Ok(candle_nn::Linear::new(rnd(&[n, k], 0.02)?, b))
+    };
+    let linears = [
+        ("linear (4,1024,2240)->2240 +bias", vec![4, 1024, 2240], lin(2240, 2240, true)?),
+        ("linear (4,1024,2240)->11200 +bias", vec![4, 1024, 2240], lin(11200, 2240, true)?),
+        ("linear (4,1024,5600)->2240", vec![4, 1024, 5600], lin(2240, 5600, false)?),
+        ("linear (4,300,2304)->9216", vec![4, 300, 2304], lin(9216, 2304, false)?),
+        ("linear (4,300,9216)->2304", vec![4, 300, 9216], lin(2304, 9216, false)?),
+        ("linear (8,2240)->13440 +bias", vec![8, 2240], lin(13440, 2240, true)?),
+    ];
+    let qkv = (
+        rnd(&[4, 1024, 70, 32], 1.0)?,
+        rnd(&[4, 1024, 70, 32], 1.0)?,
+        rnd(&[4, 1024, 70, 32], 1.0)?,
+    );
+    let mut repo = ModelRepo::open(&ModelSource::new(real.display().to_string()))?;
+    let tr = SanaTransformer2DModel::load_component(
+        &repo.component_for("transformer", DType::BF16)?,
+        DType::BF16,
+        device,
+    )?;
+    let te = repo.component_for("text_encoder", DType::BF16)?;
+    let te_cfg: GemmaConfig = loader::read_json(&te.config)?;
+    let gemma = Gemma2Encoder::load(loader::var_builder(&te.weights, DType::BF16, device)?, &te_cfg)?;
+    let lat = rnd(&[4, 32, 32, 32], 1.0)?;
+    let emb = rnd(&[4, 300, 2304], 1.0)?;
+    let valid = [40usize, 300, 7, 120];
+    let mask_rows: Vec<u32> = valid
+        .iter()
+        .flat_map(|&v| (0..300).map(move |i| u32::from(i < v)))
+        .collect();
+    let mask = Tensor::from_vec(mask_rows, (4, 300), device)?;
+    let ts = Tensor::new(&[999f32, 500.0, 250.0, 10.0], device)?;
+    let ids = Tensor::rand(0f32, 256_000f32, (4, 300), device)?.to_dtype(DType::U32)?;
+    for invariant in [true, false] {
+        ops::set_batch_invariant(invariant);
+        let tag = if invariant { "on" } else { "off" };
+        let mut check = |name: &str, worst: f64| {
+            row(
+                rows,
+                format!("batch invariance {tag}: {name}"),
+                format!("max |batch row - alone| {worst:.3e}"),
+                invariant.then_some(worst == 0.0),
+            )
+        };
+        for (name, shape, l) in &linears {
+            let x = rnd(shape, 1.0)?;
+            check(name, batch_vs_rows(&x, &|x| ops::linear(l, x, None))?);
+        }
+        let (q, k, v) = &qkv;
+        let whole = ops::relu_linear_attention_tokens(q, k, v, 1e-15)?;
+        let mut worst = 0f64;
+        for i in 0..4 {
+            let one = |t: &Tensor| t.narrow(0, i, 1)?.contiguous();
+            let alone = ops::relu_linear_attention_tokens(&one(q)?, &one(k)?, &one(v)?, 1e-15)?;
+            worst = worst.max(max_abs_diff(&whole.narrow(0, i, 1)?, &alone)?);
+        }
+        check("linear attention (4,1024,70,32)", worst);
+
+        // Transformer forward, tap by tap.
+        let mut taps: Vec<(String, Tensor)> = Vec::new();
+        let ctx = tr.prepare_text(&emb, &mask)?;
+        let out = tr.forward_tapped(&lat, &ts, None, &ctx, &mut |t, x| {
+            taps.push((format!("{t:?}"), x.clone()))
+        })?;
+        let mut first = None;
+        let mut worst_out = 0f64;
+        for i in 0..4 {
+            let one = |t: &Tensor| t.narrow(0, i, 1)?.contiguous();
+            let ctx1 = tr.prepare_text(&one(&emb)?, &one(&mask)?)?;
+            let mut solo: Vec<Tensor> = Vec::new();
+            let out1 = tr.forward_tapped(&one(&lat)?, &one(&ts)?, None, &ctx1, &mut |_, x| {
+                solo.push(x.clone())
+            })?;
+            worst_out = worst_out.max(max_abs_diff(&out.narrow(0, i, 1)?, &out1)?);
+            for (j, ((name, b), s)) in taps.iter().zip(&solo).enumerate() {
+                let d = max_abs_diff(&b.narrow(0, i, 1)?, s)?;
+                if d > 0.0 && first.as_ref().is_none_or(|(fj, _, _)| j < *fj) {
+                    first = Some((j, name.clone(), d));
+                }
+            }
+        }
+        let first = first.map_or("none".to_string(), |(_, n, d)| format!("{n} ({d:.2e})"));
+        check(
+            &format!("transformer fwd B=4 1024² (first differing tap: {first})"),
+            worst_out,
+        );
+        let whole = gemma.forward(&ids, &mask)?;
+        let mut worst = 0f64;
+        for i in 0..4 {
+            let alone = gemma.forward(&ids.narrow(0, i, 1)?, &mask.narrow(0, i, 1)?)?;
+            worst = worst.max(max_abs_diff(&whole.narrow(0, i, 1)?, &alone)?);
+        }
+        check("Gemma-2 encoder B=4 x 300 tokens", worst);
+    }
+    ops::set_batch_invariant(true);
+    row(
+        rows,
+        "cuBLASLt plans without the one-row algorithm",
+        format!("{}", sana_pipelines::kernels::lt_unpinned_plans()),
+        Some(sana_pipelines::kernels::lt_unpinned_plans() == 0),
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let root = std::env::args()
         .nth(1)
@@ -678,6 +823,11 @@ fn main() -> anyhow::Result<()> {
     if let Some(real) = std::env::args().nth(3).map(PathBuf::from) {
         if let Err(e) = real_size_fused_vs_portable(&real, &device, &mut rows) {
             errors.push(format!("real-size fused vs portable: {e:#}"));
+        }
+    }
+    if let Some(real) = std::env::args().nth(3).map(PathBuf::from) {
+        if let Err(e) = batch_invariance_cases(&real, &device, &mut rows) {
+            errors.push(format!("batch invariance: {e:#}"));
         }
     }
     for dtype in [DType::F32, DType::BF16] {

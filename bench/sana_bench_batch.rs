@@ -14,7 +14,8 @@
 //! over every request of the timed bursts (nearest rank), peak GiB; the JSON (`SANA_BENCH_JSON`) also has
 //! the batched/one-at-a-time ratios of images/s and p50. Exactness on this card: each request's image of
 //! the last timed batched burst against its image of the last one-at-a-time burst (same seed): bit
-//! equality and the lowest PSNR over the burst (a second table, and the JSON).
+//! equality and the lowest PSNR over the burst (a second table, and the JSON). `SANA_BENCH_BATCH_INVARIANT=off`
+//! runs everything with batch invariance off (`ops::set_batch_invariant`), for the before/after on one card.
 
 use std::time::Instant;
 
@@ -162,7 +163,14 @@ pub fn run(
     card: &str,
     runs: usize,
 ) -> anyhow::Result<()> {
-    println!("\n## sana-bench batch on {card} (bf16, random weights at the real configs)\n");
+    // `SANA_BENCH_BATCH_INVARIANT=off` measures the size-tuned kernels (batch rows not bit-equal to solo
+    // runs) instead of the default batch-invariant ones (`ops::set_batch_invariant`).
+    let invariant = !std::env::var("SANA_BENCH_BATCH_INVARIANT").is_ok_and(|v| v == "off" || v == "0");
+    sana_pipelines::ops::set_batch_invariant(invariant);
+    let inv = if invariant { "on" } else { "off" };
+    println!(
+        "\n## sana-bench batch on {card} (bf16, random weights at the real configs, batch invariance {inv})\n"
+    );
     println!("| case | requests | mode | images/s | p50 ms | p99 ms | peak GiB | runs |");
     println!("|---|---|---|---|---|---|---|---|");
     let mut exactness = Vec::new();
@@ -252,6 +260,7 @@ pub fn run(
             "card": card,
             "date": std::env::var("SANA_BENCH_DATE").unwrap_or_default(),
             "mode": "batch",
+            "batch_invariant": invariant,
             "cases": cases,
         });
         std::fs::write(&path, serde_json::to_string_pretty(&doc)?)

@@ -23,6 +23,8 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Activation, Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
+use crate::ops::linear;
+
 /// Which transformers attention implementation to reproduce (only softcapping differs).
 ///
 /// Default `Eager`: transformers 4.42–4.44 forced it for Gemma2 and 5.24 (the fixture reference) defaults
@@ -260,7 +262,7 @@ impl Rotary {
     }
 }
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+fn load_linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let w = vb.get((out_dim, in_dim), "weight")?;
     let b = if bias {
         Some(vb.get(out_dim, "bias")?)
@@ -293,10 +295,10 @@ impl Attention {
         );
         let bias = cfg.attention_bias;
         Ok(Self {
-            q_proj: linear(h, nh * d, bias, vb.pp("q_proj"))?,
-            k_proj: linear(h, nkv * d, bias, vb.pp("k_proj"))?,
-            v_proj: linear(h, nkv * d, bias, vb.pp("v_proj"))?,
-            o_proj: linear(nh * d, h, bias, vb.pp("o_proj"))?,
+            q_proj: load_linear(h, nh * d, bias, vb.pp("q_proj"))?,
+            k_proj: load_linear(h, nkv * d, bias, vb.pp("k_proj"))?,
+            v_proj: load_linear(h, nkv * d, bias, vb.pp("v_proj"))?,
+            o_proj: load_linear(nh * d, h, bias, vb.pp("o_proj"))?,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: d,
@@ -309,26 +311,46 @@ impl Attention {
     fn forward(&self, x: &Tensor, mask: &Tensor, rope: &Rotary) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let groups = nh / nkv;
         // (B, L, heads·d) -> (B, heads, L, d)
-        let q = self
-            .q_proj
-            .forward(x)?
+        let q = linear(&self.q_proj, x, None)?
             .reshape((b, l, nh, d))?
             .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(x)?
+        let k = linear(&self.k_proj, x, None)?
             .reshape((b, l, nkv, d))?
             .transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(x)?
+        let v = linear(&self.v_proj, x, None)?
             .reshape((b, l, nkv, d))?
             .transpose(1, 2)?;
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         let v = v.contiguous()?;
+        // On CUDA with batch invariance on (`ops::set_batch_invariant`), one batch row at a time: cuBLAS
+        // picks its batched-GEMM kernel by the batch count, so B rows at once would not sum like one.
+        let out = if b > 1 && x.device().is_cuda() && crate::ops::batch_invariant() {
+            let rows = (0..b)
+                .map(|i| {
+                    self.attend(
+                        &q.narrow(0, i, 1)?,
+                        &k.narrow(0, i, 1)?,
+                        &v.narrow(0, i, 1)?,
+                        &mask.narrow(0, i, 1)?,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&rows, 0)?
+        } else {
+            self.attend(&q, &k, &v, mask)?
+        };
+        let out = out.transpose(1, 2)?.reshape((b, l, nh * d))?;
+        linear(&self.o_proj, &out, None)
+    }
+
+    /// Softcapped softmax attention of `q (B, nh, L, d)` over `k`, `v (B, nkv, L, d)` with additive f32
+    /// `mask (B, 1, L, L)` → `(B, nh, L, d)`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, nh, l, d) = q.dims4()?;
+        let nkv = self.num_kv_heads;
+        let groups = nh / nkv;
         // GQA without repeating K/V: query head h uses kv head h / groups, so the `groups` query heads
         // of one kv head are adjacent: (B, nh, L, d) -> (B, nkv, groups·L, d).
         let q = q.reshape((b, nkv, groups * l, d))?;
@@ -341,12 +363,7 @@ impl Attention {
         let scores = scores.reshape((b, nh, l, l))?.broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let probs = probs.reshape((b, nkv, groups * l, l))?;
-        let out = probs.matmul(&v)?; // (B, nkv, groups·L, d)
-        let out = out
-            .reshape((b, nh, l, d))?
-            .transpose(1, 2)?
-            .reshape((b, l, nh * d))?;
-        self.o_proj.forward(&out)
+        probs.matmul(v)?.reshape((b, nh, l, d)) // (B, nkv, groups·L, d) -> (B, nh, L, d)
     }
 }
 
@@ -362,17 +379,17 @@ impl Mlp {
     fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: linear(h, i, false, vb.pp("gate_proj"))?,
-            up_proj: linear(h, i, false, vb.pp("up_proj"))?,
-            down_proj: linear(i, h, false, vb.pp("down_proj"))?,
+            gate_proj: load_linear(h, i, false, vb.pp("gate_proj"))?,
+            up_proj: load_linear(h, i, false, vb.pp("up_proj"))?,
+            down_proj: load_linear(i, h, false, vb.pp("down_proj"))?,
             act: cfg.hidden_activation,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.apply(&self.act)?;
-        let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        let gate = linear(&self.gate_proj, x, None)?.apply(&self.act)?;
+        let up = linear(&self.up_proj, x, None)?;
+        linear(&self.down_proj, &(gate * up)?, None)
     }
 }
 

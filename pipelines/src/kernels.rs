@@ -369,8 +369,12 @@ fn linear_attention_typed<T: CudaDType + WithDType + DeviceRepr>(
     };
     let bg = b * g;
     let p = d * (d + 1);
-    // Enough blocks to fill the card (≈ 8 per SM on 132 SMs), chunks a multiple of the 32-token tile.
-    let want = (8 * 132usize).div_ceil(bg).clamp(1, n.div_ceil(32).max(1));
+    // Enough blocks to fill the card (≈ 8 per SM on 132 SMs) with one batch row's g heads, chunks a
+    // multiple of the 32-token tile. The chunking fixes the summation order of kv, so it depends on one
+    // row's shape only and a row sums alike in any batch (issue 14); with batch invariance off
+    // (`ops::set_batch_invariant`) it is sized for the whole batch, as before.
+    let per_fill = if crate::ops::batch_invariant() { g } else { bg };
+    let want = (8 * 132usize).div_ceil(per_fill).clamp(1, n.div_ceil(32).max(1));
     let chunk = n.div_ceil(want).div_ceil(32) * 32;
     let nchunks = n.div_ceil(chunk);
     let mut partial = unsafe { dev.alloc::<f32>(bg * nchunks * p) }?;
@@ -1560,10 +1564,24 @@ pub fn rgb_u8(
     Ok(wrap(out, &dev, (b, out_h, out_w, 3)))
 }
 
-/// One cuBLASLt plan: descriptors and the heuristic's algorithm for one GEMM shape, made on first use and
-/// kept (the heuristic query costs host time; a forward makes about 80 of these calls).
+/// What one cuBLASLt plan is for: `Y (rows, n) = X (rows, k) Wᵀ [+ bias] [+ residual]` on one device, with
+/// the algorithm chosen for `algo_rows` rows (see [`linear_bf16`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LtKey {
+    dev: DeviceId,
+    n: usize,
+    rows: usize,
+    k: usize,
+    bias: bool,
+    residual: bool,
+    /// Row count the heuristic was asked about; `None`: `rows` itself, any reduction scheme allowed.
+    algo_rows: Option<usize>,
+}
+
+/// One cuBLASLt plan: descriptors and the algorithm for one [`LtKey`], made on first use and kept (the
+/// heuristic query costs host time; a forward makes about 80 of these calls).
 struct LtPlan {
-    key: (DeviceId, usize, usize, usize, bool),
+    key: LtKey,
     desc: lt::sys::cublasLtMatmulDesc_t,
     a: lt::sys::cublasLtMatrixLayout_t,
     b: lt::sys::cublasLtMatrixLayout_t,
@@ -1591,35 +1609,53 @@ use candle_core::cuda_backend::cudarc::cublaslt as lt;
 /// Workspace cuBLASLt may use (NVIDIA's recommendation for Hopper).
 const LT_WORKSPACE: usize = 32 << 20;
 
-/// `x @ wᵀ + bias (+ residual)` in one cuBLASLt call, bf16 in and out with f32 accumulation: the bias
+/// Plans whose algorithm could not be the one chosen for their `algo_rows` (cuBLASLt rejected it for the
+/// real row count) and fell back to the heuristic's choice for the real rows: their rows are not
+/// guaranteed to equal a call with another row count. gpu-check reports it; 0 is expected.
+static LT_UNPINNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many cuBLASLt plans so far could not use the row-count-independent algorithm ([`linear_bf16`]).
+pub fn lt_unpinned_plans() -> usize {
+    LT_UNPINNED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `x @ wᵀ [+ bias] [+ residual]` in one cuBLASLt call, bf16 in and out with f32 accumulation: the bias
 /// goes in the GEMM's epilogue and the residual in as `C` with `β = 1`, so no separate pass reads the
 /// output again. `x` `(.., k)`, `w` `(n, k)`, `bias` `(n)`, `residual` the output's shape; all contiguous.
-pub fn linear_bias_bf16(
+///
+/// `algo_rows: Some(r)` makes every output row independent of how many rows the call has (issue 14: a
+/// request batched with others computes what it computes alone). The algorithm is the heuristic's choice
+/// for `r` rows among those without a split-K reduction, and the same algorithm runs the call's real
+/// `rows`: each output tile then sums its full `k` in an order fixed by the algorithm alone, whatever
+/// the number of tiles. Callers pass one sequence's rows (tokens per batch row), so a batch of B
+/// sequences runs the algorithm one sequence would. `None`: the heuristic's fastest choice for `rows`.
+pub fn linear_bf16(
     x: &Tensor,
     w: &Tensor,
-    bias: &Tensor,
+    bias: Option<&Tensor>,
     residual: Option<&Tensor>,
+    algo_rows: Option<usize>,
 ) -> Result<Tensor> {
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
     let k = x.dim(candle_core::D::Minus1)?;
     let rows = x.elem_count() / k.max(1);
     let (n, kw) = w.dims2()?;
-    if kw != k || bias.dims() != [n] || residual.is_some_and(|r| r.elem_count() != rows * n) {
+    if kw != k
+        || bias.is_some_and(|b| b.dims() != [n])
+        || residual.is_some_and(|r| r.elem_count() != rows * n)
+    {
         bail!(
-            "linear_bias_bf16: x {:?} w {:?} bias {:?} residual {:?}",
+            "linear_bf16: x {:?} w {:?} bias {:?} residual {:?}",
             x.dims(),
             w.dims(),
-            bias.dims(),
+            bias.map(|b| b.dims().to_vec()),
             residual.map(|r| r.dims().to_vec())
         );
     }
-    for t in [Some(x), Some(w), Some(bias), residual]
-        .into_iter()
-        .flatten()
-    {
-        require_contiguous("linear_bias_bf16", t)?;
+    for t in [Some(x), Some(w), bias, residual].into_iter().flatten() {
+        require_contiguous("linear_bf16", t)?;
         if t.dtype() != DType::BF16 {
-            bail!("linear_bias_bf16: operands must be bf16");
+            bail!("linear_bf16: operands must be bf16");
         }
     }
     let dev = cuda_dev(x)?;
@@ -1652,7 +1688,15 @@ pub fn linear_bias_bf16(
         .iter()
         .position(|h| h.dev == dev.id())
         .unwrap_or(0);
-    let key = (dev.id(), n, rows, k, residual.is_some());
+    let key = LtKey {
+        dev: dev.id(),
+        n,
+        rows,
+        k,
+        bias: bias.is_some(),
+        residual: residual.is_some(),
+        algo_rows,
+    };
     if !state.plans.iter().any(|p| p.key == key) {
         let plan = lt_plan(state.handles[hi].handle, key).map_err(|e| lt_err("plan", e))?;
         state.plans.push(plan);
@@ -1665,12 +1709,15 @@ pub fn linear_bias_bf16(
     let h = &handles[hi];
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
-    let (bs, bl) = bias.storage_and_layout();
-    let (xv, wv, bv) = (
+    let (xv, wv) = (
         view::<half::bf16>(&xs, xl)?,
         view::<half::bf16>(&ws, wl)?,
-        view::<half::bf16>(&bs, bl)?,
     );
+    let bst = bias.map(|b| b.storage_and_layout());
+    let bv = match &bst {
+        Some((bs, bl)) => Some(view::<half::bf16>(bs, bl)?),
+        None => None,
+    };
     let res = residual.map(|r| r.storage_and_layout());
     let rv = match &res {
         Some((rs, rl)) => Some(view::<half::bf16>(rs, rl)?),
@@ -1680,7 +1727,7 @@ pub fn linear_bias_bf16(
     {
         let (xp, _gx) = xv.device_ptr(&stream);
         let (wp, _gw) = wv.device_ptr(&stream);
-        let (bp, _gb) = bv.device_ptr(&stream);
+        let bp = bv.as_ref().map(|b| b.device_ptr(&stream));
         let rp = rv.as_ref().map(|r| r.device_ptr(&stream));
         let (op, _go) = out.device_ptr_mut(&stream);
         let (wsp, _gws) = h.workspace.device_ptr(&stream);
@@ -1689,13 +1736,15 @@ pub fn linear_bias_bf16(
         // pointer is set on the plan's descriptor under the state lock, right before the call that reads
         // it; everything is enqueued on candle's stream.
         unsafe {
-            lt::result::set_matmul_desc_attribute(
-                plan.desc,
-                lt::sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                (&bp) as *const u64 as *const _,
-                std::mem::size_of::<u64>(),
-            )
-            .map_err(|e| lt_err("bias pointer", e))?;
+            if let Some((bp, _)) = &bp {
+                lt::result::set_matmul_desc_attribute(
+                    plan.desc,
+                    lt::sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    bp as *const u64 as *const _,
+                    std::mem::size_of::<u64>(),
+                )
+                .map_err(|e| lt_err("bias pointer", e))?;
+            }
             lt::result::matmul(
                 h.handle,
                 plan.desc,
@@ -1722,25 +1771,37 @@ pub fn linear_bias_bf16(
     Ok(wrap(out, &dev, shape))
 }
 
-/// Descriptors for `D (n × rows, col-major) = W (k × n, col-major)ᵀ · X (k × rows) + bias [+ C]`, the
-/// row-major `Y (rows, n) = X Wᵀ + b`, and the fastest algorithm cuBLASLt's heuristic gives for them.
+/// Descriptors for `D (n × rows, col-major) = W (k × n, col-major)ᵀ · X (k × rows) [+ bias] [+ C]`, the
+/// row-major `Y (rows, n) = X Wᵀ + b`, and the algorithm for them ([`linear_bf16`]): the heuristic's
+/// fastest for `algo_rows` rows without split-K when `key.algo_rows` is set and cuBLASLt accepts it for
+/// `rows`, else the fastest for `rows`.
 fn lt_plan(
     handle: lt::sys::cublasLtHandle_t,
-    key: (DeviceId, usize, usize, usize, bool),
+    key: LtKey,
 ) -> std::result::Result<LtPlan, lt::result::CublasError> {
     use lt::sys::{cublasLtMatmulDescAttributes_t as Attr, cudaDataType_t as Ty};
-    let (_, n, rows, k, _) = key;
+    let LtKey { n, rows, k, .. } = key;
     let bf = Ty::CUDA_R_16BF;
     let desc = lt::result::create_matmul_desc(
         lt::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         Ty::CUDA_R_32F,
     )?;
+    let layouts = |rows: usize| -> std::result::Result<_, lt::result::CublasError> {
+        Ok((
+            lt::result::create_matrix_layout(bf, k as u64, rows as u64, k as i64)?,
+            lt::result::create_matrix_layout(bf, n as u64, rows as u64, n as i64)?,
+        ))
+    };
     let a = lt::result::create_matrix_layout(bf, k as u64, n as u64, k as i64)?;
-    let b = lt::result::create_matrix_layout(bf, k as u64, rows as u64, k as i64)?;
-    let c = lt::result::create_matrix_layout(bf, n as u64, rows as u64, n as i64)?;
+    let (b, c) = layouts(rows)?;
     let trans = candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
-    let epilogue = lt::sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
-    // SAFETY: attribute buffers are live locals of the sizes cuBLASLt documents for each attribute.
+    let epilogue = if key.bias {
+        lt::sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+    } else {
+        lt::sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+    };
+    // SAFETY: attribute buffers are live locals of the sizes cuBLASLt documents for each attribute; the
+    // heuristic result is plain data cuBLASLt fills.
     unsafe {
         lt::result::set_matmul_desc_attribute(
             desc,
@@ -1762,7 +1823,45 @@ fn lt_plan(
             (&ws) as *const usize as *const _,
             std::mem::size_of::<usize>(),
         )?;
-        let heuristic = lt::result::get_matmul_algo_heuristic(handle, desc, a, b, c, c, pref);
+        let fastest_for_rows = |pref| lt::result::get_matmul_algo_heuristic(handle, desc, a, b, c, c, pref);
+        let algo = match key.algo_rows {
+            None => fastest_for_rows(pref).map(|h| h.algo),
+            Some(algo_rows) => {
+                // Only algorithms that sum each output's k in one pass (no split-K reduction).
+                let none: u32 = 0;
+                lt::result::set_matmul_pref_attribute(
+                    pref,
+                    lt::sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                    (&none) as *const u32 as *const _,
+                    std::mem::size_of::<u32>(),
+                )?;
+                let (rb, rc) = layouts(algo_rows)?;
+                let chosen = lt::result::get_matmul_algo_heuristic(handle, desc, a, rb, rc, rc, pref);
+                lt::result::destroy_matrix_layout(rb)?;
+                lt::result::destroy_matrix_layout(rc)?;
+                let accepted = chosen.ok().filter(|h| {
+                    let mut check: lt::sys::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
+                    lt::sys::cublasLtMatmulAlgoCheck(handle, desc, a, b, c, c, &h.algo, &mut check)
+                        .result()
+                        .is_ok()
+                        && check.workspaceSize <= LT_WORKSPACE
+                });
+                match accepted {
+                    Some(h) => Ok(h.algo),
+                    None => {
+                        LT_UNPINNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let all = lt::sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_MASK as u32;
+                        lt::result::set_matmul_pref_attribute(
+                            pref,
+                            lt::sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                            (&all) as *const u32 as *const _,
+                            std::mem::size_of::<u32>(),
+                        )?;
+                        fastest_for_rows(pref).map(|h| h.algo)
+                    }
+                }
+            }
+        };
         lt::result::destroy_matmul_pref(pref)?;
         Ok(LtPlan {
             key,
@@ -1770,7 +1869,7 @@ fn lt_plan(
             a,
             b,
             c,
-            algo: heuristic?.algo,
+            algo: algo?,
         })
     }
 }

@@ -19,6 +19,23 @@ pub fn force_portable(on: bool) {
     PORTABLE_ONLY.store(on, Ordering::SeqCst);
 }
 
+static BATCH_INVARIANT: AtomicBool = AtomicBool::new(true);
+
+/// Whether a batch row's result must not depend on the batch size (default on; process-wide). On, the
+/// CUDA kernels whose summation order would follow the call's total size (cuBLASLt's algorithm choice by
+/// row count, the linear attention's chunking, batched attention GEMMs) take an order fixed by one batch
+/// row's shape, so a request batched with others computes exactly what it computes alone (issue 14).
+/// Off is the earlier, size-tuned behaviour, kept so `sana-bench` and `gpu-check` can measure both on
+/// one card. The CPU path is invariant either way.
+pub fn set_batch_invariant(on: bool) {
+    BATCH_INVARIANT.store(on, Ordering::SeqCst);
+}
+
+/// See [`set_batch_invariant`].
+pub fn batch_invariant() -> bool {
+    BATCH_INVARIANT.load(Ordering::Relaxed)
+}
+
 /// Whether `t` takes the fused CUDA path.
 #[cfg(feature = "cuda")]
 pub(crate) fn fused(t: &Tensor) -> bool {
@@ -307,23 +324,35 @@ impl Conv2dLayer {
     }
 }
 
-/// `x @ wᵀ + b` of a candle `Linear`, plus `residual` when given. On CUDA the bias (and residual) go in one
-/// vectorised pass after the GEMM instead of candle's strided broadcast add.
+/// `x @ wᵀ + b` of a candle `Linear`, plus `residual` when given. On CUDA in bf16: one cuBLASLt call
+/// with the bias (and residual) in its epilogue. With batch invariance on ([`set_batch_invariant`]) its
+/// algorithm is the one for a single batch row of `x` (the `L` rows of a `(B, L, k)` input, a fixed 16
+/// rows for a 2-D input), so a batch row computes alike in a batch of any size. Other CUDA dtypes:
+/// candle's GEMM and one vectorised bias (and residual) pass instead of candle's strided broadcast add.
 pub fn linear(lin: &candle_nn::Linear, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
     use candle_nn::Module;
     #[cfg(feature = "cuda")]
     if fused(x) {
+        let w = lin.weight();
+        if x.dtype() == DType::BF16
+            && w.dtype() == DType::BF16
+            && x.is_contiguous()
+            && w.is_contiguous()
+            && residual.is_none_or(|r| r.is_contiguous() && r.dtype() == DType::BF16)
+        {
+            let b = lin.bias().map(|b| b.to_dtype(DType::BF16)).transpose()?;
+            // One batch row's rows: `L` of `(B, L, k)`, `H·W` of `(B, H, W, k)`. 2-D inputs (the
+            // timestep embeddings, one row per batch row): the algorithm for a small batch, a plain tiled
+            // kernel that accepts any row count (a one-row choice may be a matrix-vector kernel that
+            // does not).
+            let algo_rows = match x.rank() {
+                0..=2 => 16,
+                _ => x.elem_count() / (x.dim(0)? * x.dim(D::Minus1)?).max(1),
+            };
+            let algo_rows = batch_invariant().then_some(algo_rows);
+            return super::kernels::linear_bf16(x, w, b.as_ref(), residual, algo_rows);
+        }
         if let Some(b) = lin.bias() {
-            let w = lin.weight();
-            if x.dtype() == DType::BF16
-                && w.dtype() == DType::BF16
-                && x.is_contiguous()
-                && w.is_contiguous()
-                && residual.is_none_or(|r| r.is_contiguous() && r.dtype() == DType::BF16)
-            {
-                let b = b.to_dtype(DType::BF16)?;
-                return super::kernels::linear_bias_bf16(x, w, &b, residual);
-            }
             let y = candle_nn::Linear::new(w.clone(), None).forward(x)?;
             return super::kernels::add_bias_rows(y, &b.to_dtype(x.dtype())?, residual);
         }

@@ -21,7 +21,7 @@ mod embed;
 mod tests;
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
 pub use block::{layer_norm_no_affine, modulate, rms_norm, CrossKv, SanaTransformerBlock};
@@ -238,9 +238,9 @@ impl TextContext {
     }
 }
 
-/// Intermediates shown to the parity tests' taps (names follow the reference keys).
+/// Intermediates shown to [`SanaTransformer2DModel::forward_tapped`]'s taps (names follow the reference keys).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Tap {
+pub enum Tap {
     /// `(B, N, D)` after `patch_embed`.
     PatchEmbed,
     /// `(B, 6D)` modulation from `time_embed`.
@@ -393,8 +393,9 @@ impl SanaTransformer2DModel {
         self.forward_tapped(x, timestep, guidance, text, &mut |_, _| {})
     }
 
-    /// [`Self::forward`], showing each intermediate to `tap` (parity tests compare them with diffusers').
-    fn forward_tapped(
+    /// [`Self::forward`], showing each intermediate to `tap` (parity tests compare them with diffusers';
+    /// gpu-check compares a batch's rows with their solo runs).
+    pub fn forward_tapped(
         &self,
         x: &Tensor,
         timestep: &Tensor,
@@ -420,7 +421,7 @@ impl SanaTransformer2DModel {
             .to_dtype(self.dtype)?
             .permute((0, 2, 3, 1))?
             .reshape((b, h * w, c))?;
-        let mut x = self.patch_embed.forward(&tokens)?;
+        let mut x = crate::ops::linear(&self.patch_embed, &tokens, None)?;
         tap(Tap::PatchEmbed, &x);
 
         let (temb6, embedded) =
@@ -442,7 +443,7 @@ impl SanaTransformer2DModel {
         let x = modulate(&layer_norm_no_affine(&x, NORM_OUT_EPS)?, &shift, &scale)?;
         tap(Tap::NormOut, &x);
         // (B, N, C_out); unpatchify for p = 1: (B, H, W, C) -> (B, C, H, W).
-        let x = self.proj_out.forward(&x)?;
+        let x = crate::ops::linear(&self.proj_out, &x, None)?;
         x.reshape((b, h, w, self.cfg.out_channels()))?
             .permute((0, 3, 1, 2))?
             .contiguous()

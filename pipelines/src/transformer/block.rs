@@ -10,7 +10,7 @@
 //! linears; the depthwise 3×3 runs channels-last through [`crate::ops`].
 
 use candle_core::{Result, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use super::TransformerConfig;
 pub use crate::ops::layer_norm_no_affine;
@@ -267,7 +267,7 @@ impl GluMbConv {
     /// `h`: `(B, N, D)` with `N = height·width` (row-major tokens). Returns `(B, N, D)`.
     fn forward(&self, h: &Tensor, height: usize, width: usize) -> Result<Tensor> {
         let (b, n, _) = h.dims3()?;
-        let y = self.conv_inverted.forward(h)?; // (B, N, 2·hidden), bias not yet added
+        let y = linear(&self.conv_inverted, h, None)?; // (B, N, 2·hidden), bias not yet added
         let y = y.reshape((b, height, width, 2 * self.hidden))?;
         // silu(y + bias) -> depthwise 3×3 + bias -> value · silu(gate) (torch.chunk: value first).
         let glu = glu_depthwise(
@@ -277,7 +277,7 @@ impl GluMbConv {
             &self.depth_bias,
         )?
         .reshape((b, n, self.hidden))?;
-        self.conv_point.forward(&glu)
+        linear(&self.conv_point, &glu, None)
     }
 }
 

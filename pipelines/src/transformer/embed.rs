@@ -9,7 +9,9 @@
 //! dtype, as diffusers does with `hidden_dtype`.
 
 use candle_core::{DType, Result, Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::ops::linear;
 
 /// Width of the sinusoidal timestep features (`Timesteps(num_channels=256)` upstream).
 pub const TIMESTEP_CHANNELS: usize = 256;
@@ -53,8 +55,8 @@ impl TimestepEmbedding {
     /// `t`: `(B)` f32 -> `(B, D)` in `dtype`.
     fn embed(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
         let proj = timestep_sinusoid(t, TIMESTEP_CHANNELS)?.to_dtype(dtype)?;
-        self.linear_2
-            .forward(&self.linear_1.forward(&proj)?.silu()?)
+        let h = linear(&self.linear_1, &proj, None)?.silu()?;
+        linear(&self.linear_2, &h, None)
     }
 }
 
@@ -138,7 +140,7 @@ impl TimeEmbed {
                 "this transformer embeds guidance (guidance_embeds=true); a guidance tensor is required"
             ),
         };
-        let temb6 = self.linear.forward(&embedded.silu()?)?;
+        let temb6 = linear(&self.linear, &embedded.silu()?, None)?;
         Ok((temb6, embedded))
     }
 }
@@ -160,7 +162,7 @@ impl CaptionProjection {
 
     /// `(B, T, caption_channels)` -> `(B, T, D)`; candle's `gelu` is the tanh approximation.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(x)?.gelu()?)
+        linear(&self.linear_2, &linear(&self.linear_1, x, None)?.gelu()?, None)
     }
 }
 
