@@ -680,12 +680,36 @@ fn batch_invariance_cases(real: &Path, device: &Device, rows: &mut Vec<Row>) -> 
         Ok(candle_nn::Linear::new(rnd(&[n, k], 0.02)?, b))
     };
     let linears = [
-        ("linear (4,1024,2240)->2240 +bias", vec![4, 1024, 2240], lin(2240, 2240, true)?),
-        ("linear (4,1024,2240)->11200 +bias", vec![4, 1024, 2240], lin(11200, 2240, true)?),
-        ("linear (4,1024,5600)->2240", vec![4, 1024, 5600], lin(2240, 5600, false)?),
-        ("linear (4,300,2304)->9216", vec![4, 300, 2304], lin(9216, 2304, false)?),
-        ("linear (4,300,9216)->2304", vec![4, 300, 9216], lin(2304, 9216, false)?),
-        ("linear (8,2240)->13440 +bias", vec![8, 2240], lin(13440, 2240, true)?),
+        (
+            "linear (4,1024,2240)->2240 +bias",
+            vec![4, 1024, 2240],
+            lin(2240, 2240, true)?,
+        ),
+        (
+            "linear (4,1024,2240)->11200 +bias",
+            vec![4, 1024, 2240],
+            lin(11200, 2240, true)?,
+        ),
+        (
+            "linear (4,1024,5600)->2240",
+            vec![4, 1024, 5600],
+            lin(2240, 5600, false)?,
+        ),
+        (
+            "linear (4,300,2304)->9216",
+            vec![4, 300, 2304],
+            lin(9216, 2304, false)?,
+        ),
+        (
+            "linear (4,300,9216)->2304",
+            vec![4, 300, 9216],
+            lin(2304, 9216, false)?,
+        ),
+        (
+            "linear (8,2240)->13440 +bias",
+            vec![8, 2240],
+            lin(13440, 2240, true)?,
+        ),
     ];
     let qkv = (
         rnd(&[4, 1024, 70, 32], 1.0)?,
@@ -700,7 +724,10 @@ fn batch_invariance_cases(real: &Path, device: &Device, rows: &mut Vec<Row>) -> 
     )?;
     let te = repo.component_for("text_encoder", DType::BF16)?;
     let te_cfg: GemmaConfig = loader::read_json(&te.config)?;
-    let gemma = Gemma2Encoder::load(loader::var_builder(&te.weights, DType::BF16, device)?, &te_cfg)?;
+    let gemma = Gemma2Encoder::load(
+        loader::var_builder(&te.weights, DType::BF16, device)?,
+        &te_cfg,
+    )?;
     let lat = rnd(&[4, 32, 32, 32], 1.0)?;
     let emb = rnd(&[4, 300, 2304], 1.0)?;
     let valid = [40usize, 300, 7, 120];

@@ -165,7 +165,8 @@ pub fn run(
 ) -> anyhow::Result<()> {
     // `SANA_BENCH_BATCH_INVARIANT=off` measures the size-tuned kernels (batch rows not bit-equal to solo
     // runs) instead of the default batch-invariant ones (`ops::set_batch_invariant`).
-    let invariant = !std::env::var("SANA_BENCH_BATCH_INVARIANT").is_ok_and(|v| v == "off" || v == "0");
+    let invariant =
+        !std::env::var("SANA_BENCH_BATCH_INVARIANT").is_ok_and(|v| v == "off" || v == "0");
     sana_pipelines::ops::set_batch_invariant(invariant);
     let inv = if invariant { "on" } else { "off" };
     println!(

@@ -374,7 +374,9 @@ fn linear_attention_typed<T: CudaDType + WithDType + DeviceRepr>(
     // row's shape only and a row sums alike in any batch (issue 14); with batch invariance off
     // (`ops::set_batch_invariant`) it is sized for the whole batch, as before.
     let per_fill = if crate::ops::batch_invariant() { g } else { bg };
-    let want = (8 * 132usize).div_ceil(per_fill).clamp(1, n.div_ceil(32).max(1));
+    let want = (8 * 132usize)
+        .div_ceil(per_fill)
+        .clamp(1, n.div_ceil(32).max(1));
     let chunk = n.div_ceil(want).div_ceil(32) * 32;
     let nchunks = n.div_ceil(chunk);
     let mut partial = unsafe { dev.alloc::<f32>(bg * nchunks * p) }?;
@@ -1709,10 +1711,7 @@ pub fn linear_bf16(
     let h = &handles[hi];
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
-    let (xv, wv) = (
-        view::<half::bf16>(&xs, xl)?,
-        view::<half::bf16>(&ws, wl)?,
-    );
+    let (xv, wv) = (view::<half::bf16>(&xs, xl)?, view::<half::bf16>(&ws, wl)?);
     let bst = bias.map(|b| b.storage_and_layout());
     let bv = match &bst {
         Some((bs, bl)) => Some(view::<half::bf16>(bs, bl)?),
@@ -1823,7 +1822,8 @@ fn lt_plan(
             (&ws) as *const usize as *const _,
             std::mem::size_of::<usize>(),
         )?;
-        let fastest_for_rows = |pref| lt::result::get_matmul_algo_heuristic(handle, desc, a, b, c, c, pref);
+        let fastest_for_rows =
+            |pref| lt::result::get_matmul_algo_heuristic(handle, desc, a, b, c, c, pref);
         let algo = match key.algo_rows {
             None => fastest_for_rows(pref).map(|h| h.algo),
             Some(algo_rows) => {
@@ -1836,7 +1836,8 @@ fn lt_plan(
                     std::mem::size_of::<u32>(),
                 )?;
                 let (rb, rc) = layouts(algo_rows)?;
-                let chosen = lt::result::get_matmul_algo_heuristic(handle, desc, a, rb, rc, rc, pref);
+                let chosen =
+                    lt::result::get_matmul_algo_heuristic(handle, desc, a, rb, rc, rc, pref);
                 lt::result::destroy_matrix_layout(rb)?;
                 lt::result::destroy_matrix_layout(rc)?;
                 let accepted = chosen.ok().filter(|h| {
@@ -1850,7 +1851,8 @@ fn lt_plan(
                     Some(h) => Ok(h.algo),
                     None => {
                         LT_UNPINNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let all = lt::sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_MASK as u32;
+                        let all = lt::sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_MASK
+                            as u32;
                         lt::result::set_matmul_pref_attribute(
                             pref,
                             lt::sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,

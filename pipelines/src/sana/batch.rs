@@ -11,12 +11,13 @@
 //! concatenated rows `[request 0 rows; request 1 rows; …]`.
 //!
 //! Exactness: every operation of the transformer and text encoder is row-independent, so a request's
-//! result differs from its solo run only if a kernel's summation order depends on the batch size. On
-//! the CPU (f32, gemm) the tiny-checkpoint test `pipeline_e2e::batched_equals_solo_*` finds them
-//! bit-exact. On CUDA in bf16 they are not: the GEMMs of k rows are not the kernels (or the summation
-//! order) of one row, and the difference carries through the steps and the decoder. Measured on an H100
-//! at 1024² (`bench/results/2026-12-07-h100-batch.md`): lowest PSNR 49.7 dB (Sprint) and 50.7 dB (base)
-//! against the solo runs, below the 60 dB.
+//! result could differ from its solo run only where a kernel's summation order depends on the batch size.
+//! On the CPU (f32, gemm) none does: the tiny-checkpoint test `pipeline_e2e::batched_equals_solo_*` finds
+//! batched runs bit-exact. On CUDA three did: the linear attention's chunking, cuBLASLt's algorithm choice by
+//! row count, and cuBLAS's batched attention GEMMs in Gemma-2. With `ops::set_batch_invariant` on (the
+//! default), each takes an order fixed by one batch row's shape. Measured on an H100 at 1024²
+//! (`bench/results/2026-12-07-h100-batch-invariant.md`): batched Sprint and base images bit-exact to
+//! their solo runs in bursts of 2, 4 and 8. Off: 49.7 dB (Sprint) and 50.7 dB (base).
 //!
 //! Leaving a batch: an observer that returns an error (cancellation) takes only its request out before
 //! the next step; its rows are dropped from the latents and the text context, and the others go on

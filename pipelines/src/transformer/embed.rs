@@ -162,7 +162,11 @@ impl CaptionProjection {
 
     /// `(B, T, caption_channels)` -> `(B, T, D)`; candle's `gelu` is the tanh approximation.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear(&self.linear_2, &linear(&self.linear_1, x, None)?.gelu()?, None)
+        linear(
+            &self.linear_2,
+            &linear(&self.linear_1, x, None)?.gelu()?,
+            None,
+        )
     }
 }
 
