@@ -18,7 +18,9 @@
 //! - `dc-ae decode 1024x1024`: `latents / scaling_factor` + `DcAeDecoder::decode`, latents (1, 32, 32, 32);
 //!   `dc-ae decode 4x 1024x1024 in one call`: the same with latents (4, 32, 32, 32).
 //! - `base transformer fwd B=2 1024^2`: `prepare_text` (caption projection, cross K/V) + `forward`, the
-//!   diffusers case's inputs (B=2, 300 text tokens of which 40 attended, timestep 999).
+//!   diffusers case's inputs (B=2, 300 text tokens of which 40 attended, timestep 999); `B=1` and `B=4`:
+//!   the same with one row, and with 4 copies of it (a step of one and of 4 batched Sprint requests).
+//! - `ours: text encode, tokenizer + 4 pos in one call`: the one Gemma-2 call of 4 batched requests.
 //!
 //! Memory: the lowest free device memory (`cuMemGetInfo`, polled every millisecond from another thread
 //! during the second warm-up) against the total: device-wide usage, CUDA context and the stream-ordered
@@ -32,6 +34,7 @@
 //! `SANA_BENCH_ONLY=batch` runs only the cross-request batching cases (`sana_bench_batch.rs`: Sprint and
 //! base 1024² bursts of 1, 2, 4, 8 requests, batched against one at a time; images/s, p50/p99 latency,
 //! peak memory; its own JSON shape; `SANA_BENCH_BATCH_KINDS=sprint` or `base` for one pipeline only);
+//! `SANA_BENCH_INVARIANT=off` runs every case with batch invariance off (`ops::set_batch_invariant`);
 //! `SANA_BENCH_PROFILE=fwd|decode` loads only that component, runs it twice, then once more between
 //! `cuProfilerStart`/`cuProfilerStop` (for `ncu --profile-from-start off`) and exits.
 
@@ -286,6 +289,12 @@ fn main() -> anyhow::Result<()> {
         rows: Vec::new(),
         errors: Vec::new(),
     };
+    // `SANA_BENCH_INVARIANT=off`: every case with batch invariance off (`ops::set_batch_invariant`), so one
+    // lease can measure what it costs per component.
+    if std::env::var("SANA_BENCH_INVARIANT").is_ok_and(|v| v == "off" || v == "0") {
+        sana_pipelines::ops::set_batch_invariant(false);
+        println!("batch invariance: off");
+    }
     let before = used_bytes(&cuda)?;
     if let Ok(which) = std::env::var("SANA_BENCH_PROFILE") {
         return profile(&which, &args[1], &device);
@@ -340,6 +349,16 @@ fn main() -> anyhow::Result<()> {
         text.encode_prompts(&prompt, true)?;
         Ok(())
     });
+    // What a batch of 4 Sprint requests encodes in its one Gemma-2 call (issue 14).
+    let prompts4: Vec<String> = (0..4).map(|i| format!("{PROMPT}, variation {i}")).collect();
+    bench.case(
+        "ours: text encode, tokenizer + 4 pos in one call",
+        None,
+        || {
+            text.encode_prompts(&prompts4, true)?;
+            Ok(())
+        },
+    );
 
     let mut repo = ModelRepo::open(&ModelSource::new(args[1].clone()))?;
     let v_files = repo.component_for("vae", DType::BF16)?;
@@ -380,6 +399,22 @@ fn main() -> anyhow::Result<()> {
         tr.forward(&x, &ts, None, &ctx)?;
         Ok(())
     });
+    // One row (a Sprint step alone) and 4 rows (a step of 4 batched Sprint requests), same inputs per row.
+    for rows in [1usize, 4] {
+        let xr = x.narrow(0, 0, 1)?.repeat((rows, 1, 1, 1))?;
+        let er = emb.narrow(0, 0, 1)?.repeat((rows, 1, 1))?;
+        let mr = mask.narrow(0, 0, 1)?.repeat((rows, 1))?;
+        let tr_ts = Tensor::full(999f32, rows, &device)?;
+        bench.case(
+            &format!("base transformer fwd B={rows} 1024^2"),
+            None,
+            || {
+                let ctx = tr.prepare_text(&er, &mr)?;
+                tr.forward(&xr, &tr_ts, None, &ctx)?;
+                Ok(())
+            },
+        );
+    }
     drop(tr);
 
     // Pipelines (through the worker's entry point, seeded GPU noise).

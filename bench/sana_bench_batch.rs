@@ -163,11 +163,12 @@ pub fn run(
     card: &str,
     runs: usize,
 ) -> anyhow::Result<()> {
-    // `SANA_BENCH_BATCH_INVARIANT=off` measures the size-tuned kernels (batch rows not bit-equal to solo
-    // runs) instead of the default batch-invariant ones (`ops::set_batch_invariant`).
-    let invariant =
-        !std::env::var("SANA_BENCH_BATCH_INVARIANT").is_ok_and(|v| v == "off" || v == "0");
-    sana_pipelines::ops::set_batch_invariant(invariant);
+    // `SANA_BENCH_BATCH_INVARIANT=off` (or sana-bench's `SANA_BENCH_INVARIANT=off`) measures the size-tuned
+    // kernels (batch rows not bit-equal to solo runs) instead of the default batch-invariant ones.
+    if std::env::var("SANA_BENCH_BATCH_INVARIANT").is_ok_and(|v| v == "off" || v == "0") {
+        sana_pipelines::ops::set_batch_invariant(false);
+    }
+    let invariant = sana_pipelines::ops::batch_invariant();
     let inv = if invariant { "on" } else { "off" };
     println!(
         "\n## sana-bench batch on {card} (bf16, random weights at the real configs, batch invariance {inv})\n"
