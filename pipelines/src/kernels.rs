@@ -1770,6 +1770,23 @@ pub fn linear_bf16(
     Ok(wrap(out, &dev, shape))
 }
 
+/// Sets one cuBLASLt matmul-preference attribute to `value`.
+///
+/// # Safety
+/// `pref` is a live preference and `T` the type cuBLASLt documents for `attr`.
+unsafe fn set_lt_pref<T>(
+    pref: lt::sys::cublasLtMatmulPreference_t,
+    attr: lt::sys::cublasLtMatmulPreferenceAttributes_t,
+    value: &T,
+) -> std::result::Result<(), lt::result::CublasError> {
+    lt::result::set_matmul_pref_attribute(
+        pref,
+        attr,
+        value as *const T as *const _,
+        std::mem::size_of::<T>(),
+    )
+}
+
 /// Descriptors for `D (n × rows, col-major) = W (k × n, col-major)ᵀ · X (k × rows) [+ bias] [+ C]`, the
 /// row-major `Y (rows, n) = X Wᵀ + b`, and the algorithm for them ([`linear_bf16`]): the heuristic's
 /// fastest for `algo_rows` rows without split-K when `key.algo_rows` is set and cuBLASLt accepts it for
@@ -1814,13 +1831,20 @@ fn lt_plan(
             (&epilogue) as *const _ as *const _,
             std::mem::size_of_val(&epilogue),
         )?;
+        use lt::sys::cublasLtMatmulPreferenceAttributes_t as Pref;
         let pref = lt::result::create_matmul_pref()?;
-        let ws = LT_WORKSPACE;
-        lt::result::set_matmul_pref_attribute(
+        // Reduction-scheme mask: which split-K reductions the heuristic may choose.
+        let reductions = |mask: u32| {
+            set_lt_pref(
+                pref,
+                Pref::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                &mask,
+            )
+        };
+        set_lt_pref(
             pref,
-            lt::sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-            (&ws) as *const usize as *const _,
-            std::mem::size_of::<usize>(),
+            Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &LT_WORKSPACE,
         )?;
         let fastest_for_rows =
             |pref| lt::result::get_matmul_algo_heuristic(handle, desc, a, b, c, c, pref);
@@ -1828,12 +1852,8 @@ fn lt_plan(
             None => fastest_for_rows(pref).map(|h| h.algo),
             Some(algo_rows) => {
                 // Only algorithms that sum each output's k in one pass (no split-K reduction).
-                let none: u32 = 0;
-                lt::result::set_matmul_pref_attribute(
-                    pref,
-                    lt::sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
-                    (&none) as *const u32 as *const _,
-                    std::mem::size_of::<u32>(),
+                reductions(
+                    lt::sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_NONE as u32,
                 )?;
                 let (rb, rc) = layouts(algo_rows)?;
                 let chosen =
@@ -1851,13 +1871,9 @@ fn lt_plan(
                     Some(h) => Ok(h.algo),
                     None => {
                         LT_UNPINNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let all = lt::sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_MASK
-                            as u32;
-                        lt::result::set_matmul_pref_attribute(
-                            pref,
-                            lt::sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
-                            (&all) as *const u32 as *const _,
-                            std::mem::size_of::<u32>(),
+                        reductions(
+                            lt::sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_MASK
+                                as u32,
                         )?;
                         fastest_for_rows(pref).map(|h| h.algo)
                     }
