@@ -174,6 +174,35 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
 
 /// The 404 of the request routes: fal's "Request not found", or that it expired when the request ended
 /// longer ago than the retention (`state` module docs).
+/// Whether `id` has a view here. A request submitted on another dispatcher a moment ago may not yet have
+/// its `queued` event read by this one, so before saying no the view catches up with the results stream
+/// (waiting at most `read_your_writes_timeout`): an id that any replica handed out is known to every
+/// replica. An expired id is answered at once.
+async fn known(state: &AppState, id: &str) -> bool {
+    let has = || state.registry().read(|r| r.get(id).is_some());
+    if has() {
+        return true;
+    }
+    if !state.registry().read(|r| r.is_expired(id)) {
+        let timeout = state.config().read_your_writes_timeout;
+        match tokio::time::timeout(timeout, state.bus().catch_up()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(request_id = id, error = %e, "could not catch up with the results stream; answering from the view");
+            }
+            Err(_) => {
+                tracing::warn!(
+                    request_id = id,
+                    ?timeout,
+                    "the results stream did not catch up in time; answering from the view"
+                );
+            }
+        }
+        return has();
+    }
+    false
+}
+
 fn not_found_or_expired(state: &AppState, id: String) -> Response {
     if state.registry().read(|r| r.is_expired(&id)) {
         let kept = state
@@ -318,6 +347,9 @@ pub async fn status(
     if let Err(e) = state.replayed().await {
         return e.into_response();
     }
+    if !known(&state, &id).await {
+        return not_found_or_expired(&state, id);
+    }
     let base = app_base(&state, &headers);
     match state
         .registry()
@@ -344,7 +376,7 @@ pub async fn status_stream(
     }
     let base = app_base(&state, &headers);
     let logs = wants_logs(&q);
-    if state.registry().read(|r| r.get(&id).is_none()) {
+    if !known(&state, &id).await {
         return not_found_or_expired(&state, id);
     }
     let registry = state.registry().clone();
@@ -381,6 +413,9 @@ pub async fn result(
     };
     if let Err(e) = state.replayed().await {
         return e.into_response();
+    }
+    if !known(&state, &id).await {
+        return not_found_or_expired(&state, id);
     }
     let Some(view) = state.registry().read(|r| r.get(&id).cloned()) else {
         return not_found_or_expired(&state, id);
@@ -443,6 +478,8 @@ pub async fn cancel(
     if let Err(e) = state.replayed().await {
         return e.into_response();
     }
+    // Not known even after catching up (or expired): answered below.
+    known(&state, &id).await;
     let Some((kind, terminal)) = state
         .registry()
         .read(|r| r.get(&id).map(|v| (v.endpoint, v.is_terminal())))

@@ -743,3 +743,105 @@ async fn request_routes_wait_for_the_replay_instead_of_answering_404() {
     assert_eq!(code, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["status"], "IN_QUEUE");
 }
+
+#[tokio::test]
+async fn request_routes_catch_up_with_the_stream_before_answering_404() {
+    // Requests submitted on another dispatcher whose `queued` events this view has not read yet.
+    let h = harness(HttpConfig::default());
+    let queued = testing::body(EndpointKind::Sprint, EventKind::Queued);
+    for id in ["r-status", "r-result", "r-stream", "r-cancel"] {
+        h.bus.elsewhere.lock().expect("lock").push(Event::new(
+            id,
+            EndpointKind::Sprint,
+            queued.clone(),
+        ));
+    }
+    let (code, _, body) = call(
+        &h.app,
+        Method::GET,
+        "/local/sana/requests/r-status/status",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (StatusCode::ACCEPTED, Some("IN_QUEUE")),
+        "{body}"
+    );
+    // The catch-up read all four events; each other route is checked on a fresh view.
+    for id in ["r-result", "r-stream", "r-cancel"] {
+        assert!(h.bus.registry.read(|r| r.get(id).is_some()), "{id}");
+    }
+    let h = harness(HttpConfig::default());
+    let elsewhere = |id: &str| {
+        h.bus.elsewhere.lock().expect("lock").push(Event::new(
+            id,
+            EndpointKind::Sprint,
+            queued.clone(),
+        ));
+    };
+    elsewhere("r-result");
+    let (code, _, body) = call(
+        &h.app,
+        Method::GET,
+        "/local/sana/requests/r-result",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("IN_PROGRESS")),
+        "{body}"
+    );
+    elsewhere("r-stream");
+    let stream = h
+        .app
+        .clone()
+        .oneshot(
+            Request::get("/local/sana/requests/r-stream/status/stream")
+                .header("host", "api.test")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("infallible");
+    assert_eq!(stream.status(), StatusCode::OK);
+    elsewhere("r-cancel");
+    let (code, _, body) = call(
+        &h.app,
+        Method::PUT,
+        "/local/sana/requests/r-cancel/cancel",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (StatusCode::ACCEPTED, Some("CANCELLATION_REQUESTED")),
+        "{body}"
+    );
+
+    // An id no dispatcher handed out is still a 404 after catching up, and so is an unknown id while
+    // the broker is away (the view answers as it stands).
+    let (code, _, _) = call(
+        &h.app,
+        Method::GET,
+        "/local/sana/requests/nope/status",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    h.bus.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (code, _, _) = call(
+        &h.app,
+        Method::GET,
+        "/local/sana/requests/nope/status",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+}

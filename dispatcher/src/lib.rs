@@ -105,16 +105,6 @@ pub async fn serve(
     let registry = SharedRegistry::with_retention(cfg.retention);
     let metrics = Arc::new(Metrics::new()?);
     let (ready_tx, ready_rx) = watch::channel(false);
-    let bus: Arc<dyn submit::Bus> = Arc::new(link.publisher().clone());
-    let state = AppState::new(
-        cfg.http.clone(),
-        registry.clone(),
-        bus.clone(),
-        metrics.clone(),
-        ready_rx,
-    );
-    let app = http::router(state);
-
     // One reader of the results stream feeds both the HTTP view and the deadline/dead-letter watch.
     let ingress_registry = registry.clone();
     let follower = Arc::new(Follower {
@@ -128,6 +118,17 @@ pub async fn serve(
     let from = (now_unix() - cfg.retention.window.as_secs_f64()).max(0.0) as u64;
     let (reader, reading) =
         StreamReader::open(link.clone(), StreamOffset::Timestamp(from), sinks).await?;
+    // The reader publishes through the link's confirmed publisher and lets a handler catch up with
+    // the stream before it answers that a request is unknown (submitted on another dispatcher).
+    let bus: Arc<dyn submit::Bus> = reader.clone();
+    let state = AppState::new(
+        cfg.http.clone(),
+        ingress_registry.clone(),
+        bus.clone(),
+        metrics.clone(),
+        ready_rx,
+    );
+    let app = http::router(state);
     let watch = RequestWatch::new(watch_index, reader.clone());
     let (ingress_on, ingress_prefetch, listen) =
         (cfg.ingress, cfg.ingress_prefetch, cfg.listen.clone());

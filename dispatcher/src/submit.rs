@@ -5,17 +5,19 @@
 //! with a start deadline then gets its broker-side timer ([`fleet::queue::DeadlineTimer`]) *before* its
 //! job, so no job with a deadline exists without the timer that alone may time it out. If the timer or
 //! the job publish fails, a `failed` event (internal_error) closes the request so it does not sit
-//! `IN_QUEUE` forever. Publishing goes through [`Bus`], which the broker's confirmed
-//! [`Publisher`] implements; handler tests plug in an in-memory bus.
+//! `IN_QUEUE` forever. Publishing goes through [`Bus`], which the dispatcher's [`StreamReader`] (its
+//! confirmed publisher and its view of the results stream) implements; handler tests plug in an
+//! in-memory bus.
 
 use futures::future::BoxFuture;
 use serde_json::Value;
 
 use fleet::events::{now_unix, ErrorType, Event, EventBody, Failure, JobMessage, Queued};
 use fleet::job::{validate, EndpointKind, JobInput, ValidationError};
-use fleet::queue::{DeadlineTimer, Publisher, QueueError};
+use fleet::queue::{DeadlineTimer, QueueError, StreamReader};
 
-/// Where the dispatcher publishes. Every call returns only once the broker confirmed.
+/// Where the dispatcher publishes, and how it catches up with what other dispatchers published. Every
+/// publish returns only once the broker confirmed.
 pub trait Bus: Send + Sync + 'static {
     fn publish_event<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), QueueError>>;
     fn publish_deadline_timer<'a>(
@@ -27,18 +29,21 @@ pub trait Bus: Send + Sync + 'static {
         job: &'a JobMessage,
         priority: Option<u8>,
     ) -> BoxFuture<'a, Result<(), QueueError>>;
+    /// Returns once the view holds every event published to the results stream before the call, by
+    /// any dispatcher: a request submitted on one replica is then known to this one.
+    fn catch_up(&self) -> BoxFuture<'_, Result<(), QueueError>>;
 }
 
-impl Bus for Publisher {
+impl Bus for StreamReader {
     fn publish_event<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), QueueError>> {
-        Box::pin(Publisher::publish_event(self, event))
+        Box::pin(self.publisher().publish_event(event))
     }
 
     fn publish_deadline_timer<'a>(
         &'a self,
         timer: &'a DeadlineTimer,
     ) -> BoxFuture<'a, Result<(), QueueError>> {
-        Box::pin(Publisher::publish_deadline_timer(self, timer))
+        Box::pin(self.publisher().publish_deadline_timer(timer))
     }
 
     fn publish_job<'a>(
@@ -46,7 +51,12 @@ impl Bus for Publisher {
         job: &'a JobMessage,
         priority: Option<u8>,
     ) -> BoxFuture<'a, Result<(), QueueError>> {
-        Box::pin(self.publish_job_with_priority(job, priority))
+        Box::pin(self.publisher().publish_job_with_priority(job, priority))
+    }
+
+    fn catch_up(&self) -> BoxFuture<'_, Result<(), QueueError>> {
+        // A marker round trip through the stream: everything published before it is read before it.
+        Box::pin(self.sync())
     }
 }
 
@@ -196,9 +206,20 @@ pub(crate) mod testing {
         offset: Mutex<u64>,
         /// While true every publish fails as it does while the broker is away.
         pub down: AtomicBool,
+        /// Events another dispatcher published that this view has not read yet: `catch_up` applies them.
+        pub elsewhere: Mutex<Vec<Event>>,
     }
 
     impl MemoryBus {
+        fn next_offset(&self) -> Result<u64, QueueError> {
+            let mut o = self
+                .offset
+                .lock()
+                .map_err(|_| QueueError::Closed("poisoned".into()))?;
+            *o += 1;
+            Ok(*o)
+        }
+
         fn check_up(&self) -> Result<(), QueueError> {
             if self.down.load(Ordering::SeqCst) {
                 return Err(QueueError::Timeout("the publisher confirm"));
@@ -211,14 +232,7 @@ pub(crate) mod testing {
         fn publish_event<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), QueueError>> {
             Box::pin(async move {
                 self.check_up()?;
-                let offset = {
-                    let mut o = self
-                        .offset
-                        .lock()
-                        .map_err(|_| QueueError::Closed("poisoned".into()))?;
-                    *o += 1;
-                    *o
-                };
+                let offset = self.next_offset()?;
                 self.events
                     .lock()
                     .map_err(|_| QueueError::Closed("poisoned".into()))?
@@ -253,6 +267,23 @@ pub(crate) mod testing {
                     .lock()
                     .map_err(|_| QueueError::Closed("poisoned".into()))?
                     .push((job.clone(), priority));
+                Ok(())
+            })
+        }
+
+        fn catch_up(&self) -> BoxFuture<'_, Result<(), QueueError>> {
+            // This bus's own events are applied as they are published; other dispatchers' are read now.
+            Box::pin(async move {
+                self.check_up()?;
+                let pending = std::mem::take(
+                    &mut *self
+                        .elsewhere
+                        .lock()
+                        .map_err(|_| QueueError::Closed("poisoned".into()))?,
+                );
+                for event in &pending {
+                    self.registry.apply(self.next_offset()?, event);
+                }
                 Ok(())
             })
         }
