@@ -172,8 +172,6 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
     Ok(Bytes::from(buf))
 }
 
-/// The 404 of the request routes: fal's "Request not found", or that it expired when the request ended
-/// longer ago than the retention (`state` module docs).
 /// Whether `id` has a view here. A request submitted on another dispatcher a moment ago may not yet have
 /// its `queued` event read by this one, so before saying no the view catches up with the results stream
 /// (waiting at most `read_your_writes_timeout`): an id that any replica handed out is known to every
@@ -184,25 +182,17 @@ async fn known(state: &AppState, id: &str) -> bool {
         return true;
     }
     if !state.registry().read(|r| r.is_expired(id)) {
-        let timeout = state.config().read_your_writes_timeout;
-        match tokio::time::timeout(timeout, state.bus().catch_up()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(request_id = id, error = %e, "could not catch up with the results stream; answering from the view");
-            }
-            Err(_) => {
-                tracing::warn!(
-                    request_id = id,
-                    ?timeout,
-                    "the results stream did not catch up in time; answering from the view"
-                );
-            }
+        let within = state.config().read_your_writes_timeout;
+        if let Err(e) = state.bus().catch_up(within).await {
+            tracing::warn!(request_id = id, error = %e, "could not catch up with the results stream; answering from the view");
         }
         return has();
     }
     false
 }
 
+/// The 404 of the request routes: fal's "Request not found", or that it expired when the request ended
+/// longer ago than the retention (`state` module docs).
 fn not_found_or_expired(state: &AppState, id: String) -> Response {
     if state.registry().read(|r| r.is_expired(&id)) {
         let kept = state

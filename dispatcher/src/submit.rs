@@ -9,6 +9,8 @@
 //! confirmed publisher and its view of the results stream) implements; handler tests plug in an
 //! in-memory bus.
 
+use std::time::Duration;
+
 use futures::future::BoxFuture;
 use serde_json::Value;
 
@@ -30,8 +32,9 @@ pub trait Bus: Send + Sync + 'static {
         priority: Option<u8>,
     ) -> BoxFuture<'a, Result<(), QueueError>>;
     /// Returns once the view holds every event published to the results stream before the call, by
-    /// any dispatcher: a request submitted on one replica is then known to this one.
-    fn catch_up(&self) -> BoxFuture<'_, Result<(), QueueError>>;
+    /// any dispatcher (a request submitted on one replica is then known to this one), or an error
+    /// after `within`.
+    fn catch_up(&self, within: Duration) -> BoxFuture<'_, Result<(), QueueError>>;
 }
 
 impl Bus for StreamReader {
@@ -54,9 +57,9 @@ impl Bus for StreamReader {
         Box::pin(self.publisher().publish_job_with_priority(job, priority))
     }
 
-    fn catch_up(&self) -> BoxFuture<'_, Result<(), QueueError>> {
+    fn catch_up(&self, within: Duration) -> BoxFuture<'_, Result<(), QueueError>> {
         // A marker round trip through the stream: everything published before it is read before it.
-        Box::pin(self.sync())
+        Box::pin(self.sync_within(within))
     }
 }
 
@@ -271,7 +274,7 @@ pub(crate) mod testing {
             })
         }
 
-        fn catch_up(&self) -> BoxFuture<'_, Result<(), QueueError>> {
+        fn catch_up(&self, _within: Duration) -> BoxFuture<'_, Result<(), QueueError>> {
             // This bus's own events are applied as they are published; other dispatchers' are read now.
             Box::pin(async move {
                 self.check_up()?;

@@ -108,18 +108,22 @@ impl StreamReader {
 
     /// Waits until every event published before this call has been applied by every sink.
     pub async fn sync(&self) -> Result<(), QueueError> {
+        self.sync_within(SYNC_TIMEOUT).await
+    }
+
+    /// [`sync`](Self::sync), giving up after `timeout` (the marker's publish included).
+    pub async fn sync_within(&self, timeout: Duration) -> Result<(), QueueError> {
         let token = uuid::Uuid::new_v4().to_string();
         let (tx, rx) = oneshot::channel();
         self.markers().insert(token.clone(), tx);
-        let result = async {
+        let result = tokio::time::timeout(timeout, async {
             self.link.publisher().publish_marker(&token).await?;
-            match tokio::time::timeout(SYNC_TIMEOUT, rx).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(QueueError::Closed("results stream reader stopped".into())),
-                Err(_) => Err(QueueError::Timeout("the results stream to catch up")),
-            }
-        }
-        .await;
+            rx.await
+                .map_err(|_| QueueError::Closed("results stream reader stopped".into()))
+        })
+        .await
+        .unwrap_or(Err(QueueError::Timeout("the results stream to catch up")));
+        // Removed here, not on drop: callers bound the wait with `timeout`, not by dropping this future.
         self.markers().remove(&token);
         result
     }
