@@ -177,6 +177,20 @@ impl TorchCudaGenerator {
     }
 }
 
+/// Test inputs and weights: N(0, std²) draws fixed by `key` (hashed with FNV-1a), the same on every run,
+/// so a test's check that two outputs differ cannot fail on an unlucky draw.
+#[cfg(test)]
+pub(crate) fn test_randn(
+    key: &str,
+    std: f64,
+    shape: impl Into<Shape>,
+) -> candle_core::Result<Tensor> {
+    let seed = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    TorchCudaGenerator::new(seed).randn_tensor(shape, &Device::Cpu)? * std
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

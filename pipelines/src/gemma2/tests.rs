@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::param_count::ParamCounter;
+use crate::rng::test_randn;
 use candle_nn::VarMap;
 use std::collections::HashMap;
 
@@ -78,14 +79,14 @@ fn tiny_config(attn: AttnImplementation) -> Config {
     cfg
 }
 
-/// A VarBuilder over random weights with the shapes `cfg` needs (VarMap initialises to zeros).
+/// A VarBuilder over seeded random weights with the shapes `cfg` needs (VarMap initialises to zeros).
 fn random_vb(cfg: &Config) -> Result<VarBuilder<'static>> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     Gemma2Encoder::load(vb.clone(), cfg)?;
     for (name, var) in varmap.data().lock().expect("not poisoned").iter() {
         let std = if name.contains("norm") { 0.5 } else { 0.3 };
-        var.set(&Tensor::randn(0f32, std, var.shape(), &Device::Cpu)?)?;
+        var.set(&test_randn(name, std, var.shape())?)?;
     }
     Ok(vb)
 }

@@ -11,6 +11,7 @@ use candle_nn::{VarBuilder, VarMap};
 use super::{SanaTransformer2DModel, Tap, TransformerConfig};
 use crate::loader::ComponentFiles;
 use crate::param_count::ParamCounter;
+use crate::rng::test_randn;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -41,7 +42,7 @@ fn random_weights(cfg: &TransformerConfig) -> Result<HashMap<String, Tensor>> {
         .expect("VarMap lock is never poisoned in tests");
     let mut out = HashMap::new();
     for (name, var) in data.iter() {
-        let r = (Tensor::randn(0f32, 1., var.as_tensor().dims(), &dev)? * 0.2)?;
+        let r = test_randn(name, 0.2, var.as_tensor().dims())?;
         out.insert(name.clone(), r);
     }
     Ok(out)
@@ -133,7 +134,7 @@ fn missing_weight_fails_at_load_with_its_name() -> Result<()> {
 /// Inputs for one tiny forward: text (B, T, 64), mask with the last `pad` tokens dropped in row 1.
 fn tiny_text(b: usize, t: usize, pad: usize) -> Result<(Tensor, Tensor)> {
     let dev = Device::Cpu;
-    let text = Tensor::randn(0f32, 1., (b, t, 64), &dev)?;
+    let text = test_randn("text", 1., (b, t, 64))?;
     let mut m = vec![1f32; b * t];
     for j in t - pad..t {
         m[t + j] = 0.; // row 1
@@ -154,7 +155,7 @@ fn cached_text_context_matches_recomputation_across_steps() -> Result<()> {
     let guidance = Tensor::new(&[4.5f32, 4.5], &dev)?;
     let mut outputs = Vec::new();
     for (step, t) in [0.9f32, 0.4].into_iter().enumerate() {
-        let x = Tensor::randn(0f32, 1., (2, 8, 4, 6), &dev)?;
+        let x = test_randn(&format!("x{step}"), 1., (2, 8, 4, 6))?;
         let ts = Tensor::new(&[t, t], &dev)?;
         let reused = model.forward(&x, &ts, Some(&guidance), &cached)?;
         let fresh = model.forward(&x, &ts, Some(&guidance), &model.prepare_text(&text, &mask)?)?;
@@ -179,10 +180,10 @@ fn masked_caption_tokens_do_not_influence_output() -> Result<()> {
     )?;
     let (text, mask) = tiny_text(2, 7, 3)?;
     // Change only the masked tokens of row 1 (positions 4..7).
-    let noise = Tensor::randn(0f32, 5., (1, 3, 64), &dev)?;
+    let noise = test_randn("noise", 5., (1, 3, 64))?;
     let row1 = Tensor::cat(&[&text.get(1)?.narrow(0, 0, 4)?.unsqueeze(0)?, &noise], 1)?;
     let text2 = Tensor::cat(&[&text.narrow(0, 0, 1)?, &row1], 0)?;
-    let x = Tensor::randn(0f32, 1., (2, 8, 3, 3), &dev)?;
+    let x = test_randn("x", 1., (2, 8, 3, 3))?;
     let ts = Tensor::new(&[0.7f32], &dev)?; // one value for both rows
     let g = Tensor::new(&[3.0f32, 3.0], &dev)?;
     let a = model.forward(&x, &ts, Some(&g), &model.prepare_text(&text, &mask)?)?;
@@ -194,7 +195,11 @@ fn masked_caption_tokens_do_not_influence_output() -> Result<()> {
     let ones = Tensor::ones((2, 7), DType::F32, &dev)?;
     let c = model.forward(&x, &ts, Some(&g), &model.prepare_text(&text, &ones)?)?;
     let e = model.forward(&x, &ts, Some(&g), &model.prepare_text(&text2, &ones)?)?;
-    assert!(rel_l2(&c, &e)? > 1e-3);
+    let moved = rel_l2(&c, &e)?;
+    assert!(
+        moved > 1e-3,
+        "unmasked tokens changed nothing: rel L2 {moved}"
+    );
     // Guidance is required for a guidance-embedding checkpoint.
     assert!(model
         .forward(&x, &ts, None, &model.prepare_text(&text, &mask)?)
