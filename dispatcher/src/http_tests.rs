@@ -748,13 +748,8 @@ async fn request_routes_wait_for_the_replay_instead_of_answering_404() {
 async fn request_routes_catch_up_with_the_stream_before_answering_404() {
     // Requests submitted on another dispatcher whose `queued` events this view has not read yet.
     let h = harness(HttpConfig::default());
-    let queued = testing::body(EndpointKind::Sprint, EventKind::Queued);
     for id in ["r-status", "r-result", "r-stream", "r-cancel"] {
-        h.bus.elsewhere.lock().expect("lock").push(Event::new(
-            id,
-            EndpointKind::Sprint,
-            queued.clone(),
-        ));
+        queued_elsewhere(&h.bus, id);
     }
     let (code, _, body) = call(
         &h.app,
@@ -774,14 +769,7 @@ async fn request_routes_catch_up_with_the_stream_before_answering_404() {
         assert!(h.bus.registry.read(|r| r.get(id).is_some()), "{id}");
     }
     let h = harness(HttpConfig::default());
-    let elsewhere = |id: &str| {
-        h.bus.elsewhere.lock().expect("lock").push(Event::new(
-            id,
-            EndpointKind::Sprint,
-            queued.clone(),
-        ));
-    };
-    elsewhere("r-result");
+    queued_elsewhere(&h.bus, "r-result");
     let (code, _, body) = call(
         &h.app,
         Method::GET,
@@ -795,7 +783,7 @@ async fn request_routes_catch_up_with_the_stream_before_answering_404() {
         (StatusCode::BAD_REQUEST, Some("IN_PROGRESS")),
         "{body}"
     );
-    elsewhere("r-stream");
+    queued_elsewhere(&h.bus, "r-stream");
     let stream = h
         .app
         .clone()
@@ -808,7 +796,7 @@ async fn request_routes_catch_up_with_the_stream_before_answering_404() {
         .await
         .expect("infallible");
     assert_eq!(stream.status(), StatusCode::OK);
-    elsewhere("r-cancel");
+    queued_elsewhere(&h.bus, "r-cancel");
     let (code, _, body) = call(
         &h.app,
         Method::PUT,
@@ -844,4 +832,13 @@ async fn request_routes_catch_up_with_the_stream_before_answering_404() {
     )
     .await;
     assert_eq!(code, StatusCode::NOT_FOUND);
+}
+
+/// A `queued` event that another dispatcher published and this view has not read yet.
+fn queued_elsewhere(bus: &MemoryBus, id: &str) {
+    let queued = testing::body(EndpointKind::Sprint, EventKind::Queued);
+    bus.elsewhere
+        .lock()
+        .expect("lock")
+        .push(Event::new(id, EndpointKind::Sprint, queued));
 }
