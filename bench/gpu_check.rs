@@ -636,6 +636,49 @@ fn real_size_fused_vs_portable(
         format!("rel L2 {r:.2e} (bound 3e-2)"),
         Some(r <= 3e-2),
     );
+    drop(vae);
+    // Gemma-2 (`kernels/gemma.cu`): two prompts, one padded, 26 layers. Both bf16 paths are measured
+    // against the f32 model on the same weights (the fused kernels compute in f32 between bf16 roundings, the
+    // portable path also rounds inside candle's bf16 GELU): the fused path must be no further from it than
+    // the portable one (× 1.1). Every row's valid tokens.
+    use sana_pipelines::gemma2::{Config as GemmaConfig, Gemma2Encoder};
+    let te = repo.component_for("text_encoder", DType::BF16)?;
+    let te_cfg: GemmaConfig = loader::read_json(&te.config)?;
+    let ids = Tensor::rand(0f32, 256_000f32, (2, 300), device)?.to_dtype(DType::U32)?;
+    let mask_rows: Vec<u32> = [300usize, 120]
+        .iter()
+        .flat_map(|&v| (0..300).map(move |i| u32::from(i < v)))
+        .collect();
+    let mask = Tensor::from_vec(mask_rows, (2, 300), device)?;
+    let valid_err = |a: &Tensor, b: &Tensor| -> anyhow::Result<f64> {
+        Ok(rel_l2(&a.narrow(1, 0, 120)?, &b.narrow(1, 0, 120)?)?
+            .max(rel_l2(&a.narrow(0, 0, 1)?, &b.narrow(0, 0, 1)?)?))
+    };
+    let reference = {
+        let g32 = Gemma2Encoder::load(
+            loader::var_builder(&te.weights, DType::F32, device)?,
+            &te_cfg,
+        )?;
+        g32.forward(&ids, &mask)?
+    };
+    let gemma = Gemma2Encoder::load(
+        loader::var_builder(&te.weights, DType::BF16, device)?,
+        &te_cfg,
+    )?;
+    let (a, b) = fused_vs_portable(&|| gemma.forward(&ids, &mask))?;
+    let (fused, portable) = (
+        valid_err(&a.to_dtype(DType::F32)?, &reference)?,
+        valid_err(&b.to_dtype(DType::F32)?, &reference)?,
+    );
+    row(
+        rows,
+        "real-size Gemma-2 B=2 x 300 (one padded) bf16 vs f32 model",
+        format!(
+            "rel L2 fused {fused:.2e}, portable {portable:.2e} (fused ≤ 1.1 × portable); fused vs portable {:.2e}",
+            valid_err(&a, &b)?
+        ),
+        Some(fused <= 1.1 * portable),
+    );
     Ok(())
 }
 

@@ -452,6 +452,108 @@ def xattn_case(mod, name, B, N, H, T, masked_from=None, d=32):
     report(f"{name} [xattn_bf16_d{d}]", out.float(), ref, 1e-2, bench(run, graph=True), bench(eager))
 
 
+def gemma_cases(mod):
+    """gemma.cu at Gemma-2 2B's shapes (one 510-token prompt; hidden 2304, 8 query / 4 kv heads of 256,
+    intermediate 9216), against torch in f32 with the roundings the unfused ops make."""
+    dev, bf = "cuda", torch.bfloat16
+    L, D, nh, nkv, d, I, eps = 510, 2304, 8, 4, 256, 9216, 1e-6
+
+    def rms(x, scale):
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
+
+    h = torch.randn(L, D, device=dev).to(bf)
+    res = (torch.randn(L, D, device=dev) * 4).to(bf)
+    sa = 1 + (torch.randn(D, device=dev) * 0.1).to(bf).float()
+    sb = 1 + (torch.randn(D, device=dev) * 0.1).to(bf).float()
+    ox = torch.full((L, D), float("nan"), device=dev, dtype=bf)
+    oh = torch.full((L, D), float("nan"), device=dev, dtype=bf)
+    fn = mod.get_function("gemma_norm_bf16_m4")
+    nv = D // 8  # 8-element vectors a row, as few a thread as 1024 threads allow (the launcher's choice)
+    per = -(-nv // 1024)
+    threads = min(1024, (-(-nv // per) + 31) // 32 * 32)
+    run = lambda: launch(fn, (L,), (threads,), (ptr(h), ptr(res), ptr(sa), ptr(sb), ptr(ox), ptr(oh), i32(D), np.float32(eps)))
+    run()
+    torch.cuda.synchronize()
+    ref_x = (res.float() + rms(h, sa).to(bf).float()).to(bf)
+    ref_h = rms(ref_x, sb)
+    eager = lambda: rms((res.float() + rms(h, sa).to(bf).float()).to(bf), sb).to(bf)
+    us, ut = bench(run, graph=True), bench(eager)
+    report("Gemma norm+residual+norm (510,2304): x [gemma_norm_bf16_m4]", ox.float(), ref_x.float(), 1e-2, us, ut)
+    report("Gemma norm+residual+norm (510,2304): next norm", oh.float(), ref_h, 1e-2, us, ut)
+
+    half = d // 2
+    inv = 1.0 / (10000.0 ** (torch.arange(0, half, device=dev, dtype=torch.float32) * 2 / d))
+    ang = torch.arange(8192, device=dev, dtype=torch.float32)[:, None] * inv[None, :]
+    cos, sin = ang.cos().to(bf).contiguous(), ang.sin().to(bf).contiguous()
+    width = (nh + 2 * nkv) * d
+    qkv = torch.randn(1, L, width, device=dev).to(bf)
+    q = torch.full((1, nh, L, d), float("nan"), device=dev, dtype=bf)
+    k = torch.full((1, nkv, L, d), float("nan"), device=dev, dtype=bf)
+    v = torch.full((1, nkv, L, d), float("nan"), device=dev, dtype=bf)
+    fn = mod.get_function("gemma_rope_split_bf16")
+    total = L * (nh + 2 * nkv) * half
+    run = lambda: launch(fn, ((total + 255) // 256,), (256,), (ptr(qkv), ptr(cos), ptr(sin), ptr(q), ptr(k), ptr(v), i32(1), i32(L), i32(nh), i32(nkv), i32(d)))
+    run()
+    torch.cuda.synchronize()
+
+    def rot(x):  # transformers' apply_rotary_pos_emb in bf16
+        c = torch.cat([cos[:L], cos[:L]], -1)
+        s_ = torch.cat([sin[:L], sin[:L]], -1)
+        x1, x2 = x[..., :half], x[..., half:]
+        return x * c + torch.cat([-x2, x1], -1) * s_
+
+    def ref_split():
+        heads = qkv.view(1, L, nh + 2 * nkv, d).transpose(1, 2)
+        return rot(heads[:, :nh]), rot(heads[:, nh:nh + nkv]), heads[:, nh + nkv:]
+
+    rq, rk, rv = ref_split()
+    us, ut = bench(run, graph=True), bench(lambda: [t.contiguous() for t in ref_split()])
+    report("Gemma RoPE + head split (1,510,4096): q [gemma_rope_split_bf16]", q.float(), rq.float(), 1e-2, us, ut)
+    report("Gemma RoPE + head split (1,510,4096): k", k.float(), rk.float(), 1e-2, us, ut)
+    report("Gemma RoPE + head split (1,510,4096): v", v.float(), rv.float(), 1e-6, us, ut)
+
+    for B, valid in ((1, [L]), (2, [L, 300])):
+        scores = (torch.randn(B, nkv, 2 * L, L, device=dev) * 30).to(bf)
+        mask = torch.full((B, 1, L, L), torch.finfo(torch.float32).min, device=dev)
+        for b, n in enumerate(valid):
+            keep = torch.ones(L, L, device=dev, dtype=torch.bool).tril()
+            keep[:, n:] = False
+            mask[b, 0][keep] = 0.0
+        rows = B * nh * L
+        scale, cap = 256 ** -0.5, 50.0
+        outs = {}
+        for kname in ("gemma_softmax_bf16", "gemma_softmax_bf16_r16"):
+            fn = mod.get_function(kname)
+            out = torch.full(scores.shape, float("nan"), device=dev, dtype=bf)
+            run = lambda: launch(fn, ((rows + 7) // 8,), (256,), (ptr(scores), ptr(mask), ptr(out), i64(rows), i32(nh), i32(L), np.float32(scale), np.float32(1 / cap), np.float32(cap)))
+            run()
+            torch.cuda.synchronize()
+            outs[kname] = (out, bench(run, graph=True))
+        out = outs["gemma_softmax_bf16"][0]
+        same = torch.equal(outs["gemma_softmax_bf16"][0], outs["gemma_softmax_bf16_r16"][0])
+
+        def ref_p():
+            s_ = scores.float() * scale
+            s_ = torch.tanh(s_ / cap) * cap
+            return torch.softmax(s_.view(B, nh, L, L) + mask, dim=-1).view(scores.shape)
+
+        ut = bench(lambda: ref_p().to(bf))
+        report(f"Gemma softcap+mask+softmax ({B},8,510,510) [gemma_softmax_bf16]", out.float(), ref_p(), 1e-2, outs["gemma_softmax_bf16"][1], ut)
+        # The register variant must give the same bits (NaN-poisoned output compared whole).
+        r16 = outs["gemma_softmax_bf16_r16"][0].float()
+        report(f"Gemma softcap+mask+softmax ({B},8,510,510) [gemma_softmax_bf16_r16], bits equal: {same}", r16 if same else r16 * float("nan"), ref_p(), 1e-2, outs["gemma_softmax_bf16_r16"][1], ut)
+
+    gu = torch.randn(L, 2 * I, device=dev).to(bf)
+    out = torch.full((L, I), float("nan"), device=dev, dtype=bf)
+    fn = mod.get_function("gemma_gelu_mul_bf16")
+    run = lambda: launch(fn, ((L * I // 8 + 255) // 256,), (256,), (ptr(gu), ptr(out), i64(L), i32(I)))
+    run()
+    torch.cuda.synchronize()
+    ref_g = lambda: F.gelu(gu[:, :I].float(), approximate="tanh").to(bf).float() * gu[:, I:].float()
+    report("Gemma gelu_tanh(gate)*up (510,2*9216) [gemma_gelu_mul_bf16]", out.float(), ref_g(), 1e-2, bench(run, graph=True), bench(lambda: (F.gelu(gu[:, :I], approximate="tanh") * gu[:, I:])))
+
+
 def main():
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "cupy", cupy.__version__)
@@ -466,6 +568,9 @@ def main():
     xattn_case(at, "cross-attn ragged (1,77,3·32) T=13", 1, 77, 3, 13, masked_from=5)
     xattn_case(at, "cross-attn (1,8160,70·32) T=300 (3840x2160 latent)", 1, 8160, 70, 300, masked_from=200)
     if os.environ.get("HARNESS_ONLY") == "attention":
+        return summary()
+    gemma_cases(module("gemma.cu"))
+    if os.environ.get("HARNESS_ONLY") == "gemma":
         return summary()
     dw = module("dwconv.cu")
     la = module("linear_attn.cu")

@@ -6,6 +6,7 @@
 #   check     gpu-check: fused ops vs portable path, real-size forward/decode fused vs portable, tiny e2e
 #             against diffusers, torch randn bit-exactness
 #   profile   ncu per-kernel tables of one transformer forward and one DC-AE decode → $OUT/*.md, *.csv.gz
+#             (PROFILE="fwd decode gemma" picks the components; gemma: one 510-token Gemma-2 pass)
 #   diffusers diffusers eager (all cases) → $OUT/diffusers_reference.json
 #   compiled  diffusers torch.compile, 1024² cases → $OUT/diffusers_compiled.json
 #   bench     sana-bench (ours) with whichever diffusers JSONs exist → $OUT/results.json + table
@@ -40,7 +41,7 @@ if has check; then
   sed -n '/^## gpu-check/,$p' "$OUT/gpu_check.log"
 fi
 if has profile; then
-  for w in fwd decode; do
+  for w in ${PROFILE:-fwd decode}; do
     echo "== ncu $w ($(left) s left)"
     SANA_BENCH_PROFILE=$w timeout 200 ncu --profile-from-start off --clock-control none \
       --metrics gpu__time_duration.sum --csv /tmp/sana-bench /tmp/sana_real /tmp/sana_sprint_real > /tmp/ncu_$w.csv 2>/tmp/ncu_$w.err

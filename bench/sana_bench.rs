@@ -35,7 +35,7 @@
 //! base 1024² bursts of 1, 2, 4, 8 requests, batched against one at a time; images/s, p50/p99 latency,
 //! peak memory; its own JSON shape; `SANA_BENCH_BATCH_KINDS=sprint` or `base` for one pipeline only);
 //! `SANA_BENCH_INVARIANT=off` runs every case with batch invariance off (`ops::set_batch_invariant`);
-//! `SANA_BENCH_PROFILE=fwd|decode` loads only that component, runs it twice, then once more between
+//! `SANA_BENCH_PROFILE=fwd|decode|gemma` loads only that component (gemma: one 510-token prompt), runs it twice, then once more between
 //! `cuProfilerStart`/`cuProfilerStop` (for `ncu --profile-from-start off`) and exits.
 
 mod sana_bench_batch;
@@ -608,7 +608,21 @@ fn profile(which: &str, base_dir: &str, device: &Device) -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        other => bail!("SANA_BENCH_PROFILE={other}: expected fwd or decode"),
+        "gemma" => {
+            let te = repo.component_for("text_encoder", DType::BF16)?;
+            let cfg: sana_pipelines::gemma2::Config = loader::read_json(&te.config)?;
+            let enc = sana_pipelines::gemma2::Gemma2Encoder::load(
+                loader::var_builder(&te.weights, DType::BF16, device)?,
+                &cfg,
+            )?;
+            let ids = token_ids(510, 1, device)?;
+            let mask = Tensor::ones((1, 510), DType::U32, device)?;
+            Box::new(move || {
+                enc.forward(&ids, &mask)?;
+                Ok(())
+            })
+        }
+        other => bail!("SANA_BENCH_PROFILE={other}: expected fwd, decode or gemma"),
     };
     for _ in 0..2 {
         run()?;

@@ -26,6 +26,11 @@ use candle_core::{
     bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
 };
 
+mod gemma;
+
+use gemma::GEMMA;
+pub use gemma::{gemma_gelu_mul, gemma_norm, gemma_norm_fits, gemma_rope_split, gemma_softmax};
+
 const COMMON: &str = include_str!("kernels/common.cuh");
 
 /// One `.cu` file: its module name and source.
@@ -55,16 +60,17 @@ const ATTENTION: Source = Source {
     module: "fleet_attention",
     code: include_str!("kernels/attention.cu"),
 };
-const ALL: [Source; 5] = [DWCONV, LINEAR_ATTN, NORM, IMAGE, ATTENTION];
+const ALL: [Source; 6] = [DWCONV, LINEAR_ATTN, NORM, IMAGE, ATTENTION, GEMMA];
 
 /// One function of each module, loaded by [`preload`] (loading one function loads its whole module).
 /// `attention.cu` uses bf16 tensor-core `mma` (sm_80 and later): loaded only where [`flash_attention_ok`].
-const PRELOAD: [(Source, &str); 5] = [
+const PRELOAD: [(Source, &str); 6] = [
     (DWCONV, "dwconv_bf16_v8_k3_glu"),
     (LINEAR_ATTN, "la_kv_reduce"),
     (NORM, "ln_modulate_bf16"),
     (IMAGE, "rgb_u8_bf16"),
     (ATTENTION, "xattn_bf16_d32"),
+    (GEMMA, "gemma_norm_bf16_m4"),
 ];
 
 fn ptx(src: Source, arch: &str) -> Result<String> {
