@@ -611,16 +611,14 @@ pub fn relu_linear_attention(q: &Tensor, k: &Tensor, v: &Tensor, eps: f64) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     #[test]
     fn depthwise_matches_candle_grouped_conv() -> Result<()> {
-        let dev = Device::Cpu;
         let (b, h, w, c) = (2, 5, 7, 6);
-        let x = Tensor::randn(0f32, 1., (b, h, w, c), &dev)?;
+        let x = crate::rng::test_randn("ops:620", 1.0, (b, h, w, c))?;
         for k in [3usize, 5] {
-            let wt = Tensor::randn(0f32, 1., (c, 1, k, k), &dev)?;
-            let bias = Tensor::randn(0f32, 1., c, &dev)?;
+            let wt = crate::rng::test_randn("ops:622", 1.0, (c, 1, k, k))?;
+            let bias = crate::rng::test_randn("ops:623", 1.0, c)?;
             let ours = depthwise_conv2d_nhwc(&x, &wt, Some(&bias))?;
             let nchw = x.permute((0, 3, 1, 2))?.contiguous()?;
             let reference = nchw
@@ -640,9 +638,8 @@ mod tests {
     /// The channels-last layout ops against candle's NCHW ones.
     #[test]
     fn channels_last_layout_ops_match_nchw() -> Result<()> {
-        let dev = Device::Cpu;
         let nchw = |t: &Tensor| t.permute((0, 3, 1, 2))?.contiguous();
-        let x = Tensor::randn(0f32, 1., (2, 3, 5, 8), &dev)?; // (B, H, W, C)
+        let x = crate::rng::test_randn("ops:645", 1.0, (2, 3, 5, 8))?; // (B, H, W, C)
         let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
             (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
         };
@@ -662,7 +659,7 @@ mod tests {
             }
         }
         // up-block shortcut: main + pixel_shuffle(repeat_interleave(x, r)), r = 4·Co/Ci = 2 for Co = 4.
-        let main = Tensor::randn(0f32, 1., (2, 6, 10, 4), &dev)?;
+        let main = crate::rng::test_randn("ops:665", 1.0, (2, 6, 10, 4))?;
         let want = (nchw(&main)?
             + candle_nn::ops::pixel_shuffle(
                 &nchw(&x)?
@@ -677,12 +674,11 @@ mod tests {
 
     #[test]
     fn rms_norm_rows_fuses_residual_and_silu() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 2., (3, 4, 16), &dev)?;
-        let r = Tensor::randn(0f32, 1., (3, 4, 16), &dev)?;
+        let x = crate::rng::test_randn("ops:681", 2.0, (3, 4, 16))?;
+        let r = crate::rng::test_randn("ops:682", 1.0, (3, 4, 16))?;
         let (w, b) = (
-            Tensor::randn(0f32, 1., 16, &dev)?,
-            Tensor::randn(0f32, 1., 16, &dev)?,
+            crate::rng::test_randn("ops:684", 1.0, 16)?,
+            crate::rng::test_randn("ops:685", 1.0, 16)?,
         );
         let var = x.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = x
@@ -702,11 +698,10 @@ mod tests {
 
     #[test]
     fn linear_attention_matches_explicit_sum() -> Result<()> {
-        let dev = Device::Cpu;
         let (q, k, v) = (
-            Tensor::randn(0f32, 1., (1, 2, 4, 3), &dev)?,
-            Tensor::randn(0f32, 1., (1, 2, 4, 3), &dev)?,
-            Tensor::randn(0f32, 1., (1, 2, 4, 3), &dev)?,
+            crate::rng::test_randn("ops:707", 1.0, (1, 2, 4, 3))?,
+            crate::rng::test_randn("ops:708", 1.0, (1, 2, 4, 3))?,
+            crate::rng::test_randn("ops:709", 1.0, (1, 2, 4, 3))?,
         );
         let (qv, kv, vv) = (
             q.relu()?.squeeze(0)?.to_vec3::<f32>()?,

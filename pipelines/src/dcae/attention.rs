@@ -236,11 +236,10 @@ mod tests {
     #[test]
     fn quadratic_equals_linear_attention_in_f32() -> Result<()> {
         // Upstream switches forms at H·W = head_dim; both compute the same normalised ReLU attention.
-        let dev = Device::Cpu;
         let shape = (2, 3, 5, 4);
-        let q = Tensor::randn(0f32, 1., shape, &dev)?;
-        let k = Tensor::randn(0f32, 1., shape, &dev)?;
-        let v = Tensor::randn(0f32, 1., shape, &dev)?;
+        let q = crate::rng::test_randn("dcae/attention:241", 1.0, shape)?;
+        let k = crate::rng::test_randn("dcae/attention:242", 1.0, shape)?;
+        let v = crate::rng::test_randn("dcae/attention:243", 1.0, shape)?;
         let quad = quadratic_attention(&q, &k, &v)?;
         let lin = relu_linear_attention(&q, &k, &v, ATTN_EPS)?;
         let diff = (quad - lin)?
@@ -271,11 +270,11 @@ mod tests {
             } else if name.ends_with("norm_out.bias") {
                 Tensor::zeros(var.dims(), DType::F32, &dev)?
             } else {
-                Tensor::randn(0f32, 0.5, var.dims(), &dev)?
+                crate::rng::test_randn("dcae/attention:274", 0.5, var.dims())?
             };
             var.set(&t)?;
         }
-        let x = Tensor::randn(0f32, 1., (1, hh, ww, c), &dev)?;
+        let x = crate::rng::test_randn("dcae/attention:278", 1.0, (1, hh, ww, c))?;
         let ours = attn.forward(&x)?; // N = 6 > d = 2: linear branch
 
         // Naive: build the (6·inner, N) channel-major tensor exactly like torch, then loop.

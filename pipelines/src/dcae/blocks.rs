@@ -272,10 +272,9 @@ mod tests {
 
     #[test]
     fn conv1x1_channels_last_matches_conv2d() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (2, 3, 4, 5), &dev)?;
-        let w = Tensor::randn(0f32, 1., (7, 5, 1, 1), &dev)?;
-        let b = Tensor::randn(0f32, 1., 7, &dev)?;
+        let x = crate::rng::test_randn("dcae/blocks:276", 1.0, (2, 3, 4, 5))?;
+        let w = crate::rng::test_randn("dcae/blocks:277", 1.0, (7, 5, 1, 1))?;
+        let b = crate::rng::test_randn("dcae/blocks:278", 1.0, 7)?;
         let ours = conv1x1_channels_last(&x, &w, Some(&b))?;
         let nchw = to_channels_first(&x)?;
         let reference = nchw
@@ -288,10 +287,9 @@ mod tests {
 
     #[test]
     fn channel_rms_norm_matches_formula() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 2., (2, 4, 3, 3), &dev)?;
-        let weight = Tensor::randn(0f32, 1., 4, &dev)?;
-        let bias = Tensor::randn(0f32, 1., 4, &dev)?;
+        let x = crate::rng::test_randn("dcae/blocks:292", 2.0, (2, 4, 3, 3))?;
+        let weight = crate::rng::test_randn("dcae/blocks:293", 1.0, 4)?;
+        let bias = crate::rng::test_randn("dcae/blocks:294", 1.0, 4)?;
         let norm = ChannelRmsNorm {
             weight: weight.clone(),
             bias: bias.clone(),
@@ -314,7 +312,7 @@ mod tests {
         // Zero conv weights: the output is exactly the pixel-shuffled repeat_interleave shortcut.
         let vb = VarBuilder::zeros(DType::F32, &dev);
         let up = DcUpBlock2d::load(vb, 4, 2, true, true)?;
-        let x = Tensor::randn(0f32, 1., (1, 4, 3, 5), &dev)?;
+        let x = crate::rng::test_randn("dcae/blocks:317", 1.0, (1, 4, 3, 5))?;
         let y = to_channels_first(&up.forward(&to_channels_last(&x)?)?)?;
         assert_eq!(y.dims(), &[1, 2, 6, 10]);
         // repeats = 2·4/4 = 2; out channel o, pixel (2i+a, 2j+b) <- repeated channel 4o + 2a + b
