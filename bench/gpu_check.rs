@@ -481,6 +481,11 @@ fn fused_op_cases(device: &Device, dtype: DType, rows: &mut Vec<Row>) -> anyhow:
             1e-15,
         )
     })?;
+    // DC-AE multiscale: the q|k|v scale and its 5×5 aggregate (1, 16384, 16·3·32 each), 32 groups.
+    let (s0, s1) = (rnd(&[1, 16384, 1536], 1.0)?, rnd(&[1, 16384, 1536], 1.0)?);
+    check("linear attention of 2 scales (1,16384,2·1536)", &|| {
+        ops::relu_linear_attention_scales(&[s0.clone(), s1.clone()], 32, 1e-15)
+    })?;
     // AdaLN: LayerNorm + modulate, gated residual on (2, 1024, 2240).
     let h = (rnd(&[2, 1024, 2240], 3.0)? + 0.5)?;
     let y = rnd(&[2, 1024, 2240], 1.0)?;
@@ -492,21 +497,24 @@ fn fused_op_cases(device: &Device, dtype: DType, rows: &mut Vec<Row>) -> anyhow:
     check("gated_residual (2,1024,2240)", &|| {
         ops::gated_residual(&h, &y, &table, &temb, 2)
     })?;
-    // DC-AE ResBlock norm + residual, channels-last (1, 1024, 1024, 128); norm_out + SiLU; 1024 channels.
+    // DC-AE ResBlock norm + residual, channels-last (1, 1024, 1024, 128); norm_out + SiLU or ReLU; 1024 channels.
     let hn = rnd(&[1, 1024, 1024, 128], 1.0)?;
     let res = rnd(&[1, 1024, 1024, 128], 1.0)?;
     let w = rnd(&[128], 1.0)?;
     let b = rnd(&[128], 1.0)?;
     check("rms_norm_rows + residual (1,1024,1024,128)", &|| {
-        ops::rms_norm_rows(&hn, &w, &b, Some(&res), 1e-5, false)
+        ops::rms_norm_rows(&hn, &w, &b, Some(&res), 1e-5, ops::RowAct::Identity)
     })?;
     check("rms_norm_rows + silu (1,1024,1024,128)", &|| {
-        ops::rms_norm_rows(&hn, &w, &b, None, 1e-5, true)
+        ops::rms_norm_rows(&hn, &w, &b, None, 1e-5, ops::RowAct::Silu)
+    })?;
+    check("rms_norm_rows + relu (1,1024,1024,128)", &|| {
+        ops::rms_norm_rows(&hn, &w, &b, None, 1e-5, ops::RowAct::Relu)
     })?;
     let hw = rnd(&[1, 32, 32, 1024], 1.0)?;
     let (w1, b1) = (rnd(&[1024], 1.0)?, rnd(&[1024], 1.0)?);
     check("rms_norm_rows + residual (1,32,32,1024)", &|| {
-        ops::rms_norm_rows(&hw, &w1, &b1, Some(&hw), 1e-5, false)
+        ops::rms_norm_rows(&hw, &w1, &b1, Some(&hw), 1e-5, ops::RowAct::Identity)
     })?;
     // Up-block: nearest ×2 and the shortcut add, channels-last (1, 256, 256, 512) -> 256 channels.
     let xu = rnd(&[1, 256, 256, 512], 1.0)?;
@@ -654,12 +662,16 @@ fn real_size_fused_vs_portable(
         Ok(rel_l2(&a.narrow(1, 0, 120)?, &b.narrow(1, 0, 120)?)?
             .max(rel_l2(&a.narrow(0, 0, 1)?, &b.narrow(0, 0, 1)?)?))
     };
-    let reference = {
+    // Prefix cache (text.rs): both rows start with the same 100 tokens.
+    let p = 100;
+    let shared = ids.narrow(0, 0, 1)?.narrow(1, 0, p)?;
+    let ids_p = Tensor::cat(&[&shared.repeat((2, 1))?, &ids.narrow(1, p, 300 - p)?], 1)?;
+    let (reference, reference_p) = {
         let g32 = Gemma2Encoder::load(
             loader::var_builder(&te.weights, DType::F32, device)?,
             &te_cfg,
         )?;
-        g32.forward(&ids, &mask)?
+        (g32.forward(&ids, &mask)?, g32.forward(&ids_p, &mask)?)
     };
     let gemma = Gemma2Encoder::load(
         loader::var_builder(&te.weights, DType::BF16, device)?,
@@ -678,6 +690,34 @@ fn real_size_fused_vs_portable(
             valid_err(&a, &b)?
         ),
         Some(fused <= 1.1 * portable),
+    );
+    // The positions after a cached 100-token prefix (prefilled once, `Gemma2Encoder::forward_after`, what
+    // the text encoder does with the instruction) against the f32 model's whole run: no further from it
+    // than the bf16 whole run (× 1.1). Row 1's valid positions after the prefix are 100..120.
+    let prefix_ids: Vec<u32> = shared.flatten_all()?.to_vec1()?;
+    let cache = gemma.prefill(&prefix_ids)?;
+    let after = gemma.forward_after(
+        &cache,
+        &ids_p.narrow(1, p, 300 - p)?,
+        &mask.narrow(1, p, 300 - p)?,
+    )?;
+    let whole = gemma.forward(&ids_p, &mask)?.narrow(1, p, 300 - p)?;
+    let reference_p = reference_p.narrow(1, p, 300 - p)?;
+    let tail_err = |a: &Tensor| -> anyhow::Result<f64> {
+        let a = a.to_dtype(DType::F32)?;
+        Ok(
+            rel_l2(&a.narrow(0, 0, 1)?, &reference_p.narrow(0, 0, 1)?)?.max(rel_l2(
+                &a.narrow(0, 1, 1)?.narrow(1, 0, 120 - p)?,
+                &reference_p.narrow(0, 1, 1)?.narrow(1, 0, 120 - p)?,
+            )?),
+        )
+    };
+    let (cached, whole_err) = (tail_err(&after)?, tail_err(&whole)?);
+    row(
+        rows,
+        "real-size Gemma-2 after a cached 100-token prefix bf16 vs f32 model",
+        format!("rel L2 cached {cached:.2e}, whole {whole_err:.2e} (cached ≤ 1.1 × whole)"),
+        Some(cached <= 1.1 * whole_err),
     );
     Ok(())
 }

@@ -195,10 +195,15 @@ def linear_attn_case(mod, name, B, N, G, d, interleaved, dtype=torch.bfloat16):
     def run():
         launch(f1, (B * G, nchunks), (256,), (np.uint64(kp), np.uint64(vp), ptr(partial), i32(G), i32(N), i32(d), i64(sb), i64(sn), i64(sg), i32(chunk)))
         launch(f2, ((B * G * P + 255) // 256,), (256,), (ptr(partial), ptr(kv), i32(B * G), i32(nchunks), i32(P)))
-        launch(f3, (B * G, (N + 63) // 64), (256,), (np.uint64(qp), ptr(kv), ptr(out), i32(G), i32(N), i32(d), i64(sb), i64(sn), i64(sg), np.float32(1e-15)))
+        launch(f3, (B * G, (N + 63) // 64), (256,), (np.uint64(qp), ptr(kv), ptr(out), i32(G), i32(G), i32(N), i32(d), i64(sb), i64(sn), i64(sg), np.float32(1e-15)))
 
     run()
+    # The same apply into the second half of a (B, N, 2G, d) output (a DC-AE scale writing its own
+    # columns): those columns must equal `out`, the first half must stay untouched (NaN).
+    wide = torch.full((B, N, 2 * G, d), float("nan"), device=dev, dtype=dtype)
+    launch(f3, (B * G, (N + 63) // 64), (256,), (np.uint64(qp), ptr(kv), np.uint64(wide.data_ptr() + G * d * wide.element_size()), i32(G), i32(2 * G), i32(N), i32(d), i64(sb), i64(sn), i64(sg), np.float32(1e-15)))
     torch.cuda.synchronize()
+    wide_ok = torch.equal(wide[:, :, G:], out) and bool(torch.isnan(wide[:, :, :G].float()).all())
 
     def reference(q, k, v):  # SanaLinearAttnProcessor2_0 in f32
         qf, kf, vf = [t.float().permute(0, 2, 3, 1) for t in (q, k, v)]  # (B, G, d, N)
@@ -210,7 +215,7 @@ def linear_attn_case(mod, name, B, N, G, d, interleaved, dtype=torch.bfloat16):
         return o.permute(0, 3, 1, 2)  # (B, N, G, d)
 
     ref = reference(q, k, v)
-    report(f"{name} [la_*_{tag}]", out.float(), ref, 1e-2 if dtype == torch.bfloat16 else 1e-5, bench(run, graph=True), bench(lambda: reference(q, k, v)))
+    report(f"{name} [la_*_{tag}], into columns {G}..{2 * G} of {2 * G} groups alike: {wide_ok}", out.float() if wide_ok else out.float() * float("nan"), ref, 1e-2 if dtype == torch.bfloat16 else 1e-5, bench(run, graph=True), bench(lambda: reference(q, k, v)))
 
 
 def norm_cases(mod, dtype=torch.bfloat16):
@@ -365,7 +370,8 @@ def layout_cases(nm):
     modsb = table[None] + temb.reshape(B, 6, D)
     report("gated residual (2,1024,2240) [gated_residual_bf16_v8]", out.float(), ref, 1e-2, bench(run, graph=True), bench(lambda: x + y * modsb[:, 2:3]))
     # channels-last RMSNorm (+ bias, residual, silu) at the decoder's sizes
-    for (rows, C, res, silu) in [(1024 * 1024, 128, True, False), (256 * 256, 512, True, False), (1024 * 1024, 128, False, True), (64 * 64, 1024, True, False), (37, 24, True, True)]:
+    # act: 0 none, 1 SiLU, 2 ReLU (the Sana decoder's norm_out -> ReLU)
+    for (rows, C, res, act) in [(1024 * 1024, 128, True, 0), (256 * 256, 512, True, 0), (1024 * 1024, 128, False, 1), (1024 * 1024, 128, False, 2), (64 * 64, 1024, True, 0), (37, 24, True, 1)]:
         h = torch.randn(rows, C, device=dev).to(bf)
         r_ = torch.randn(rows, C, device=dev).to(bf) if res else None
         w = torch.randn(C, device=dev).to(bf)
@@ -376,24 +382,26 @@ def layout_cases(nm):
         m = 2 if nv <= 2 * lpr else 4
         fn = nm.get_function(f"rms_rows_bf16_m{m}")
         per_block = 8 * (32 // lpr)
-        run = lambda: launch(fn, ((rows + per_block - 1) // per_block,), (256,), (ptr(h), ptr(w), ptr(bias), ptr(r_), ptr(out), i64(rows), i32(C), np.float32(1e-5), i32(int(silu)), i32(lpr)))
+        run = lambda: launch(fn, ((rows + per_block - 1) // per_block,), (256,), (ptr(h), ptr(w), ptr(bias), ptr(r_), ptr(out), i64(rows), i32(C), np.float32(1e-5), i32(act), i32(lpr)))
         run()
         torch.cuda.synchronize()
         hf = h.float()
         ref = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(bf).float() * w.float() + bias.float()
         if res:
             ref = ref + r_.float()
-        if silu:
+        if act == 1:
             ref = F.silu(ref.to(bf).float())
+        if act == 2:
+            ref = F.relu(ref.to(bf).float())
 
         def eager():
             var = h.float().pow(2).mean(-1, keepdim=True)
             t = (h.float() * torch.rsqrt(var + 1e-5)).to(bf) * w + bias
             if res:
                 t = t + r_
-            return F.silu(t) if silu else t
+            return F.silu(t) if act == 1 else F.relu(t) if act == 2 else t
 
-        report(f"rms rows ({rows},{C}) res={res} silu={silu} [rms_rows_bf16_m{m}]", out.float(), ref, 1e-2, bench(run, graph=True), bench(eager))
+        report(f"rms rows ({rows},{C}) res={res} act={act} [rms_rows_bf16_m{m}]", out.float(), ref, 1e-2, bench(run, graph=True), bench(eager))
     # nearest ×2 upsample and the up-block shortcut, channels-last
     for (B, H, W, C) in [(1, 256, 256, 256), (1, 512, 512, 128)]:
         xin = torch.randn(B, H, W, C, device=dev).to(bf)
@@ -513,20 +521,34 @@ def gemma_cases(mod):
     report("Gemma RoPE + head split (1,510,4096): k", k.float(), rk.float(), 1e-2, us, ut)
     report("Gemma RoPE + head split (1,510,4096): v", v.float(), rv.float(), 1e-6, us, ut)
 
-    for B, valid in ((1, [L]), (2, [L, 300])):
-        scores = (torch.randn(B, nkv, 2 * L, L, device=dev) * 30).to(bf)
-        mask = torch.full((B, 1, L, L), torch.finfo(torch.float32).min, device=dev)
+    # (B, keys of each row valid, queries): Lq = L is the whole sequence; Lq = 299 the positions after a
+    # cached 160-token prefix (queries at positions Lk - Lq .. Lk - 1).
+    # After a cached prefix of P positions the launcher passes the tables from row P (a narrowed view).
+    P = 160
+    S = L - P
+    qkv_s = qkv[:, P:].contiguous()
+    qs = torch.full((1, nh, S, d), float("nan"), device=dev, dtype=bf)
+    ks = torch.full((1, nkv, S, d), float("nan"), device=dev, dtype=bf)
+    vs = torch.full((1, nkv, S, d), float("nan"), device=dev, dtype=bf)
+    launch(fn, ((S * (nh + 2 * nkv) * half + 255) // 256,), (256,), (ptr(qkv_s), ptr(cos[P:]), ptr(sin[P:]), ptr(qs), ptr(ks), ptr(vs), i32(1), i32(S), i32(nh), i32(nkv), i32(d)))
+    torch.cuda.synchronize()
+    same = torch.equal(qs, q[:, :, P:]) and torch.equal(ks, k[:, :, P:]) and torch.equal(vs, v[:, :, P:])
+    report(f"Gemma RoPE + head split at positions {P}..{L} (tables from row {P}): q, bits equal to the whole run: {same}", qs.float() if same else qs.float() * float("nan"), rq[:, :, P:].float(), 1e-2, us, ut)
+
+    for B, valid, Lq in ((1, [L], L), (2, [L, 300], L), (2, [L, 300], 299)):
+        scores = (torch.randn(B, nkv, 2 * Lq, L, device=dev) * 30).to(bf)
+        mask = torch.full((B, 1, Lq, L), torch.finfo(torch.float32).min, device=dev)
         for b, n in enumerate(valid):
-            keep = torch.ones(L, L, device=dev, dtype=torch.bool).tril()
+            keep = torch.ones(L, L, device=dev, dtype=torch.bool).tril()[L - Lq:]
             keep[:, n:] = False
             mask[b, 0][keep] = 0.0
-        rows = B * nh * L
+        rows = B * nh * Lq
         scale, cap = 256 ** -0.5, 50.0
         outs = {}
         for kname in ("gemma_softmax_bf16", "gemma_softmax_bf16_r16"):
             fn = mod.get_function(kname)
             out = torch.full(scores.shape, float("nan"), device=dev, dtype=bf)
-            run = lambda: launch(fn, ((rows + 7) // 8,), (256,), (ptr(scores), ptr(mask), ptr(out), i64(rows), i32(nh), i32(L), np.float32(scale), np.float32(1 / cap), np.float32(cap)))
+            run = lambda: launch(fn, ((rows + 7) // 8,), (256,), (ptr(scores), ptr(mask), ptr(out), i64(rows), i32(nh), i32(Lq), i32(L), np.float32(scale), np.float32(1 / cap), np.float32(cap)))
             run()
             torch.cuda.synchronize()
             outs[kname] = (out, bench(run, graph=True))
@@ -536,13 +558,13 @@ def gemma_cases(mod):
         def ref_p():
             s_ = scores.float() * scale
             s_ = torch.tanh(s_ / cap) * cap
-            return torch.softmax(s_.view(B, nh, L, L) + mask, dim=-1).view(scores.shape)
+            return torch.softmax(s_.view(B, nh, Lq, L) + mask, dim=-1).view(scores.shape)
 
         ut = bench(lambda: ref_p().to(bf))
-        report(f"Gemma softcap+mask+softmax ({B},8,510,510) [gemma_softmax_bf16]", out.float(), ref_p(), 1e-2, outs["gemma_softmax_bf16"][1], ut)
+        report(f"Gemma softcap+mask+softmax ({B},8,{Lq},{L}) [gemma_softmax_bf16]", out.float(), ref_p(), 1e-2, outs["gemma_softmax_bf16"][1], ut)
         # The register variant must give the same bits (NaN-poisoned output compared whole).
         r16 = outs["gemma_softmax_bf16_r16"][0].float()
-        report(f"Gemma softcap+mask+softmax ({B},8,510,510) [gemma_softmax_bf16_r16], bits equal: {same}", r16 if same else r16 * float("nan"), ref_p(), 1e-2, outs["gemma_softmax_bf16_r16"][1], ut)
+        report(f"Gemma softcap+mask+softmax ({B},8,{Lq},{L}) [gemma_softmax_bf16_r16], bits equal: {same}", r16 if same else r16 * float("nan"), ref_p(), 1e-2, outs["gemma_softmax_bf16_r16"][1], ut)
 
     gu = torch.randn(L, 2 * I, device=dev).to(bf)
     out = torch.full((L, I), float("nan"), device=dev, dtype=bf)

@@ -6,7 +6,8 @@
 #   check     gpu-check: fused ops vs portable path, real-size forward/decode fused vs portable, tiny e2e
 #             against diffusers, torch randn bit-exactness
 #   profile   ncu per-kernel tables of one transformer forward and one DC-AE decode → $OUT/*.md, *.csv.gz
-#             (PROFILE="fwd decode gemma" picks the components; gemma: one 510-token Gemma-2 pass)
+#             (PROFILE="fwd decode gemma sprint" picks the components; gemma: one 510-token Gemma-2 pass;
+#             sprint: one whole Sprint 1024² request)
 #   diffusers diffusers eager (all cases) → $OUT/diffusers_reference.json
 #   compiled  diffusers torch.compile, 1024² cases → $OUT/diffusers_compiled.json
 #   bench     sana-bench (ours) with whichever diffusers JSONs exist → $OUT/results.json + table

@@ -35,7 +35,8 @@
 //! base 1024² bursts of 1, 2, 4, 8 requests, batched against one at a time; images/s, p50/p99 latency,
 //! peak memory; its own JSON shape; `SANA_BENCH_BATCH_KINDS=sprint` or `base` for one pipeline only);
 //! `SANA_BENCH_INVARIANT=off` runs every case with batch invariance off (`ops::set_batch_invariant`);
-//! `SANA_BENCH_PROFILE=fwd|decode|gemma` loads only that component (gemma: one 510-token prompt), runs it twice, then once more between
+//! `SANA_BENCH_PROFILE=fwd|decode|gemma|sprint` loads only that component (gemma: one 510-token prompt; sprint:
+//! the Sprint pipeline, one whole 1024² request), runs it twice, then once more between
 //! `cuProfilerStart`/`cuProfilerStop` (for `ncu --profile-from-start off`) and exits.
 
 mod sana_bench_batch;
@@ -297,7 +298,7 @@ fn main() -> anyhow::Result<()> {
     }
     let before = used_bytes(&cuda)?;
     if let Ok(which) = std::env::var("SANA_BENCH_PROFILE") {
-        return profile(&which, &args[1], &device);
+        return profile(&which, &args[1], &args[2], &device);
     }
 
     let t = Instant::now();
@@ -572,7 +573,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// One component call between `cuProfilerStart` and `cuProfilerStop`, after two warm-up calls.
-fn profile(which: &str, base_dir: &str, device: &Device) -> anyhow::Result<()> {
+fn profile(which: &str, base_dir: &str, sprint_dir: &str, device: &Device) -> anyhow::Result<()> {
     let mut repo = ModelRepo::open(&ModelSource::new(base_dir.to_string()))?;
     let mut run: Box<dyn FnMut() -> anyhow::Result<()>> = match which {
         "decode" => {
@@ -622,7 +623,35 @@ fn profile(which: &str, base_dir: &str, device: &Device) -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        other => bail!("SANA_BENCH_PROFILE={other}: expected fwd, decode or gemma"),
+        "sprint" => {
+            // A whole Sprint 1024² request (text encoding, 2 steps, decode, u8 image on the host): its
+            // kernels' summed time against its wall time shows what the host adds between them.
+            let mut pipes = load_pipelines(&PipelinesConfig {
+                base: None,
+                sprint: Some(ModelSource::new(sprint_dir.to_string())),
+                device: device.clone(),
+                dtype: DType::BF16,
+            })?;
+            let req = GenerateRequest {
+                endpoint: PipelineKind::Sprint,
+                prompt: PROMPT.to_string(),
+                negative_prompt: String::new(),
+                width: 1024,
+                height: 1024,
+                num_inference_steps: 2,
+                guidance_scale: 4.5,
+                seed: 7,
+                num_images: 1,
+            };
+            Box::new(move || {
+                let pipe = pipes
+                    .get_mut(PipelineKind::Sprint)
+                    .context("sprint pipeline")?;
+                pipe.generate(&req, &mut NoProgress)?;
+                Ok(())
+            })
+        }
+        other => bail!("SANA_BENCH_PROFILE={other}: expected fwd, decode, gemma or sprint"),
     };
     for _ in 0..2 {
         run()?;

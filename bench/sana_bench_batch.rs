@@ -4,9 +4,14 @@
 //! arrive together (distinct prompts and seeds, one image each):
 //! - `one at a time`: `ImagePipeline::generate` per request in arrival order; a request's latency is the
 //!   time from the burst's start to the end of its own run (it waited for those before it);
-//! - `batched`: one `ImagePipeline::generate_batch_each` over the whole burst; a request's latency is the
-//!   time from the burst's start to the moment its images are handed over (after the shared steps, its
-//!   own decode and those of the requests before it: the worker answers each request at that moment).
+//! - `batched`: one `ImagePipeline::generate_batch_each` over the whole burst (the worker with
+//!   `--max-batch` ≥ the burst); a request's latency is the time from the burst's start to the moment its
+//!   images are handed over (after the shared steps, its own decode and those of the requests before it:
+//!   the worker answers each request at that moment);
+//! - `batched, max batch M` (bursts larger than M, M = 2 and 4): the burst in arrival order as
+//!   consecutive batches of at most M, one `generate_batch_each` each, as the worker's model thread takes
+//!   them with `--max-batch M` (the oldest job and the next M − 1 compatible ones); latency as above, from
+//!   the burst's start.
 //!
 //! Each mode: one untimed warm-up, one warm-up that samples device memory (`MemPoller`: device-wide peak,
 //! context and pool included), then `SANA_BENCH_RUNS` (default 5) timed bursts between `synchronize()`
@@ -56,13 +61,30 @@ fn burst(kind: PipelineKind, n: u32) -> Vec<GenerateRequest> {
         .collect()
 }
 
+/// How a burst runs: one request at a time, or in consecutive batches of at most `max_batch`.
+#[derive(Clone, Copy)]
+enum Mode {
+    OneAtATime,
+    Batched { max_batch: usize },
+}
+
+impl Mode {
+    fn label(self, burst: usize) -> String {
+        match self {
+            Mode::OneAtATime => "one at a time".into(),
+            Mode::Batched { max_batch } if max_batch >= burst => "batched".into(),
+            Mode::Batched { max_batch } => format!("batched, max batch {max_batch}"),
+        }
+    }
+}
+
 /// Runs the burst once; returns each request's latency in ms (from the burst's start) and its image, in
 /// request order.
 fn run_burst(
     pipes: &mut Pipelines,
     device: &Device,
     reqs: &[GenerateRequest],
-    batched: bool,
+    mode: Mode,
 ) -> anyhow::Result<(Vec<f64>, Vec<image::RgbImage>)> {
     let kind = reqs[0].endpoint;
     let pipe = pipes.get_mut(kind).context("pipeline loaded")?;
@@ -70,37 +92,39 @@ fn run_burst(
     let t = Instant::now();
     let mut lat = Vec::with_capacity(reqs.len());
     let mut out = Vec::with_capacity(reqs.len());
-    if batched {
-        let mut observers: Vec<NoProgress> = reqs.iter().map(|_| NoProgress).collect();
-        let mut entries: Vec<BatchEntry<'_>> = reqs
-            .iter()
-            .zip(observers.iter_mut())
-            .map(|(request, o)| BatchEntry {
-                request,
-                observer: o,
-            })
-            .collect();
-        // The images are host memory when handed over, so the hand-over time needs no device sync.
-        let mut handed = Vec::with_capacity(reqs.len());
-        pipe.generate_batch_each(&mut entries, &mut |i, r| {
-            handed.push((i, t.elapsed().as_secs_f64() * 1e3, r))
-        })?;
-        device.synchronize()?;
-        if handed.len() != reqs.len() {
-            bail!(
-                "{} of {} batched requests answered",
-                handed.len(),
-                reqs.len()
-            );
-        }
-        handed.sort_by_key(|h| h.0);
-        for (_, ms, r) in handed {
-            let mut images = r?;
-            if images.len() != 1 || images[0].dimensions() != (1024, 1024) {
-                bail!("a batched request gave {} images", images.len());
+    if let Mode::Batched { max_batch } = mode {
+        for chunk in reqs.chunks(max_batch.max(1)) {
+            let mut observers: Vec<NoProgress> = chunk.iter().map(|_| NoProgress).collect();
+            let mut entries: Vec<BatchEntry<'_>> = chunk
+                .iter()
+                .zip(observers.iter_mut())
+                .map(|(request, o)| BatchEntry {
+                    request,
+                    observer: o,
+                })
+                .collect();
+            // The images are host memory when handed over, so the hand-over time needs no device sync.
+            let mut handed = Vec::with_capacity(chunk.len());
+            pipe.generate_batch_each(&mut entries, &mut |i, r| {
+                handed.push((i, t.elapsed().as_secs_f64() * 1e3, r))
+            })?;
+            device.synchronize()?;
+            if handed.len() != chunk.len() {
+                bail!(
+                    "{} of {} batched requests answered",
+                    handed.len(),
+                    chunk.len()
+                );
             }
-            lat.push(ms);
-            out.extend(images.pop());
+            handed.sort_by_key(|h| h.0);
+            for (_, ms, r) in handed {
+                let mut images = r?;
+                if images.len() != 1 || images[0].dimensions() != (1024, 1024) {
+                    bail!("a batched request gave {} images", images.len());
+                }
+                lat.push(ms);
+                out.extend(images.pop());
+            }
         }
     } else {
         for req in reqs {
@@ -127,19 +151,19 @@ fn measure(
     device: &Device,
     cuda: &candle_core::CudaDevice,
     reqs: &[GenerateRequest],
-    batched: bool,
+    mode: Mode,
     runs: usize,
 ) -> anyhow::Result<Measured> {
-    run_burst(pipes, device, reqs, batched)?;
+    run_burst(pipes, device, reqs, mode)?;
     let poller = MemPoller::start(cuda)?;
-    let warm = run_burst(pipes, device, reqs, batched);
+    let warm = run_burst(pipes, device, reqs, mode);
     let peak = poller.finish();
     warm?;
     let mut all = Vec::with_capacity(runs * reqs.len());
     let mut total_s = 0.0;
     let mut images = Vec::new();
     for _ in 0..runs {
-        let (lat, last) = run_burst(pipes, device, reqs, batched)?;
+        let (lat, last) = run_burst(pipes, device, reqs, mode)?;
         total_s += lat.iter().copied().fold(0.0, f64::max) / 1e3;
         all.extend(lat);
         images = last;
@@ -188,72 +212,95 @@ pub fn run(
         for n in CONCURRENCY {
             let reqs = burst(kind, n);
             let name = format!("batch {kind} 1024x1024 {} steps", kind.default_steps());
-            let mut pair = Vec::new();
-            let mut images: Vec<Vec<image::RgbImage>> = Vec::new();
-            for batched in [false, true] {
-                let mode = if batched { "batched" } else { "one at a time" };
-                match measure(pipes, device, cuda, &reqs, batched, runs) {
+            // One at a time first (the baseline), then the whole burst as one batch, then smaller caps.
+            let mut modes = vec![
+                Mode::OneAtATime,
+                Mode::Batched {
+                    max_batch: n as usize,
+                },
+            ];
+            modes.extend(
+                [2, 4]
+                    .into_iter()
+                    .filter(|&m| m < n as usize)
+                    .map(|max_batch| Mode::Batched { max_batch }),
+            );
+            let mut measured: Vec<serde_json::Value> = Vec::new();
+            let mut solo: Option<(f64, f64, Vec<image::RgbImage>)> = None;
+            let mut whole_ratio = (None, None);
+            for mode in modes {
+                let label = mode.label(n as usize);
+                match measure(pipes, device, cuda, &reqs, mode, runs) {
                     Ok(m) => {
                         println!(
-                            "| {name} | {n} | {mode} | {:.2} | {:.1} | {:.1} | {:.2} | {} |",
+                            "| {name} | {n} | {label} | {:.2} | {:.1} | {:.1} | {:.2} | {} |",
                             m.images_per_s, m.p50_ms, m.p99_ms, m.peak_gib, m.runs
                         );
-                        pair.push(serde_json::json!({
-                            "mode": mode,
+                        let mut entry = serde_json::json!({
+                            "mode": label,
                             "images_per_s": m.images_per_s,
                             "p50_ms": m.p50_ms,
                             "p99_ms": m.p99_ms,
                             "peak_gib": m.peak_gib,
                             "runs": m.runs,
-                        }));
-                        images.push(m.images);
+                        });
+                        match (&mode, &solo) {
+                            (Mode::OneAtATime, _) => {
+                                solo = Some((m.images_per_s, m.p50_ms, m.images));
+                            }
+                            (Mode::Batched { max_batch }, Some((ips, p50, solo_images))) => {
+                                // Each batched request's image against the same request run alone
+                                // (same seed).
+                                let bit_exact = *solo_images == m.images;
+                                let min_psnr = solo_images
+                                    .iter()
+                                    .zip(&m.images)
+                                    .map(|(a, b)| psnr(a, b))
+                                    .fold(f64::INFINITY, f64::min);
+                                let (r_ips, r_p50) = (m.images_per_s / ips, m.p50_ms / p50);
+                                exactness.push(format!(
+                                    "| {name} | {n} | {label} | {bit_exact} | {min_psnr:.2} |"
+                                ));
+                                entry["max_batch"] = serde_json::json!(max_batch);
+                                entry["images_per_s_ratio"] = serde_json::json!(r_ips);
+                                entry["p50_ratio"] = serde_json::json!(r_p50);
+                                entry["batched_equals_solo_bit_exact"] =
+                                    serde_json::json!(bit_exact);
+                                // JSON has no infinity: a bit-exact burst writes "inf".
+                                entry["batched_vs_solo_min_psnr_db"] = if min_psnr.is_finite() {
+                                    serde_json::json!(min_psnr)
+                                } else {
+                                    serde_json::json!(min_psnr.to_string())
+                                };
+                                if *max_batch >= n as usize {
+                                    whole_ratio = (Some(r_ips), Some(r_p50));
+                                }
+                            }
+                            (Mode::Batched { .. }, None) => {}
+                        }
+                        measured.push(entry);
                     }
                     Err(e) => {
-                        println!("| {name} | {n} | {mode} | FAILED: {e:#} |");
-                        errors.push(format!("{name} n={n} {mode}: {e:#}"));
+                        println!("| {name} | {n} | {label} | FAILED: {e:#} |");
+                        errors.push(format!("{name} n={n} {label}: {e:#}"));
                     }
                 }
             }
-            let ratio = |key: &str| match (pair.first(), pair.get(1)) {
-                (Some(a), Some(b)) => match (b[key].as_f64(), a[key].as_f64()) {
-                    (Some(b), Some(a)) if a > 0.0 => Some(b / a),
-                    _ => None,
-                },
-                _ => None,
-            };
-            // Each batched request's image against the same request run alone (same seed).
-            let (bit_exact, min_psnr) = match images.as_slice() {
-                [solo, batched] if solo.len() == batched.len() => (
-                    solo == batched,
-                    solo.iter()
-                        .zip(batched)
-                        .map(|(a, b)| psnr(a, b))
-                        .fold(f64::INFINITY, f64::min),
-                ),
-                _ => (false, f64::NAN),
-            };
-            exactness.push(format!("| {name} | {n} | {bit_exact} | {min_psnr:.2} |"));
             cases.push(serde_json::json!({
                 "case": name,
-                "batched_equals_solo_bit_exact": bit_exact,
-                // JSON has no infinity: a bit-exact burst writes "inf" (and a missing mode "NaN").
-                "batched_vs_solo_min_psnr_db": if min_psnr.is_finite() {
-                    serde_json::json!(min_psnr)
-                } else {
-                    serde_json::json!(min_psnr.to_string())
-                },
                 "endpoint": kind.as_str(),
                 "requests": n,
-                "modes": pair,
-                "images_per_s_ratio": ratio("images_per_s"),
-                "p50_ratio": ratio("p50_ms"),
+                "modes": measured,
+                // The whole burst as one batch against one at a time (each mode has its own ratios).
+                "images_per_s_ratio": whole_ratio.0,
+                "p50_ratio": whole_ratio.1,
             }));
         }
     }
     println!(
-        "\n| case | requests | batched images bit-exact to solo | min PSNR batched vs solo dB |"
+        "\n| case | requests | mode | batched images bit-exact to solo | min PSNR batched vs solo dB |"
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|");
     for line in &exactness {
         println!("{line}");
     }

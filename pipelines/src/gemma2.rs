@@ -258,12 +258,18 @@ impl Rotary {
         })
     }
 
-    /// Rotates `(B, heads, L, d)` for positions `0..L`.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let l = x.dim(2)?;
-        let cos = self.cos.narrow(0, 0, l)?;
-        let sin = self.sin.narrow(0, 0, l)?;
-        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    /// The tables' rows for positions `start..start + len`.
+    fn rows(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.narrow(0, start, len)?,
+            self.sin.narrow(0, start, len)?,
+        ))
+    }
+
+    /// Rotates `(B, heads, L, d)` for positions `start..start + L`.
+    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (cos, sin) = self.rows(start, x.dim(2)?)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?)
     }
 }
 
@@ -358,10 +364,33 @@ impl Attention {
         })
     }
 
-    /// `x (B, L, hidden)`, `mask (B, 1, L, L)` additive f32 → `(B, L, hidden)`.
-    fn forward(&self, x: &Tensor, mask: &Tensor, rope: &Rotary) -> Result<Tensor> {
+    /// `x (B, L, hidden)` at positions `P..P + L` after the `P` positions of `past` (keys and values
+    /// `(1, nkv, P, d)`, none: `P = 0`), `mask (B, 1, L, P + L)` additive f32 → `(B, L, hidden)` and this
+    /// call's own rotated keys and values `(B, nkv, L, d)`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        rope: &Rotary,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (b, _, _) = x.dims3()?;
-        let (q, k, v) = self.project(x, rope)?;
+        let start = match past {
+            Some((k, _)) => k.dim(2)?,
+            None => 0,
+        };
+        let (q, k, v) = self.project(x, rope, start)?;
+        let (k_all, v_all) = match past {
+            Some((pk, pv)) => {
+                let with_past = |p: &Tensor, t: &Tensor| {
+                    let (_, nkv, len, d) = p.dims4()?;
+                    // cat on dim 2 leaves a strided result; the attention GEMMs want rows.
+                    Tensor::cat(&[&p.broadcast_as((b, nkv, len, d))?, t], 2)?.contiguous()
+                };
+                (with_past(pk, &k)?, with_past(pv, &v)?)
+            }
+            None => (k.clone(), v.clone()),
+        };
         // On CUDA with batch invariance on (`ops::set_batch_invariant`), one batch row at a time: cuBLAS
         // picks its batched-GEMM kernel by the batch count, so B rows at once would not sum like one.
         let out = if b > 1 && x.device().is_cuda() && crate::ops::batch_invariant() {
@@ -369,27 +398,29 @@ impl Attention {
                 .map(|i| {
                     self.attend(
                         &q.narrow(0, i, 1)?,
-                        &k.narrow(0, i, 1)?,
-                        &v.narrow(0, i, 1)?,
+                        &k_all.narrow(0, i, 1)?,
+                        &v_all.narrow(0, i, 1)?,
                         &mask.narrow(0, i, 1)?,
                     )
                 })
                 .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&rows, 0)?
         } else {
-            self.attend(&q, &k, &v, mask)?
+            self.attend(&q, &k_all, &v_all, mask)?
         };
-        linear(&self.o_proj, &merge_heads(&out)?, None)
+        Ok((linear(&self.o_proj, &merge_heads(&out)?, None)?, (k, v)))
     }
 
-    /// Projections and RoPE: `x (B, L, hidden)` → `q (B, nh, L, d)`, `k`, `v (B, nkv, L, d)`, contiguous.
-    fn project(&self, x: &Tensor, rope: &Rotary) -> Result<(Tensor, Tensor, Tensor)> {
+    /// Projections and RoPE at positions `start..start + L`: `x (B, L, hidden)` → `q (B, nh, L, d)`, `k`,
+    /// `v (B, nkv, L, d)`, contiguous.
+    fn project(&self, x: &Tensor, rope: &Rotary, start: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, l, _) = x.dims3()?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         #[cfg(feature = "cuda")]
         if crate::ops::fused(x) && x.dtype() == DType::BF16 && rope.cos.dtype() == DType::BF16 {
             let qkv = linear(&self.qkv, &x.contiguous()?, None)?;
-            return crate::kernels::gemma_rope_split(&qkv, &rope.cos, &rope.sin, nh, nkv, d);
+            let (cos, sin) = rope.rows(start, l)?;
+            return crate::kernels::gemma_rope_split(&qkv, &cos, &sin, nh, nkv, d);
         }
         // (B, L, heads·d) -> (B, heads, L, d)
         let q = linear(&self.q_proj, x, None)?
@@ -401,21 +432,25 @@ impl Attention {
         let v = linear(&self.v_proj, x, None)?
             .reshape((b, l, nkv, d))?
             .transpose(1, 2)?;
-        Ok((rope.apply(&q)?, rope.apply(&k)?, v.contiguous()?))
+        Ok((
+            rope.apply(&q, start)?,
+            rope.apply(&k, start)?,
+            v.contiguous()?,
+        ))
     }
 
-    /// Softcapped softmax attention of `q (B, nh, L, d)` over `k`, `v (B, nkv, L, d)` with additive f32
-    /// `mask (B, 1, L, L)` → `(B, nh, L, d)`.
+    /// Softcapped softmax attention of `q (B, nh, Lq, d)` over `k`, `v (B, nkv, Lk, d)` with additive f32
+    /// `mask (B, 1, Lq, Lk)` → `(B, nh, Lq, d)`.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, nh, l, d) = q.dims4()?;
         let nkv = self.num_kv_heads;
         let groups = nh / nkv;
         // GQA without repeating K/V: query head h uses kv head h / groups, so the `groups` query heads
-        // of one kv head are adjacent: (B, nh, L, d) -> (B, nkv, groups·L, d).
+        // of one kv head are adjacent: (B, nh, Lq, d) -> (B, nkv, groups·Lq, d).
         let q = q.reshape((b, nkv, groups * l, d))?;
-        let scores = q.matmul(&k.t()?)?; // (B, nkv, groups·L, L)
+        let scores = q.matmul(&k.t()?)?; // (B, nkv, groups·Lq, Lk)
         let probs = softcap_softmax(&scores, mask, nh, self.scale, self.softcap)?;
-        probs.matmul(v)?.reshape((b, nh, l, d)) // (B, nkv, groups·L, d) -> (B, nh, L, d)
+        probs.matmul(v)?.reshape((b, nh, l, d)) // (B, nkv, groups·Lq, d) -> (B, nh, Lq, d)
     }
 }
 
@@ -488,7 +523,8 @@ impl DecoderLayer {
     }
 
     /// The residual stream `x` and its input-normed `h` (this layer's `input_layernorm` of `x`) → the next
-    /// residual stream and `next` (the next layer's input norm, or the final norm) of it.
+    /// residual stream, `next` (the next layer's input norm, or the final norm) of it, and the layer's
+    /// keys and values of these positions (after `past`'s, see [`Attention::forward`]).
     fn forward(
         &self,
         x: &Tensor,
@@ -496,8 +532,9 @@ impl DecoderLayer {
         mask: &Tensor,
         rope: &Rotary,
         next: &RmsNorm,
-    ) -> Result<(Tensor, Tensor)> {
-        let a = self.self_attn.forward(h, mask, rope)?;
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, Tensor, (Tensor, Tensor))> {
+        let (a, kv) = self.self_attn.forward(h, mask, rope, past)?;
         let (x, h) = norm_residual(
             &a,
             Some(x),
@@ -505,7 +542,8 @@ impl DecoderLayer {
             Some(&self.pre_feedforward_layernorm),
         )?;
         let m = self.mlp.forward(&h)?;
-        norm_residual(&m, Some(&x), &self.post_feedforward_layernorm, Some(next))
+        let (x, h) = norm_residual(&m, Some(&x), &self.post_feedforward_layernorm, Some(next))?;
+        Ok((x, h, kv))
     }
 }
 
@@ -540,8 +578,8 @@ fn norm_residual(
 }
 
 /// Eager attention weights: `softmax(cap·tanh(s·scale/cap) + mask)` (no cap when `softcap` is `None`) of the
-/// model-dtype scores `(B, nkv, groups·L, L)` (`heads` = nkv·groups query heads), in f32, cast back to the
-/// scores' dtype; `mask` `(B, 1, L, L)` additive f32. On CUDA in bf16 one kernel (`gemma_softmax`).
+/// model-dtype scores `(B, nkv, groups·Lq, Lk)` (`heads` = nkv·groups query heads), in f32, cast back to
+/// the scores' dtype; `mask` `(B, 1, Lq, Lk)` additive f32. On CUDA in bf16 one kernel (`gemma_softmax`).
 fn softcap_softmax(
     scores: &Tensor,
     mask: &Tensor,
@@ -559,16 +597,17 @@ fn softcap_softmax(
             softcap,
         );
     }
-    let (b, nkv, gl, l) = scores.dims4()?;
+    let (b, nkv, gl, lk) = scores.dims4()?;
+    let lq = gl * nkv / heads;
     let s = (scores.to_dtype(DType::F32)? * scale)?;
     let s = match softcap {
         Some(cap) => ((s / cap)?.tanh()? * cap)?,
         None => s,
     };
-    let s = s.reshape((b, heads, l, l))?.broadcast_add(mask)?;
+    let s = s.reshape((b, heads, lq, lk))?.broadcast_add(mask)?;
     candle_nn::ops::softmax_last_dim(&s)?
         .to_dtype(scores.dtype())?
-        .reshape((b, nkv, gl, l))
+        .reshape((b, nkv, gl, lk))
 }
 
 /// Builds the additive `(B, 1, L, L)` f32 mask: 0 where query `q` may see key `k` (`k ≤ q`, key not
@@ -578,15 +617,32 @@ pub fn additive_mask(
     window: Option<usize>,
     dev: &Device,
 ) -> Result<Tensor> {
+    let l = key_valid.first().map_or(0, Vec::len);
+    additive_mask_last(key_valid, l, window, dev)
+}
+
+/// [`additive_mask`] for the last `queries` of the `Lk` positions only: `(B, 1, queries, Lk)`, query `i`
+/// at position `Lk − queries + i` (the tokens after a cached prefix).
+pub fn additive_mask_last(
+    key_valid: &[Vec<bool>],
+    queries: usize,
+    window: Option<usize>,
+    dev: &Device,
+) -> Result<Tensor> {
     let b = key_valid.len();
     let l = key_valid.first().map_or(0, Vec::len);
-    let mut m = vec![f32::MIN; b * l * l];
+    if queries > l {
+        candle_core::bail!("gemma2: {queries} queries for {l} positions");
+    }
+    let first = l - queries;
+    let mut m = vec![f32::MIN; b * queries * l];
     for (bi, valid) in key_valid.iter().enumerate() {
         if valid.len() != l {
             candle_core::bail!("gemma2: ragged attention mask");
         }
-        for q in 0..l {
-            let row = &mut m[(bi * l + q) * l..(bi * l + q + 1) * l];
+        for qi in 0..queries {
+            let q = first + qi;
+            let row = &mut m[(bi * queries + qi) * l..(bi * queries + qi + 1) * l];
             for (k, slot) in row.iter_mut().enumerate().take(q + 1) {
                 let in_window = window.is_none_or(|w| q - k < w);
                 if valid[k] && in_window {
@@ -595,7 +651,40 @@ pub fn additive_mask(
             }
         }
     }
-    Tensor::from_vec(m, (b, 1, l, l), dev)
+    Tensor::from_vec(m, (b, 1, queries, l), dev)
+}
+
+/// What Gemma-2 computes for a fixed run of leading tokens (one sequence of `P`, all real): every layer's
+/// rotated keys and values `(1, nkv, P, d)` and the final-normed hidden states `(1, P, hidden)`. Attention
+/// is causal, so positions `0..P` of any sequence that starts with these tokens get exactly these values,
+/// and [`Gemma2Encoder::forward_after`] runs only the positions after them. Built by
+/// [`Gemma2Encoder::prefill`] with the encoder's current kernels.
+#[derive(Debug, Clone)]
+pub struct PrefixCache {
+    ids: Vec<u32>,
+    kv: Vec<(Tensor, Tensor)>,
+    hidden: Tensor,
+}
+
+impl PrefixCache {
+    /// The prefix's token ids.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// The prefix's length `P`.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Final-normed hidden states of the prefix's positions, `(1, P, hidden)`.
+    pub fn hidden(&self) -> &Tensor {
+        &self.hidden
+    }
 }
 
 /// Gemma-2 encoder: `Gemma2Model` without LM head; see the module docs for the exact semantics.
@@ -662,6 +751,51 @@ impl Gemma2Encoder {
     /// `input_ids (B, L)` u32, `attention_mask (B, L)` (any numeric dtype, nonzero = real token) →
     /// normed last hidden state `(B, L, hidden)` in the model dtype, every position (pads included, finite).
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        Ok(self.run(input_ids, attention_mask, None, false)?.0)
+    }
+
+    /// Runs the prefix `ids` (one sequence, every token real) once for [`Self::forward_after`].
+    pub fn prefill(&self, ids: &[u32]) -> Result<PrefixCache> {
+        if ids.is_empty() {
+            candle_core::bail!("gemma2: empty prefix");
+        }
+        let t = Tensor::from_slice(ids, (1, ids.len()), &self.device)?;
+        let (hidden, kv) = self.run(&t, &t.ones_like()?, None, true)?;
+        Ok(PrefixCache {
+            ids: ids.to_vec(),
+            kv,
+            hidden,
+        })
+    }
+
+    /// [`Self::forward`] of sequences that start with `prefix`'s tokens, given only the tokens after them:
+    /// `input_ids (B, S)`, `attention_mask (B, S)` → `(B, S, hidden)` for positions `P..P + S`.
+    pub fn forward_after(
+        &self,
+        prefix: &PrefixCache,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor> {
+        if prefix.kv.len() != self.layers.len() {
+            candle_core::bail!(
+                "gemma2: prefix of {} layers for {}",
+                prefix.kv.len(),
+                self.layers.len()
+            );
+        }
+        Ok(self.run(input_ids, attention_mask, Some(prefix), false)?.0)
+    }
+
+    /// The decoder stack on `input_ids (B, L)` after `prefix` (if any): the final-normed hidden states and,
+    /// with `keep_kv`, every layer's keys and values of these positions (else none are kept).
+    #[allow(clippy::type_complexity)]
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        prefix: Option<&PrefixCache>,
+        keep_kv: bool,
+    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         let (b, l) = input_ids.dims2()?;
         if attention_mask.dims2()? != (b, l) {
             candle_core::bail!(
@@ -670,22 +804,29 @@ impl Gemma2Encoder {
                 input_ids.shape()
             );
         }
-        if l > self.max_positions {
+        let p = prefix.map_or(0, PrefixCache::len);
+        if p + l > self.max_positions {
             candle_core::bail!(
-                "gemma2: {l} tokens exceed max_position_embeddings {}",
+                "gemma2: {} tokens exceed max_position_embeddings {}",
+                p + l,
                 self.max_positions
             );
         }
+        // Keys: the prefix's (all real), then these positions'.
         let key_valid: Vec<Vec<bool>> = attention_mask
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?
             .into_iter()
-            .map(|row| row.into_iter().map(|v| v != 0.0).collect())
+            .map(|row| {
+                std::iter::repeat_n(true, p)
+                    .chain(row.into_iter().map(|v| v != 0.0))
+                    .collect()
+            })
             .collect();
-        let full_mask = additive_mask(&key_valid, None, &self.device)?;
+        let full_mask = additive_mask_last(&key_valid, l, None, &self.device)?;
         let sliding_mask = match self.sliding_window {
-            Some(w) if w < l && self.layers.iter().any(|layer| layer.sliding) => {
-                additive_mask(&key_valid, Some(w), &self.device)?
+            Some(w) if w < p + l && self.layers.iter().any(|layer| layer.sliding) => {
+                additive_mask_last(&key_valid, l, Some(w), &self.device)?
             }
             _ => full_mask.clone(),
         };
@@ -694,9 +835,10 @@ impl Gemma2Encoder {
             .forward(&input_ids.to_dtype(DType::U32)?)?;
         let mut x = x.broadcast_mul(&self.normalizer)?;
         let Some(first) = self.layers.first() else {
-            return self.norm.forward(&x);
+            return Ok((self.norm.forward(&x)?, Vec::new()));
         };
         let mut h = norm_residual(&x, None, &first.input_layernorm, None)?.0;
+        let mut kvs = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let mask = if layer.sliding {
                 &sliding_mask
@@ -707,9 +849,14 @@ impl Gemma2Encoder {
                 .layers
                 .get(i + 1)
                 .map_or(&self.norm, |n| &n.input_layernorm);
-            (x, h) = layer.forward(&x, &h, mask, &self.rope, next)?;
+            let past = prefix.map(|p| &p.kv[i]);
+            let kv;
+            (x, h, kv) = layer.forward(&x, &h, mask, &self.rope, next, past)?;
+            if keep_kv {
+                kvs.push(kv);
+            }
         }
-        Ok(h)
+        Ok((h, kvs))
     }
 }
 

@@ -327,9 +327,20 @@ pub fn relu_linear_attention_tokens(
     v: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    match q.dtype() {
-        DType::BF16 => linear_attention_typed::<half::bf16>(q, k, v, eps),
-        DType::F32 => linear_attention_typed::<f32>(q, k, v, eps),
+    relu_linear_attention_parts(&[(q.clone(), k.clone(), v.clone())], eps)
+}
+
+/// [`relu_linear_attention_tokens`] of several `(q, k, v)` parts (each `(B, N, G_i, d)`, its own strides)
+/// as if their groups were concatenated: `(B, N, (Σ G_i)·d)`, part `i`'s groups after those of the parts
+/// before it. Each part is attended on its own and writes its columns of the one output, so the inputs
+/// are never concatenated (the DC-AE's scales).
+pub fn relu_linear_attention_parts(parts: &[(Tensor, Tensor, Tensor)], eps: f64) -> Result<Tensor> {
+    let Some((q0, _, _)) = parts.first() else {
+        bail!("relu_linear_attention_parts: no parts");
+    };
+    match q0.dtype() {
+        DType::BF16 => linear_attention_typed::<half::bf16>(parts, eps),
+        DType::F32 => linear_attention_typed::<f32>(parts, eps),
         other => bail!("relu_linear_attention_tokens: no kernel for {other:?}"),
     }
 }
@@ -347,22 +358,55 @@ fn token_strides(name: &str, t: &Tensor) -> Result<(i64, i64, i64)> {
 }
 
 fn linear_attention_typed<T: CudaDType + WithDType + DeviceRepr>(
+    parts: &[(Tensor, Tensor, Tensor)],
+    eps: f64,
+) -> Result<Tensor> {
+    const NAME: &str = "relu_linear_attention_tokens";
+    let (q0, _, _) = &parts[0];
+    let dev = cuda_dev(q0)?;
+    let (b, n, _, d) = q0.dims4()?;
+    let mut g_out = 0;
+    for (q, k, v) in parts {
+        let (qb, qn, g, qd) = q.dims4()?;
+        if (qb, qn, qd) != (b, n, d)
+            || k.dims() != q.dims()
+            || v.dims() != q.dims()
+            || d > 64
+            || d == 0
+            || q.dtype() != q0.dtype()
+        {
+            bail!(
+                "{NAME}: q {:?} k {:?} v {:?} (head dim ≤ 64, parts alike but for their groups)",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+        g_out += g;
+    }
+    let mut out = unsafe { dev.alloc::<T>(b * n * g_out * d) }?;
+    let mut g0 = 0;
+    for (q, k, v) in parts {
+        let g = q.dim(2)?;
+        let mut out_part = out.slice_mut(g0 * d..);
+        linear_attention_part::<T>(q, k, v, eps, &dev, &mut out_part, g_out)?;
+        g0 += g;
+    }
+    Ok(wrap(out, &dev, (b, n, g_out * d)))
+}
+
+/// One part of [`linear_attention_typed`]: writes groups `0..G` of `out`, rows of `g_out` groups.
+fn linear_attention_part<T: CudaDType + WithDType + DeviceRepr>(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     eps: f64,
-) -> Result<Tensor> {
+    dev: &CudaDevice,
+    out: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, T>,
+    g_out: usize,
+) -> Result<()> {
     const NAME: &str = "relu_linear_attention_tokens";
-    let dev = cuda_dev(q)?;
     let (b, n, g, d) = q.dims4()?;
-    if k.dims() != q.dims() || v.dims() != q.dims() || d > 64 || d == 0 {
-        bail!(
-            "{NAME}: q {:?} k {:?} v {:?} (head dim ≤ 64)",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
-    }
     let st = token_strides(NAME, q)?;
     if token_strides(NAME, k)? != st || token_strides(NAME, v)? != st {
         bail!("{NAME}: q, k, v must share strides");
@@ -387,7 +431,6 @@ fn linear_attention_typed<T: CudaDType + WithDType + DeviceRepr>(
     let nchunks = n.div_ceil(chunk);
     let mut partial = unsafe { dev.alloc::<f32>(bg * nchunks * p) }?;
     let mut kv = unsafe { dev.alloc::<f32>(bg * p) }?;
-    let mut out = unsafe { dev.alloc::<T>(b * n * g * d) }?;
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
@@ -396,10 +439,10 @@ fn linear_attention_typed<T: CudaDType + WithDType + DeviceRepr>(
         view::<T>(&ks, kl)?,
         view::<T>(&vs, vl)?,
     );
-    let (gi, ni, di) = (g as i32, n as i32, d as i32);
+    let (gi, goi, ni, di) = (g as i32, g_out as i32, n as i32, d as i32);
     let (sb, sn, sg) = st;
     let chunk_i = chunk as i32;
-    let (stream_f1, f1) = func(&dev, LINEAR_ATTN, &format!("la_kv_partial_{suffix}"))?;
+    let (stream_f1, f1) = func(dev, LINEAR_ATTN, &format!("la_kv_partial_{suffix}"))?;
     let mut lb = stream_f1.launch_builder(&f1);
     lb.arg(&kvw);
     lb.arg(&vv);
@@ -418,7 +461,7 @@ fn linear_attention_typed<T: CudaDType + WithDType + DeviceRepr>(
     };
     unsafe { lb.launch(cfg) }.w()?;
 
-    let (stream_f2, f2) = func(&dev, LINEAR_ATTN, "la_kv_reduce")?;
+    let (stream_f2, f2) = func(dev, LINEAR_ATTN, "la_kv_reduce")?;
     let (bgi, nci, pi) = (bg as i32, nchunks as i32, p as i32);
     let mut lb = stream_f2.launch_builder(&f2);
     lb.arg(&partial);
@@ -428,13 +471,14 @@ fn linear_attention_typed<T: CudaDType + WithDType + DeviceRepr>(
     lb.arg(&pi);
     unsafe { lb.launch(grid_1d(bg * p)) }.w()?;
 
-    let (stream_f3, f3) = func(&dev, LINEAR_ATTN, &format!("la_apply_{suffix}"))?;
+    let (stream_f3, f3) = func(dev, LINEAR_ATTN, &format!("la_apply_{suffix}"))?;
     let eps_f = eps as f32;
     let mut lb = stream_f3.launch_builder(&f3);
     lb.arg(&qv);
     lb.arg(&kv);
-    lb.arg(&mut out);
+    lb.arg(out);
     lb.arg(&gi);
+    lb.arg(&goi);
     lb.arg(&ni);
     lb.arg(&di);
     lb.arg(&sb);
@@ -447,7 +491,7 @@ fn linear_attention_typed<T: CudaDType + WithDType + DeviceRepr>(
         shared_mem_bytes: 0,
     };
     unsafe { lb.launch(cfg) }.w()?;
-    Ok(wrap(out, &dev, (b, n, g * d)))
+    Ok(())
 }
 
 /// `LayerNorm(x) · (1 + table[scale_i] + temb6[b, scale_i]) + table[shift_i] + temb6[b, shift_i]`.
@@ -965,11 +1009,11 @@ pub fn rms_norm_rows(
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
     eps: f32,
-    silu: bool,
+    act: crate::ops::RowAct,
 ) -> Result<Tensor> {
     match h.dtype() {
-        DType::BF16 => rms_rows_typed::<half::bf16>(h, weight, bias, residual, eps, silu),
-        DType::F32 => rms_rows_typed::<f32>(h, weight, bias, residual, eps, silu),
+        DType::BF16 => rms_rows_typed::<half::bf16>(h, weight, bias, residual, eps, act),
+        DType::F32 => rms_rows_typed::<f32>(h, weight, bias, residual, eps, act),
         other => bail!("rms_norm_rows: no kernel for {other:?}"),
     }
 }
@@ -980,7 +1024,7 @@ fn rms_rows_typed<T: CudaDType + WithDType + DeviceRepr>(
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
     eps: f32,
-    silu: bool,
+    act: crate::ops::RowAct,
 ) -> Result<Tensor> {
     let c = *h.dims().last().unwrap_or(&0);
     let (suffix, vec) = tag(h.dtype())?;
@@ -1017,7 +1061,7 @@ fn rms_rows_typed<T: CudaDType + WithDType + DeviceRepr>(
     let res_g = residual.map(|t| t.storage_and_layout());
     let bias_v = bias_g.as_ref().map(|(s, l)| view::<T>(s, l)).transpose()?;
     let res_v = res_g.as_ref().map(|(s, l)| view::<T>(s, l)).transpose()?;
-    let (rows_i, ci, si, li) = (rows as i64, c as i32, i32::from(silu), lpr as i32);
+    let (rows_i, ci, si, li) = (rows as i64, c as i32, act.code(), lpr as i32);
     let mut lb = stream_f.launch_builder(&f);
     lb.arg(&hv);
     lb.arg(&wv);

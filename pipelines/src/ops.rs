@@ -175,6 +175,41 @@ pub fn relu_linear_attention_tokens(
         .reshape((b, n, g * d))
 }
 
+/// [`relu_linear_attention_tokens`] over the groups of several q|k|v tensors, as if concatenated on the
+/// channel dim first: each scale is `(B, N, G_i·3d)` with group `g` at channels `[3d·g, 3d·(g+1))` holding
+/// its q | k | v (the DC-AE's multiscale attention); returns `(B, N, (Σ G_i)·d)`. On CUDA each scale is
+/// attended where it lies and writes its own columns (no concatenated copy of the inputs); the portable
+/// body concatenates and attends once.
+pub fn relu_linear_attention_scales(scales: &[Tensor], d: usize, eps: f64) -> Result<Tensor> {
+    let grouped = |t: &Tensor| -> Result<Tensor> {
+        let (b, n, c) = t.dims3()?;
+        if c % (3 * d) != 0 {
+            candle_core::bail!(
+                "relu_linear_attention_scales: {c} channels are not q|k|v groups of {d}"
+            );
+        }
+        t.reshape((b, n, c / (3 * d), 3 * d))
+    };
+    #[cfg(feature = "cuda")]
+    if scales.first().is_some_and(|s| fused(s)) && d <= 64 {
+        let parts = scales
+            .iter()
+            .map(|s| {
+                let all = grouped(s)?;
+                Ok((
+                    all.narrow(3, 0, d)?,
+                    all.narrow(3, d, d)?,
+                    all.narrow(3, 2 * d, d)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return super::kernels::relu_linear_attention_parts(&parts, eps);
+    }
+    let all = grouped(&Tensor::cat(scales, D::Minus1)?)?;
+    let part = |i: usize| all.narrow(3, i * d, d);
+    relu_linear_attention_tokens(&part(0)?, &part(1)?, &part(2)?, eps)
+}
+
 /// LayerNorm over the last dim without affine, computed two-pass in f32 (no `E[x²]−mean²`
 /// cancellation on large residual streams) and returned in `x`'s dtype, like `nn.LayerNorm` on bf16.
 pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
@@ -506,8 +541,28 @@ pub fn masked_softmax(
     candle_nn::ops::softmax_last_dim(&s)?.to_dtype(dtype)
 }
 
+/// The activation [`rms_norm_rows`] applies to its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowAct {
+    Identity,
+    Silu,
+    Relu,
+}
+
+impl RowAct {
+    /// The `act` argument of the `rms_rows` kernels.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn code(self) -> i32 {
+        match self {
+            RowAct::Identity => 0,
+            RowAct::Silu => 1,
+            RowAct::Relu => 2,
+        }
+    }
+}
+
 /// diffusers `RMSNorm(C, eps, weight, bias)` over the last (channel) dim, plus `residual` when given, then
-/// SiLU when `silu` (the DC-AE's `norm_out` → `conv_act`). One kernel on CUDA; the portable body is candle's
+/// `act` (the DC-AE's `norm_out` → `conv_act`). One kernel on CUDA; the portable body is candle's
 /// `rms_norm` and elementwise ops.
 pub fn rms_norm_rows(
     h: &Tensor,
@@ -515,7 +570,7 @@ pub fn rms_norm_rows(
     bias: &Tensor,
     residual: Option<&Tensor>,
     eps: f32,
-    silu: bool,
+    act: RowAct,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(h) && super::kernels::rms_rows_fits(h.dim(D::Minus1)?, h.dtype()) {
@@ -527,7 +582,7 @@ pub fn rms_norm_rows(
             Some(&bias.to_dtype(dt)?.contiguous()?),
             residual.as_ref(),
             eps,
-            silu,
+            act,
         );
     }
     let y = candle_nn::ops::rms_norm(&h.contiguous()?, weight, eps)?.broadcast_add(bias)?;
@@ -535,10 +590,10 @@ pub fn rms_norm_rows(
         Some(r) => (y + r)?,
         None => y,
     };
-    if silu {
-        y.silu()
-    } else {
-        Ok(y)
+    match act {
+        RowAct::Identity => Ok(y),
+        RowAct::Silu => y.silu(),
+        RowAct::Relu => y.relu(),
     }
 }
 
@@ -685,7 +740,7 @@ mod tests {
             .broadcast_div(&(var + 1e-5)?.sqrt()?)?
             .broadcast_mul(&w)?
             .broadcast_add(&b)?;
-        let got = rms_norm_rows(&x, &w, &b, Some(&r), 1e-5, true)?;
+        let got = rms_norm_rows(&x, &w, &b, Some(&r), 1e-5, RowAct::Silu)?;
         let want = (normed + &r)?.silu()?;
         let diff = (got - want)?
             .abs()?
@@ -693,6 +748,36 @@ mod tests {
             .max(0)?
             .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "max abs diff {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn linear_attention_of_scales_is_that_of_their_concatenation() -> Result<()> {
+        // Two scales of 2 and 1 q|k|v groups of d = 4: groups of the first scale come first.
+        let d = 4;
+        let s0 = crate::rng::test_randn("ops:scales0", 1.0, (2, 5, 2 * 3 * d))?;
+        let s1 = crate::rng::test_randn("ops:scales1", 1.0, (2, 5, 3 * d))?;
+        let got = relu_linear_attention_scales(&[s0.clone(), s1.clone()], d, 1e-15)?;
+        assert_eq!(got.dims(), &[2, 5, 3 * d]);
+        let one = |s: &Tensor| -> Result<Tensor> {
+            let (b, n, c) = s.dims3()?;
+            let all = s.reshape((b, n, c / (3 * d), 3 * d))?;
+            relu_linear_attention_tokens(
+                &all.narrow(3, 0, d)?,
+                &all.narrow(3, d, d)?,
+                &all.narrow(3, 2 * d, d)?,
+                1e-15,
+            )
+        };
+        let want = Tensor::cat(&[one(&s0)?, one(&s1)?], D::Minus1)?;
+        let diff = (got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "max abs diff {diff}");
+        let bad = crate::rng::test_randn("ops:scales2", 1.0, (2, 5, 3 * d + 1))?;
+        assert!(relu_linear_attention_scales(&[bad], d, 1e-15).is_err());
         Ok(())
     }
 

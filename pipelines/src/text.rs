@@ -10,6 +10,14 @@
 //!    tokenizer's own post-processor adds its special tokens (`<bos>` for Gemma), then pads with `<pad>`;
 //! 4. Gemma-2 on all `L` tokens, then rows `[0] + [L−299, L)` (BOS + the last 299; identity when `L = 300`).
 //!
+//! Every positive prompt starts with the same instruction tokens, and Gemma-2 is causal, so what it computes
+//! for them does not depend on the prompt. [`TextEncoder`] runs the instruction's first `n_chi − 1` tokens
+//! once at construction ([`PrefixCache`]) and then only the `L − n_chi + 1 = 299` positions after them: row 0
+//! comes from the cache and rows `[n_chi − 1, L)` are exactly the computed ones. That is 35 % fewer rows
+//! through every layer (459 → 299). The last instruction token is left out of the cache because it can
+//! merge with the prompt's first characters; a prompt whose tokens do not start with the cached ones
+//! (checked per prompt) goes through the whole sequence as before.
+//!
 //! [`TextEncoder`] is immutable after construction (`Send + Sync`), so one instance can be shared by
 //! both pipelines behind an `Arc`.
 
@@ -18,7 +26,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationDirection};
 
-use super::gemma2::Gemma2Encoder;
+use super::gemma2::{Gemma2Encoder, PrefixCache};
 use super::PipelineError;
 
 /// Caption length seen by the transformer (`max_sequence_length` in diffusers).
@@ -72,6 +80,9 @@ pub struct TextEncoder {
     n_chi: usize,
     /// Special tokens the post-processor adds to a single sequence (1 for Gemma's `<bos> $A`).
     n_special: usize,
+    /// Gemma-2 run once on the instruction's first `n_chi − 1` tokens (see the module docs); none when the
+    /// instruction is a single token.
+    prefix: Option<PrefixCache>,
 }
 
 impl TextEncoder {
@@ -90,10 +101,18 @@ impl TextEncoder {
             .get_post_processor()
             .map_or(0, |p| p.added_tokens(false));
         let chi = complex_human_instruction();
-        let n_chi = tokenizer
+        let chi_ids = tokenizer
             .encode(chi.as_str(), true)
             .map_err(|e| PipelineError::Load(format!("tokenizer: encoding the instruction: {e}")))?
-            .len();
+            .get_ids()
+            .to_vec();
+        let n_chi = chi_ids.len();
+        let prefix = match chi_ids.len().checked_sub(1) {
+            Some(p) if p > 0 => Some(encoder.prefill(&chi_ids[..p]).map_err(|e| {
+                PipelineError::Load(format!("gemma2: the instruction prefix: {e}"))
+            })?),
+            _ => None,
+        };
         Ok(Self {
             tokenizer,
             encoder,
@@ -101,7 +120,13 @@ impl TextEncoder {
             chi,
             n_chi,
             n_special,
+            prefix,
         })
+    }
+
+    /// The cached instruction prefix, if any (see the module docs).
+    pub fn prefix(&self) -> Option<&PrefixCache> {
+        self.prefix.as_ref()
     }
 
     /// Loads `tokenizer.json` from a diffusers `tokenizer/` folder. The pad id is the id of
@@ -196,30 +221,115 @@ impl TextEncoder {
     }
 
     /// Prompt embeddings `(B, 300, hidden)` in the encoder dtype and mask `(B, 300)` u32, on the
-    /// encoder's device. `use_chi = true` for prompts, `false` for negative prompts.
+    /// encoder's device. `use_chi = true` for prompts, `false` for negative prompts. Prompts whose tokens
+    /// start with the cached instruction prefix run only the positions after it (module docs).
     pub fn encode_prompts(
         &self,
         prompts: &[String],
         use_chi: bool,
     ) -> Result<(Tensor, Tensor), PipelineError> {
+        let prefix = if use_chi { self.prefix.as_ref() } else { None };
+        self.encode_with(prompts, use_chi, prefix)
+    }
+
+    /// [`Self::encode_prompts`] with the given prefix cache (none: every position of every prompt).
+    pub fn encode_with(
+        &self,
+        prompts: &[String],
+        use_chi: bool,
+        prefix: Option<&PrefixCache>,
+    ) -> Result<(Tensor, Tensor), PipelineError> {
         if prompts.is_empty() {
             return Err(PipelineError::InvalidRequest("no prompts to encode".into()));
         }
         let tok = self.tokenize(prompts, use_chi)?;
-        let (b, l) = (tok.ids.len(), self.max_length(use_chi));
-        let dev = self.encoder.device();
-        let ids = Tensor::from_vec(tok.ids.concat(), (b, l), dev)?;
-        let mask = Tensor::from_vec(tok.mask.concat(), (b, l), dev)?;
-        let hidden = self.encoder.forward(&ids, &mask)?; // (B, L, hidden)
-        let select: Vec<u32> = std::iter::once(0)
-            .chain((l - (MAX_SEQUENCE_LENGTH - 1))..l)
-            .map(|i| i as u32)
+        let l = self.max_length(use_chi);
+        let prefix = prefix.filter(|p| p.len() <= l - (MAX_SEQUENCE_LENGTH - 1));
+        let hits: Vec<bool> = tok
+            .ids
+            .iter()
+            .map(|ids| prefix.is_some_and(|p| ids.starts_with(p.ids())))
             .collect();
-        let select = Tensor::from_vec(select, MAX_SEQUENCE_LENGTH, dev)?;
-        let embeds = hidden.index_select(&select, 1)?;
-        let mask = mask.index_select(&select, 1)?;
+        let embeds = self.embed_rows(&tok, l, prefix, &hits)?;
+        let first = l - (MAX_SEQUENCE_LENGTH - 1);
+        let dev = self.encoder.device();
+        let mask: Vec<u32> = tok
+            .mask
+            .iter()
+            .flat_map(|m| std::iter::once(m[0]).chain(m[first..].iter().copied()))
+            .collect();
+        let mask = Tensor::from_vec(mask, (tok.mask.len(), MAX_SEQUENCE_LENGTH), dev)?;
         debug_assert_eq!(mask.dtype(), DType::U32);
         Ok((embeds, mask))
+    }
+
+    /// The kept rows (`[0] + [L−299, L)`) of Gemma-2 on the tokenized prompts `tok` (`L` tokens each):
+    /// prompt `i` with `hits[i]` runs after `prefix` (its tokens must start with the prefix's), the others
+    /// run whole. Returns `(B, 300, hidden)` in the prompts' order.
+    fn embed_rows(
+        &self,
+        tok: &Tokenized,
+        l: usize,
+        prefix: Option<&PrefixCache>,
+        hits: &[bool],
+    ) -> Result<Tensor, PipelineError> {
+        let first = l - (MAX_SEQUENCE_LENGTH - 1);
+        let dev = self.encoder.device();
+        let (cached, whole): (Vec<usize>, Vec<usize>) = (0..tok.ids.len()).partition(|&i| hits[i]);
+        let rows = |idx: &[usize], from: usize| -> Result<(Tensor, Tensor), PipelineError> {
+            let ids: Vec<u32> = idx
+                .iter()
+                .flat_map(|&i| tok.ids[i][from..].to_vec())
+                .collect();
+            let mask: Vec<u32> = idx
+                .iter()
+                .flat_map(|&i| tok.mask[i][from..].to_vec())
+                .collect();
+            let shape = (idx.len(), l - from);
+            Ok((
+                Tensor::from_vec(ids, shape, dev)?,
+                Tensor::from_vec(mask, shape, dev)?,
+            ))
+        };
+        let mut parts = Vec::with_capacity(2);
+        if !cached.is_empty() {
+            let p = prefix.ok_or_else(|| {
+                PipelineError::Candle(candle_core::Error::Msg(
+                    "text: prompts marked for a missing prefix".into(),
+                ))
+            })?;
+            if p.len() > first || cached.iter().any(|&i| !tok.ids[i].starts_with(p.ids())) {
+                return Err(PipelineError::Candle(candle_core::Error::Msg(
+                    "text: a prompt does not start with the cached prefix".into(),
+                )));
+            }
+            let (ids, mask) = rows(&cached, p.len())?;
+            let after = self.encoder.forward_after(p, &ids, &mask)?; // positions P..L
+            let bos = p.hidden().narrow(1, 0, 1)?;
+            let bos = bos.broadcast_as((cached.len(), 1, bos.dim(2)?))?;
+            let kept = after.narrow(1, first - p.len(), MAX_SEQUENCE_LENGTH - 1)?;
+            parts.push(Tensor::cat(&[&bos.contiguous()?, &kept.contiguous()?], 1)?);
+        }
+        if !whole.is_empty() {
+            let (ids, mask) = rows(&whole, 0)?;
+            let hidden = self.encoder.forward(&ids, &mask)?; // (B, L, hidden)
+            let bos = hidden.narrow(1, 0, 1)?;
+            let kept = hidden.narrow(1, first, MAX_SEQUENCE_LENGTH - 1)?;
+            parts.push(Tensor::cat(&[&bos.contiguous()?, &kept.contiguous()?], 1)?);
+        }
+        Ok(match parts.as_slice() {
+            [one] => one.clone(),
+            _ => {
+                // Back to the prompts' order: row r of `cached ++ whole` is prompt `order[r]`.
+                let order: Vec<usize> = cached.iter().chain(&whole).copied().collect();
+                let mut at = vec![0u32; order.len()];
+                for (row, &prompt) in order.iter().enumerate() {
+                    at[prompt] = row as u32;
+                }
+                let at = Tensor::from_vec(at, order.len(), dev)?;
+                Tensor::cat(&parts, 0)?.index_select(&at, 0)?
+            }
+        })
     }
 }
 
@@ -367,6 +477,54 @@ mod tests {
         assert!(
             gap > 10.0 * err.max(1e-7),
             "eager vs sdpa reference gap {gap} too small"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn instruction_prefix_cache_matches_the_whole_sequence() -> Result<()> {
+        let te = tiny_text_encoder(AttnImplementation::Eager)?;
+        let prefix = te.prefix().expect("the instruction is cached");
+        assert_eq!(prefix.len(), te.n_chi() - 1);
+        let prompts = reference_strings("prompts");
+        let tok = te
+            .tokenize(&prompts, true)
+            .map_err(candle_core::Error::wrap)?;
+        assert!(
+            tok.ids.iter().all(|ids| ids.starts_with(prefix.ids())),
+            "every reference prompt starts with the cached tokens"
+        );
+        let (cached, mask_c) = te
+            .encode_prompts(&prompts, true)
+            .map_err(candle_core::Error::wrap)?;
+        let (whole, mask_w) = te
+            .encode_with(&prompts, true, None)
+            .map_err(candle_core::Error::wrap)?;
+        assert_eq!(rows(&mask_c)?, rows(&mask_w)?);
+        let err = rel_l2(&cached, &whole)?;
+        // tolerance: f32, only the summation order of fewer rows differs
+        assert!(err <= 1e-5, "cached vs whole relative L2 {err}");
+        // Prompts 0 and 2 after the prefix, prompt 1 whole: each row back in the prompts' order.
+        let l = te.max_length(true);
+        let mixed = te
+            .embed_rows(&tok, l, Some(prefix), &[true, false, true])
+            .map_err(candle_core::Error::wrap)?;
+        for i in 0..3 {
+            let err = rel_l2(&mixed.get(i)?, &whole.get(i)?)?;
+            assert!(err <= 1e-5, "mixed row {i}: relative L2 {err}");
+        }
+        assert!(
+            rel_l2(&whole.get(0)?, &whole.get(1)?)? > 1e-2,
+            "rows must differ"
+        );
+        // A cache no prompt starts with: every prompt runs whole, as without a cache.
+        let other = te.encoder().prefill(&[prefix.ids()[0]; 4])?;
+        let (none_hit, _) = te
+            .encode_with(&prompts, true, Some(&other))
+            .map_err(candle_core::Error::wrap)?;
+        assert_eq!(
+            none_hit.flatten_all()?.to_vec1::<f32>()?,
+            whole.flatten_all()?.to_vec1::<f32>()?
         );
         Ok(())
     }

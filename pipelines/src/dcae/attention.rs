@@ -17,7 +17,7 @@ use candle_nn::VarBuilder;
 use super::blocks::{check_norm_type, ChannelRmsNorm, GluMbConv};
 #[cfg(test)]
 use crate::ops::relu_linear_attention;
-use crate::ops::{depthwise_conv, relu_linear_attention_tokens, DepthwiseWeight};
+use crate::ops::{depthwise_conv, relu_linear_attention_scales, DepthwiseWeight, RowAct};
 
 /// `SanaMultiscaleLinearAttention.eps` (default 1e-15, also used by the quadratic branch).
 const ATTN_EPS: f64 = 1e-15;
@@ -162,25 +162,32 @@ impl MultiscaleLinearAttention {
         for proj in &self.multiscale {
             scales.push(proj.forward(&qkv)?);
         }
-        let all = Tensor::cat(&scales, D::Minus1)?; // (B, H, W, 3·inner·(1+S))
-                                                    // torch: (B, 6C, H, W).reshape(B, G, 3d, HW).chunk(3, dim=2): group g owns channels [3d·g, 3d·(g+1)).
-        let groups = all.dim(D::Minus1)? / (3 * d);
+        // torch: cat → (B, 6C, H, W).reshape(B, G, 3d, HW).chunk(3, dim=2): group g owns channels
+        // [3d·g, 3d·(g+1)) of the concatenated scales.
+        let groups = scales
+            .iter()
+            .map(|s| s.dim(D::Minus1))
+            .sum::<Result<usize>>()?
+            / (3 * d);
         let out = if use_linear {
-            // (B, N, G, d) views of q, k, v; f32 inside the op, (B, N, G·d) in the model dtype out:
-            // channel g·d + c, as torch's reshape of (B, G, d, N) to (B, G·d, H, W).
-            let all = all.reshape((b, n, groups, 3 * d))?;
-            let part = |i: usize| all.narrow(3, i * d, d);
-            relu_linear_attention_tokens(&part(0)?, &part(1)?, &part(2)?, ATTN_EPS)?
+            // f32 inside the op, (B, N, G·d) in the model dtype out: channel g·d + c, as torch's reshape
+            // of (B, G, d, N) to (B, G·d, H, W). On CUDA the scales are not concatenated first.
+            let tokens: Vec<Tensor> = scales
+                .iter()
+                .map(|s| s.reshape((b, n, s.dim(D::Minus1)?)))
+                .collect::<Result<_>>()?;
+            relu_linear_attention_scales(&tokens, d, ATTN_EPS)?
                 .to_dtype(dtype)?
                 .reshape((b * n, groups * d))?
         } else {
+            let all = Tensor::cat(&scales, D::Minus1)?; // (B, H, W, 3·inner·(1+S))
             let all = all.reshape((b, n, groups, 3 * d))?;
             let part = |i: usize| -> Result<Tensor> { all.narrow(3, i * d, d)?.transpose(1, 2) }; // (B, G, N, d)
             let out = quadratic_attention(&part(0)?, &part(1)?, &part(2)?)?;
             out.transpose(1, 2)?.reshape((b * n, groups * d))?
         };
         let out = out.matmul(&self.to_out.t()?)?.reshape((b, h, w, c))?;
-        self.norm_out.forward_fused(&out, Some(x), false)
+        self.norm_out.forward_fused(&out, Some(x), RowAct::Identity)
     }
 }
 

@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 
 use crate::ops::{
     glu_depthwise, pixel_shuffle2_nhwc, rms_norm_rows, up_shortcut_add, upsample_nearest2x_nhwc,
-    Conv2dLayer, DepthwiseWeight,
+    Conv2dLayer, DepthwiseWeight, RowAct,
 };
 
 /// eps of every `RMSNorm` in the DC-AE decoder (`get_normalization`, `GLUMBConv`, `norm_out`).
@@ -111,17 +111,17 @@ impl ChannelRmsNorm {
 
     /// `x`: `(..., C)` channels-last.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_fused(x, None, false)
+        self.forward_fused(x, None, RowAct::Identity)
     }
 
-    /// The norm, plus `residual`, then SiLU when `silu`: one kernel on CUDA.
+    /// The norm, plus `residual`, then `act`: one kernel on CUDA.
     pub fn forward_fused(
         &self,
         x: &Tensor,
         residual: Option<&Tensor>,
-        silu: bool,
+        act: RowAct,
     ) -> Result<Tensor> {
-        rms_norm_rows(x, &self.weight, &self.bias, residual, RMS_EPS, silu)
+        rms_norm_rows(x, &self.weight, &self.bias, residual, RMS_EPS, act)
     }
 }
 
@@ -157,7 +157,7 @@ impl ResBlock {
             act => act.apply(&self.conv1.forward(x)?)?,
         };
         let h = self.conv2.forward(&h)?;
-        self.norm.forward_fused(&h, Some(x), false)
+        self.norm.forward_fused(&h, Some(x), RowAct::Identity)
     }
 }
 
@@ -247,7 +247,7 @@ impl GluMbConv {
             &self.conv_depth_b,
         )?;
         let h = conv1x1_channels_last(&h, &self.conv_point_w, None)?;
-        self.norm.forward_fused(&h, Some(x), false)
+        self.norm.forward_fused(&h, Some(x), RowAct::Identity)
     }
 }
 

@@ -20,7 +20,7 @@ mod tiling;
 use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::ops::Conv2dLayer;
+use crate::ops::{Conv2dLayer, RowAct};
 
 pub use attention::{EfficientVitBlock, MultiscaleLinearAttention};
 pub use blocks::{Activation, ChannelRmsNorm, DcUpBlock2d, GluMbConv, ResBlock};
@@ -238,7 +238,8 @@ impl DcAeDecoder {
             h = stage.forward(&h)?;
         }
         let h = match self.conv_act {
-            Activation::Silu => self.norm_out.forward_fused(&h, None, true)?,
+            Activation::Silu => self.norm_out.forward_fused(&h, None, RowAct::Silu)?,
+            Activation::Relu => self.norm_out.forward_fused(&h, None, RowAct::Relu)?,
             act => act.apply(&self.norm_out.forward(&h)?)?,
         };
         let out = match &self.conv_out {

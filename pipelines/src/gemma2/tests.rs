@@ -242,3 +242,85 @@ fn bf16_model_runs_and_stays_close_to_reference() -> Result<()> {
     assert!(err <= 1e-1, "bf16 relative L2 {err}");
     Ok(())
 }
+
+#[test]
+fn mask_of_the_last_queries_is_the_last_rows_of_the_whole_mask() -> Result<()> {
+    let valid = vec![
+        vec![true, true, true, true, true, false],
+        vec![true, true, true, false, false, false],
+    ];
+    for window in [None, Some(2)] {
+        let whole = additive_mask(&valid, window, &Device::Cpu)?;
+        let last = additive_mask_last(&valid, 4, window, &Device::Cpu)?;
+        assert_eq!(last.dims(), &[2, 1, 4, 6]);
+        let want: Vec<f32> = whole.narrow(2, 2, 4)?.flatten_all()?.to_vec1()?;
+        assert_eq!(last.flatten_all()?.to_vec1::<f32>()?, want, "{window:?}");
+    }
+    assert!(additive_mask_last(&valid, 7, None, &Device::Cpu).is_err());
+    Ok(())
+}
+
+#[test]
+fn positions_after_a_prefix_cache_equal_the_whole_sequence() -> Result<()> {
+    // Sliding window 3 < the 4 cached positions, so the windowed layers must mask part of the prefix;
+    // the tiny softcap makes the eager softcap path matter too.
+    let dev = Device::Cpu;
+    for attn in [AttnImplementation::Eager, AttnImplementation::Sdpa] {
+        let mut cfg = tiny_config(attn);
+        cfg.attn_logit_softcapping = Some(0.5);
+        let enc = Gemma2Encoder::load(random_vb(&cfg)?, &cfg)?;
+        let prefix = [2u32, 7, 9, 11];
+        let ids = Tensor::new(
+            &[[2u32, 7, 9, 11, 13, 17, 19, 0], [2, 7, 9, 11, 5, 6, 0, 0]],
+            &dev,
+        )?;
+        let mask = Tensor::new(
+            &[[1u32, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0, 0]],
+            &dev,
+        )?;
+        let whole = enc.forward(&ids, &mask)?;
+        let cache = enc.prefill(&prefix)?;
+        assert_eq!(cache.len(), 4);
+        let after = enc.forward_after(&cache, &ids.narrow(1, 4, 4)?, &mask.narrow(1, 4, 4)?)?;
+        assert_eq!(after.dims(), &[2, 4, 16]);
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        // f32 with different row counts: only summation order can differ.
+        let d_after = max_diff(&after, &whole.narrow(1, 4, 4)?)?;
+        assert!(
+            d_after < 1e-5,
+            "{attn:?}: after the prefix, max diff {d_after}"
+        );
+        for row in 0..2 {
+            let d = max_diff(&cache.hidden().get(0)?, &whole.get(row)?.narrow(0, 0, 4)?)?;
+            assert!(
+                d < 1e-5,
+                "{attn:?}: prefix rows of sequence {row}, max diff {d}"
+            );
+        }
+        // Control: a cache of other tokens gives other values, so the comparison above can fail.
+        let other = enc.prefill(&[2u32, 8, 9, 11])?;
+        let wrong = enc.forward_after(&other, &ids.narrow(1, 4, 4)?, &mask.narrow(1, 4, 4)?)?;
+        let d_wrong = max_diff(&wrong, &whole.narrow(1, 4, 4)?)?;
+        assert!(
+            d_wrong > 1e-3,
+            "{attn:?}: another prefix changed nothing ({d_wrong})"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn prefix_cache_respects_the_position_limit() -> Result<()> {
+    let cfg = tiny_config(AttnImplementation::Eager);
+    let enc = Gemma2Encoder::load(random_vb(&cfg)?, &cfg)?;
+    let cache = enc.prefill(&[2u32; 30])?;
+    let ids = Tensor::new(&[[3u32, 4, 5]], &Device::Cpu)?;
+    let err = enc
+        .forward_after(&cache, &ids, &ids.ones_like()?)
+        .expect_err("33 positions of 32");
+    assert!(err.to_string().contains("max_position_embeddings"), "{err}");
+    assert!(enc.prefill(&[]).is_err());
+    Ok(())
+}

@@ -11,11 +11,12 @@
 // gemma_rope_split: (B, L, (nh + 2·nkv)·d) q|k|v rows of the fused projection → q (B, nh, L, d) and
 //   k (B, nkv, L, d) rotated (rotate-half RoPE, model-dtype cos/sin tables (max_pos, d/2); each product and
 //   the sum rounded to bf16, as candle's bf16 rope kernel and torch's bf16 ops round them), v (B, nkv, L, d).
-// gemma_softmax: eager attention weights of bf16 scores s (rows, L), rows = B·H·L:
+// gemma_softmax: eager attention weights of bf16 scores s (rows, Lk), rows = B·H·Lq (Lq queries, Lk keys;
+//   Lq < Lk after a cached prefix):
 //   p = softmax(cap · tanh((s · scale) · (1/cap)) + mask) in f32, rounded once to bf16 (cap ≤ 0: no
 //   softcap). Each product as its own rounded f32 op (as candle's affine / tanh / add ops, no fma
-//   contraction). mask (B, 1, L, L) additive f32: row r reads mask row (b·L + r % L), b = r / (H·L). One
-//   warp a row; `_r16` keeps the row in registers (L ≤ 512), the plain kernel makes three passes over it.
+//   contraction). mask (B, 1, Lq, Lk) additive f32: row r reads mask row (b·Lq + r % Lq), b = r / (H·Lq).
+//   One warp a row; `_r16` keeps the row in registers (Lk ≤ 512), the plain kernel makes three passes.
 // gemma_gelu_mul: gate|up rows (rows, 2·I) of the fused gate/up projection →
 //   bf16(bf16(gelu_tanh(gate)) · up), gelu_tanh in f32 as torch's `gelu(approximate="tanh")` computes it.
 
@@ -116,17 +117,17 @@ __device__ __forceinline__ float gemma_logit(const bf16_t* s, const float* m, in
 }
 
 // PER > 0: the row's logits stay in registers (L ≤ 32·PER), else they are recomputed in each pass. Both
-// sum a lane's elements in the same order, so both give the same bits.
+// sum a lane's elements in the same order, so both give the same bits. L is the key count Lk.
 template <int PER>
 __device__ __forceinline__ void gemma_softmax(const bf16_t* s, const float* mask, bf16_t* out, long long rows, int H,
-                                              int L, float scale, float inv_cap, float cap) {
+                                              int Lq, int L, float scale, float inv_cap, float cap) {
     const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
-    const long long b = row / ((long long)H * L);
-    const int qi = (int)(row % L);
+    const long long b = row / ((long long)H * Lq);
+    const int qi = (int)(row % Lq);
     const bf16_t* sr = s + row * L;
-    const float* mr = mask + (b * L + qi) * L;
+    const float* mr = mask + (b * Lq + qi) * L;
     bf16_t* orow = out + row * L;
     float mx = -INFINITY, sum = 0.0f;
     if (PER > 0) {
@@ -168,12 +169,12 @@ __device__ __forceinline__ void gemma_softmax(const bf16_t* s, const float* mask
 }
 
 extern "C" __global__ void gemma_softmax_bf16(const bf16_t* s, const float* mask, bf16_t* out, long long rows, int H,
-                                              int L, float scale, float inv_cap, float cap) {
-    gemma_softmax<0>(s, mask, out, rows, H, L, scale, inv_cap, cap);
+                                              int Lq, int Lk, float scale, float inv_cap, float cap) {
+    gemma_softmax<0>(s, mask, out, rows, H, Lq, Lk, scale, inv_cap, cap);
 }
 extern "C" __global__ void gemma_softmax_bf16_r16(const bf16_t* s, const float* mask, bf16_t* out, long long rows,
-                                                  int H, int L, float scale, float inv_cap, float cap) {
-    gemma_softmax<16>(s, mask, out, rows, H, L, scale, inv_cap, cap);
+                                                  int H, int Lq, int Lk, float scale, float inv_cap, float cap) {
+    gemma_softmax<16>(s, mask, out, rows, H, Lq, Lk, scale, inv_cap, cap);
 }
 
 extern "C" __global__ void gemma_gelu_mul_bf16(const bf16_t* gu, bf16_t* out, long long rows, int I) {

@@ -176,8 +176,8 @@ pub fn gemma_rope_split(
     ))
 }
 
-/// Softcapped, masked softmax of bf16 `scores` (`(B, ..., L)` holding `B·heads·L` rows of `L`) with the
-/// additive f32 `mask` `(B, 1, L, L)`, in bf16; `softcap` `None` skips the cap.
+/// Softcapped, masked softmax of bf16 `scores` (`(B, ..., Lk)` holding `B·heads·Lq` rows of `Lk`) with the
+/// additive f32 `mask` `(B, 1, Lq, Lk)`, in bf16; `softcap` `None` skips the cap.
 pub fn gemma_softmax(
     scores: &Tensor,
     mask: &Tensor,
@@ -190,7 +190,8 @@ pub fn gemma_softmax(
     require_bf16("gemma_softmax", scores)?;
     require_contiguous("gemma_softmax", mask)?;
     let rows = scores.elem_count() / l.max(1);
-    if mask.dtype() != DType::F32 || mask.dims() != [b, 1, l, l] || rows != b * heads * l {
+    let lq = mask.dims().get(2).copied().unwrap_or(0);
+    if mask.dtype() != DType::F32 || mask.dims() != [b, 1, lq, l] || rows != b * heads * lq {
         bail!(
             "gemma_softmax: scores {:?}, mask {:?} {:?}, {heads} heads",
             scores.dims(),
@@ -214,13 +215,14 @@ pub fn gemma_softmax(
         Some(c) => (c as f32, (1.0 / c) as f32),
         None => (0.0f32, 0.0f32),
     };
-    let (rows_i, hi, li, sc) = (rows as i64, heads as i32, l as i32, scale as f32);
+    let (rows_i, hi, lqi, li, sc) = (rows as i64, heads as i32, lq as i32, l as i32, scale as f32);
     let mut lb = stream.launch_builder(&f);
     lb.arg(&sv);
     lb.arg(&mv);
     lb.arg(&mut out);
     lb.arg(&rows_i);
     lb.arg(&hi);
+    lb.arg(&lqi);
     lb.arg(&li);
     lb.arg(&sc);
     lb.arg(&inv_cap);

@@ -4,7 +4,9 @@
 //   out_n   = (relu(q_n) · kv[:, :d]) / (relu(q_n) · kv[:, d] + eps)
 // q, k, v are strided views: element (b, n, g, e) lives at base + b·sb + n·sn + g·sg + e, which covers
 // the transformer's (B, N, heads·d) projections and the DC-AE's interleaved (B, N, G, 3d) q|k|v groups.
-// out is (B, N, G, d) contiguous (= (B, N, G·d), the merged-heads layout the output projection reads).
+// out holds (B, N, Gout, d) contiguous (= (B, N, Gout·d), the merged-heads layout the output projection
+// reads); the apply writes groups 0..G of it from the pointer it is given, so the DC-AE's scales (each its
+// own q|k|v tensor) write their groups side by side into one output without concatenating their inputs.
 // Three launches, deterministic (no atomics): per-chunk partial sums, their reduction, the apply.
 // Head dim 32 (every Sana model) has its own bodies below: 16-byte loads, register-blocked kv.
 
@@ -86,7 +88,7 @@ extern "C" __global__ void la_kv_reduce(const float* __restrict__ partial, float
 
 template <typename T, int DT>
 __device__ __forceinline__ void la_apply(const T* __restrict__ q, const float* __restrict__ kv,
-                                         T* __restrict__ out, int G, int N, int d_rt, long long sb,
+                                         T* __restrict__ out, int G, int Gout, int N, int d_rt, long long sb,
                                          long long sn, long long sg, float eps) {
     const int d = DT > 0 ? DT : d_rt;
     __shared__ float kvs[64 * 65];
@@ -111,7 +113,7 @@ __device__ __forceinline__ void la_apply(const T* __restrict__ q, const float* _
             num = fmaf(qj, kvs[j * (d + 1) + e], num);
             den = fmaf(qj, kvs[j * (d + 1) + d], den);
         }
-        out[(((long long)b * N + n) * G + g) * d + e] = from_f32<T>(num / (den + eps));
+        out[(((long long)b * N + n) * Gout + g) * d + e] = from_f32<T>(num / (den + eps));
     }
 }
 
@@ -121,10 +123,10 @@ __device__ __forceinline__ void la_apply(const T* __restrict__ q, const float* _
                                                       long long sn, long long sg, int chunk) {     \
         la_kv_partial<T, DT>(k, v, partial, G, N, d, sb, sn, sg, chunk);                           \
     }                                                                                              \
-    extern "C" __global__ void la_apply_##SUFFIX(const T* q, const float* kv, T* out, int G, int N, \
-                                                 int d, long long sb, long long sn, long long sg,  \
-                                                 float eps) {                                      \
-        la_apply<T, DT>(q, kv, out, G, N, d, sb, sn, sg, eps);                                     \
+    extern "C" __global__ void la_apply_##SUFFIX(const T* q, const float* kv, T* out, int G,       \
+                                                 int Gout, int N, int d, long long sb, long long sn, \
+                                                 long long sg, float eps) {                        \
+        la_apply<T, DT>(q, kv, out, G, Gout, N, d, sb, sn, sg, eps);                               \
     }
 
 // Head dim 32, 16-byte loads (`la_*_d32` when q, k, v and their strides are 16-byte aligned; otherwise the
@@ -204,7 +206,7 @@ __device__ __forceinline__ void la_kv_partial_d32v(const T* __restrict__ k, cons
 // den = Σ_j q_j kv[j, d] as a warp sum. Needs blockDim.x = 256.
 template <typename T>
 __device__ __forceinline__ void la_apply_d32v(const T* __restrict__ q, const float* __restrict__ kv,
-                                              T* __restrict__ out, int G, int N, long long sb,
+                                              T* __restrict__ out, int G, int Gout, int N, long long sb,
                                               long long sn, long long sg, float eps) {
     constexpr int D = 32, PER = LA_APPLY_TOK / 8;
     __shared__ __align__(16) float qs[8][D];
@@ -242,7 +244,7 @@ __device__ __forceinline__ void la_apply_d32v(const T* __restrict__ q, const flo
             num = fmaf(q4.z, col[j + 2], num);
             num = fmaf(q4.w, col[j + 3], num);
         }
-        out[(((long long)b * N + n) * G + g) * D + lane] = from_f32<T>(num / (den + eps));
+        out[(((long long)b * N + n) * Gout + g) * D + lane] = from_f32<T>(num / (den + eps));
     }
 }
 
@@ -256,9 +258,9 @@ __device__ __forceinline__ void la_apply_d32v(const T* __restrict__ q, const flo
             la_kv_partial<T, 32>(k, v, partial, G, N, d, sb, sn, sg, chunk);                       \
     }                                                                                              \
     extern "C" __global__ void la_apply_##SUFFIX##_d32(const T* q, const float* kv, T* out, int G, \
-                                                       int N, int d, long long sb, long long sn,   \
-                                                       long long sg, float eps) {                  \
-        la_apply_d32v<T>(q, kv, out, G, N, sb, sn, sg, eps);                                       \
+                                                       int Gout, int N, int d, long long sb,       \
+                                                       long long sn, long long sg, float eps) {    \
+        la_apply_d32v<T>(q, kv, out, G, Gout, N, sb, sn, sg, eps);                                 \
     }
 
 LINEAR_ATTN(bf16, bf16_t, 0)

@@ -252,7 +252,8 @@ extern "C" __global__ void gated_residual_f32_v4(const float* x, const float* y,
 // Channels-last DC-AE (the decoder keeps (B, H, W, C) from conv_in to conv_out):
 // rms_rows: diffusers `RMSNorm(C, eps, weight, bias)` over the last dim of a contiguous (rows, C) tensor,
 //   the rounding of the unfused ops (normalise in f32, round to T, · weight + bias + residual in f32, round),
-//   then optionally SiLU of the rounded value (the decoder's norm_out → conv_act). `lpr` lanes a row (a power
+//   then optionally an activation of the rounded value (`act` 1: SiLU, 2: ReLU; the decoder's norm_out →
+//   conv_act; ReLU of the rounded value is the rounded ReLU, so both equal the unfused ops' bits). `lpr` lanes a row (a power
 //   of two ≤ 32, chosen by the caller so each lane holds 1..MAXV vectors: C % V == 0, C/V ≤ lpr·MAXV; MAXV = 2
 //   or 4, the `_m2` / `_m4` kernels: the row and residual live in registers, so MAXV sets the occupancy),
 //   32/lpr rows a warp; the residual is loaded with the row, before the reduction, so a row costs one round
@@ -260,7 +261,7 @@ extern "C" __global__ void gated_residual_f32_v4(const float* x, const float* y,
 template <typename T, int RMS_MAXV>
 __device__ __forceinline__ void rms_rows(const T* __restrict__ h, const T* __restrict__ w,
                                          const T* __restrict__ bias, const T* __restrict__ res,
-                                         T* __restrict__ out, long long rows, int C, float eps, int silu,
+                                         T* __restrict__ out, long long rows, int C, float eps, int act,
                                          int lpr) {
     constexpr int V = 16 / sizeof(T);
     const int lane = threadIdx.x & 31;
@@ -296,7 +297,9 @@ __device__ __forceinline__ void rms_rows(const T* __restrict__ h, const T* __res
                 float v = to_f32(from_f32<T>(xv[u][e] * r)) * wv[e];
                 if (bias) v += bv[e];
                 if (res) v += rv[u][e];
-                xv[u][e] = silu ? silu_f(to_f32(from_f32<T>(v))) : v;
+                xv[u][e] = act == 1   ? silu_f(to_f32(from_f32<T>(v)))
+                           : act == 2 ? fmaxf(to_f32(from_f32<T>(v)), 0.0f)
+                                      : v;
             }
             Vec<T, V>::store(out + row * C + vi * V, xv[u]);
         }
@@ -304,9 +307,9 @@ __device__ __forceinline__ void rms_rows(const T* __restrict__ h, const T* __res
 }
 #define RMS_ROWS(SUFFIX, T, M)                                                                          \
     extern "C" __global__ void rms_rows_##SUFFIX##_m##M(const T* h, const T* w, const T* bias, const T* res, \
-                                                        T* out, long long rows, int C, float eps, int silu,  \
+                                                        T* out, long long rows, int C, float eps, int act,   \
                                                         int lpr) {                                          \
-        rms_rows<T, M>(h, w, bias, res, out, rows, C, eps, silu, lpr);                                       \
+        rms_rows<T, M>(h, w, bias, res, out, rows, C, eps, act, lpr);                                        \
     }
 RMS_ROWS(bf16, bf16_t, 2)
 RMS_ROWS(bf16, bf16_t, 4)
