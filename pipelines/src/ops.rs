@@ -191,7 +191,7 @@ pub fn relu_linear_attention_scales(scales: &[Tensor], d: usize, eps: f64) -> Re
         t.reshape((b, n, c / (3 * d), 3 * d))
     };
     #[cfg(feature = "cuda")]
-    if scales.first().is_some_and(|s| fused(s)) && d <= 64 {
+    if scales.first().is_some_and(fused) && d <= 64 {
         let parts = scales
             .iter()
             .map(|s| {
