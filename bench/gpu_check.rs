@@ -11,9 +11,10 @@
 //! 4. Seeded generation on CUDA (the GPU generator through `ImagePipeline::generate`): repeatable, and the
 //!    same images as with the CPU port's noise up to its last-ulp differences (PSNR reported).
 //!
-//! Usage: `gpu-check [REPO_ROOT [EXTRA_RANDN_DIR]]` (default `.`; the extra directory holds draws in the
-//! fixtures' format made live on this card by `bench/torch_randn_extra.py`). Exit status 1 when a required
-//! check fails.
+//! Usage: `gpu-check [REPO_ROOT [EXTRA_RANDN_DIR [BASE_REAL_DIR [SPRINT_REAL_DIR]]]]` (default `.`; the extra
+//! directory holds draws in the fixtures' format made live on this card by `bench/torch_randn_extra.py`;
+//! the real-size random checkpoints of `make_real_random_checkpoints.py`, Sprint's for its forward's row).
+//! Exit status 1 when a required check fails.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -486,6 +487,12 @@ fn fused_op_cases(device: &Device, dtype: DType, rows: &mut Vec<Row>) -> anyhow:
     check("linear attention of 2 scales (1,16384,2·1536)", &|| {
         ops::relu_linear_attention_scales(&[s0.clone(), s1.clone()], 32, 1e-15)
     })?;
+    // Sana-Sprint's q and k norms on the fused q|k|v projection (2, 1024, 3·2240), v copied.
+    let qkv = rnd(&[2, 1024, 3 * 2240], 1.0)?;
+    let (wq, wk) = (rnd(&[2240], 1.0)?, rnd(&[2240], 1.0)?);
+    check("rms_norm_segments q|k|v (2,1024,3·2240)", &|| {
+        ops::rms_norm_segments(&qkv, &[Some(&wq), Some(&wk), None], 1e-5)
+    })?;
     // AdaLN: LayerNorm + modulate, gated residual on (2, 1024, 2240).
     let h = (rnd(&[2, 1024, 2240], 3.0)? + 0.5)?;
     let y = rnd(&[2, 1024, 2240], 1.0)?;
@@ -595,11 +602,13 @@ fn fused_op_cases(device: &Device, dtype: DType, rows: &mut Vec<Row>) -> anyhow:
     Ok(())
 }
 
-/// One real-size transformer forward (B=2, 1024², bf16) and one DC-AE decode 1024², fused against portable
-/// on the same random weights (`make_real_random_checkpoints.py` output). bf16 through 20 blocks / the whole
-/// decoder: bound 3e-2 (reported alongside).
+/// One real-size transformer forward (B=2, 1024², bf16), one Sana-Sprint forward (B=2, its q/k norms) when
+/// `sprint_dir` is given, and one DC-AE decode 1024², fused against portable on the same random weights
+/// (`make_real_random_checkpoints.py` output). bf16 through 20 blocks / the whole decoder: bound 3e-2
+/// (reported alongside).
 fn real_size_fused_vs_portable(
     base_dir: &Path,
+    sprint_dir: Option<&Path>,
     device: &Device,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
@@ -629,6 +638,28 @@ fn real_size_fused_vs_portable(
         Some(r <= 3e-2),
     );
     drop(tr);
+    if let Some(dir) = sprint_dir {
+        let mut sprint = ModelRepo::open(&ModelSource::new(dir.display().to_string()))?;
+        let tr = SanaTransformer2DModel::load_component(
+            &sprint.component_for("transformer", DType::BF16)?,
+            DType::BF16,
+            device,
+        )?;
+        // A Sprint step's inputs: SCM timestep, guidance 4.5 per row.
+        let tau = Tensor::new(&[1.3f32], device)?;
+        let guidance = Tensor::new(&[4.5f32, 4.5], device)?;
+        let (a, b) = fused_vs_portable(&|| {
+            let ctx = tr.prepare_text(&emb, &mask)?;
+            tr.forward(&x, &tau, Some(&guidance), &ctx)
+        })?;
+        let r = rel_l2(&a, &b)?;
+        row(
+            rows,
+            "real-size Sprint transformer fwd B=2 1024² bf16 fused vs portable",
+            format!("rel L2 {r:.2e} (bound 3e-2)"),
+            Some(r <= 3e-2),
+        );
+    }
     let v_files = repo.component_for("vae", DType::BF16)?;
     let vae_cfg = DcAeConfig::from_json_file(&v_files.config)?;
     let vae = DcAeDecoder::load(
@@ -931,7 +962,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if let Some(real) = std::env::args().nth(3).map(PathBuf::from) {
-        if let Err(e) = real_size_fused_vs_portable(&real, &device, &mut rows) {
+        let sprint = std::env::args().nth(4).map(PathBuf::from);
+        if let Err(e) = real_size_fused_vs_portable(&real, sprint.as_deref(), &device, &mut rows) {
             errors.push(format!("real-size fused vs portable: {e:#}"));
         }
     }

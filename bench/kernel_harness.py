@@ -402,6 +402,24 @@ def layout_cases(nm):
             return F.silu(t) if act == 1 else F.relu(t) if act == 2 else t
 
         report(f"rms rows ({rows},{C}) res={res} act={act} [rms_rows_bf16_m{m}]", out.float(), ref, 1e-2, bench(run, graph=True), bench(eager))
+    # Sana-Sprint's q and k norms on the fused q|k|v projection (rows, 3·2240), v copied: one pass against
+    # torch's three ops (two RMSNorms of the narrowed columns and the copy out of v).
+    rows, C = 2 * 1024, 2240
+    qkv = torch.randn(rows, 3 * C, device=dev).to(bf)
+    wq, wk = torch.randn(C, device=dev).to(bf), torch.randn(C, device=dev).to(bf)
+    out = torch.full_like(qkv, float("nan"))
+    fn = nm.get_function("rms_segments_bf16")
+    run = lambda: launch(fn, ((rows + 7) // 8, 3), (256,), (ptr(qkv), ptr(wq), ptr(wk), ptr(None), ptr(out), i64(rows), i32(3), i32(C), np.float32(1e-5)))
+    run()
+    torch.cuda.synchronize()
+
+    def rms(t, w):
+        return (t.float() * torch.rsqrt(t.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(bf) * w
+
+    ref = torch.cat([rms(qkv[:, :C], wq).float(), rms(qkv[:, C:2 * C], wk).float(), qkv[:, 2 * C:].float()], -1)
+    v_equal = bool(torch.equal(out[:, 2 * C:], qkv[:, 2 * C:]))
+    eager = lambda: (rms(qkv[:, :C], wq), rms(qkv[:, C:2 * C], wk), qkv[:, 2 * C:].contiguous())
+    report(f"Sprint q|k norms + v copy ({rows},3·{C}) [rms_segments_bf16], v bits equal: {v_equal}", out.float(), ref, 1e-2 if v_equal else -1, bench(run, graph=True), bench(eager))
     # nearest ×2 upsample and the up-block shortcut, channels-last
     for (B, H, W, C) in [(1, 256, 256, 256), (1, 512, 512, 128)]:
         xin = torch.randn(B, H, W, C, device=dev).to(bf)

@@ -38,7 +38,7 @@ if has check; then
   # Host-sync counter (bench/sync_count.c): built here if gcc exists, else carried prebuilt in .gpu/.
   SHIM=.gpu/libsync_count.so; command -v gcc >/dev/null && gcc -O2 -shared -fPIC -o /tmp/libsync_count.so bench/sync_count.c -ldl && SHIM=/tmp/libsync_count.so
   PRE=""; [ -f "$SHIM" ] && PRE="$(realpath $SHIM)"; echo "sync shim: ${PRE:-none}"
-  LD_PRELOAD="$PRE" timeout 240 /tmp/gpu-check . /tmp/randn_live /tmp/sana_real > "$OUT/gpu_check.log" 2>&1; echo "gpu-check exit $?"
+  LD_PRELOAD="$PRE" timeout 240 /tmp/gpu-check . /tmp/randn_live /tmp/sana_real /tmp/sana_sprint_real > "$OUT/gpu_check.log" 2>&1; echo "gpu-check exit $?"
   sed -n '/^## gpu-check/,$p' "$OUT/gpu_check.log"
 fi
 if has profile; then

@@ -1090,6 +1090,87 @@ fn rms_rows_typed<T: CudaDType + WithDType + DeviceRepr>(
     Ok(wrap(out, &dev, h.dims()))
 }
 
+/// Whether [`rms_norm_segments`] has a kernel for segments of `c` columns in `dtype` (whole 16-byte vectors).
+pub fn rms_segments_fits(c: usize, dtype: DType) -> bool {
+    tag(dtype).is_ok_and(|(_, vec)| c > 0 && c.is_multiple_of(vec))
+}
+
+/// diffusers `RMSNorm(C, eps, weight)` of each `C`-column segment of `x` (`(..., S·C)`, `S = weights.len()`
+/// ≤ 3) that has a weight; a segment without one is copied. One read and one write of `x`: Sana-Sprint's
+/// q and k norms on the fused q|k|v projection. One warp a (row, segment).
+pub fn rms_norm_segments(x: &Tensor, weights: &[Option<&Tensor>], eps: f32) -> Result<Tensor> {
+    match x.dtype() {
+        DType::BF16 => rms_segments_typed::<half::bf16>(x, weights, eps),
+        DType::F32 => rms_segments_typed::<f32>(x, weights, eps),
+        other => bail!("rms_norm_segments: no kernel for {other:?}"),
+    }
+}
+
+fn rms_segments_typed<T: CudaDType + WithDType + DeviceRepr>(
+    x: &Tensor,
+    weights: &[Option<&Tensor>],
+    eps: f32,
+) -> Result<Tensor> {
+    let (suffix, vec) = tag(x.dtype())?;
+    let segs = weights.len();
+    let cols = *x.dims().last().unwrap_or(&0);
+    let c = cols / segs.max(1);
+    if !(1..=3).contains(&segs)
+        || c * segs != cols
+        || !rms_segments_fits(c, x.dtype())
+        || weights.iter().flatten().any(|w| w.dims() != [c])
+    {
+        bail!(
+            "rms_norm_segments: no kernel for {:?} in {segs} segments",
+            x.dims()
+        );
+    }
+    if weights.iter().flatten().any(|w| w.dtype() != x.dtype()) {
+        bail!("rms_norm_segments: mixed dtypes");
+    }
+    let x = vec_ready(x, vec)?;
+    let weights = weights
+        .iter()
+        .map(|w| w.map(|w| vec_ready(w, vec)).transpose())
+        .collect::<Result<Vec<_>>>()?;
+    let rows = x.elem_count() / cols.max(1);
+    let dev = cuda_dev(&x)?;
+    let (stream_f, f) = func(&dev, NORM, &format!("rms_segments_{suffix}"))?;
+    let mut out = unsafe { dev.alloc::<T>(x.elem_count()) }?;
+    let (xs, xl) = x.storage_and_layout();
+    let xv = view::<T>(&xs, xl)?;
+    let guards = weights
+        .iter()
+        .map(|w| w.as_ref().map(|w| w.storage_and_layout()))
+        .collect::<Vec<_>>();
+    let wviews = guards
+        .iter()
+        .map(|g| g.as_ref().map(|(s, l)| view::<T>(s, l)).transpose())
+        .collect::<Result<Vec<_>>>()?;
+    let (rows_i, segs_i, ci) = (rows as i64, segs as i32, c as i32);
+    let mut lb = stream_f.launch_builder(&f);
+    lb.arg(&xv);
+    for i in 0..3 {
+        match wviews.get(i).and_then(Option::as_ref) {
+            Some(v) => lb.arg(v),
+            None => lb.arg(&NULL),
+        };
+    }
+    lb.arg(&mut out);
+    lb.arg(&rows_i);
+    lb.arg(&segs_i);
+    lb.arg(&ci);
+    lb.arg(&eps);
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(8).max(1) as u32, segs as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { lb.launch(cfg) }.w()?;
+    drop(lb);
+    Ok(wrap(out, &dev, x.dims()))
+}
+
 /// Whether the channels-last layout kernels ([`upsample2x_nhwc`], [`up_shortcut_add_nhwc`]) take `c`
 /// channels of `dtype` (whole 16-byte vectors).
 pub fn nhwc_fits(c: usize, dtype: DType) -> bool {

@@ -597,6 +597,45 @@ pub fn rms_norm_rows(
     }
 }
 
+/// diffusers `RMSNorm(C, eps, weight)` of each `C`-column segment of the last dim of `x` (`S·C` columns,
+/// `S = weights.len()`), each with its own weight; a segment whose weight is `None` passes unchanged. Sprint's
+/// `rms_norm_across_heads` norms of q and k on the fused q|k|v projection (`[Some(q), Some(k), None]`) and
+/// of one projection (`[Some(w)]`). One kernel on CUDA, one read and one write of `x`; the portable body
+/// is candle's `rms_norm` of each narrowed segment, concatenated.
+pub fn rms_norm_segments(x: &Tensor, weights: &[Option<&Tensor>], eps: f32) -> Result<Tensor> {
+    let cols = x.dim(D::Minus1)?;
+    let segs = weights.len();
+    if segs == 0 || cols % segs != 0 {
+        candle_core::bail!("rms_norm_segments: {cols} columns do not split into {segs} segments");
+    }
+    let c = cols / segs;
+    #[cfg(feature = "cuda")]
+    if fused(x) && segs <= 3 && super::kernels::rms_segments_fits(c, x.dtype()) {
+        let dt = x.dtype();
+        let weights = weights
+            .iter()
+            .map(|w| w.map(|w| w.to_dtype(dt)).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        let refs = weights.iter().map(Option::as_ref).collect::<Vec<_>>();
+        return super::kernels::rms_norm_segments(x, &refs, eps);
+    }
+    let parts = weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let seg = x.narrow(D::Minus1, i * c, c)?;
+            match w {
+                Some(w) => candle_nn::ops::rms_norm(&seg.contiguous()?, w, eps),
+                None => Ok(seg),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    match parts.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => Tensor::cat(&parts, D::Minus1),
+    }
+}
+
 /// Depthwise 2-D convolution, stride 1, "same" zero padding (`k / 2`), channels-last.
 ///
 /// `x`: `(B, H, W, C)`; `weight`: `(C, 1, k, k)` as stored by PyTorch for `groups = C`;
@@ -748,6 +787,53 @@ mod tests {
             .max(0)?
             .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "max abs diff {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_segments_normalises_each_weighted_segment_and_copies_the_rest() -> Result<()> {
+        // (2, 3, 3·4): q | k | v segments of 4 columns, as Sprint's fused projection.
+        let c = 4;
+        let x = crate::rng::test_randn("ops:segments", 2.0, (2, 3, 3 * c))?;
+        let wq = crate::rng::test_randn("ops:segments-wq", 1.0, c)?;
+        let wk = crate::rng::test_randn("ops:segments-wk", 1.0, c)?;
+        let got = rms_norm_segments(&x, &[Some(&wq), Some(&wk), None], 1e-5)?;
+        assert_eq!(got.dims(), x.dims());
+        let (rows, got) = (
+            x.flatten_to(1)?.to_vec2::<f32>()?,
+            got.flatten_to(1)?.to_vec2::<f32>()?,
+        );
+        let (wq, wk) = (wq.to_vec1::<f32>()?, wk.to_vec1::<f32>()?);
+        for (row, out) in rows.iter().zip(&got) {
+            for (s, w) in [(0, Some(&wq)), (1, Some(&wk)), (2, None)] {
+                let (xs, ys) = (&row[s * c..(s + 1) * c], &out[s * c..(s + 1) * c]);
+                let Some(w) = w else {
+                    assert_eq!(xs, ys, "the segment without a weight is copied bit for bit");
+                    continue;
+                };
+                let ms = xs.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / c as f64;
+                for ((xv, yv), wv) in xs.iter().zip(ys).zip(w) {
+                    let want = f64::from(*xv) / (ms + 1e-5).sqrt() * f64::from(*wv);
+                    assert!(
+                        (f64::from(*yv) - want).abs() < 1e-5,
+                        "segment {s}: {yv} vs {want}"
+                    );
+                }
+            }
+        }
+        // One segment is diffusers' RMSNorm of the whole row; columns that do not split are refused.
+        let one = rms_norm_segments(
+            &x,
+            &[Some(&Tensor::ones(3 * c, DType::F32, x.device())?)],
+            1e-5,
+        )?;
+        let whole =
+            candle_nn::ops::rms_norm(&x, &Tensor::ones(3 * c, DType::F32, x.device())?, 1e-5)?;
+        assert_eq!(
+            one.flatten_all()?.to_vec1::<f32>()?,
+            whole.flatten_all()?.to_vec1::<f32>()?
+        );
+        assert!(rms_norm_segments(&x, &[None, None, None, None, None], 1e-5).is_err());
         Ok(())
     }
 

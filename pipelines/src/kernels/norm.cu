@@ -316,6 +316,60 @@ RMS_ROWS(bf16, bf16_t, 4)
 RMS_ROWS(f32, float, 2)
 RMS_ROWS(f32, float, 4)
 
+// rms_segments: diffusers `RMSNorm(C, eps, weight)` of each C-column segment of a contiguous (rows, S·C)
+//   tensor that has a weight (w0, w1, w2 for segments 0, 1, 2; a null weight copies its segment unchanged):
+//   Sana-Sprint's `rms_norm_across_heads` q and k norms on the fused q|k|v projection in one pass, v copied.
+//   The rounding of the unfused ops (normalise in f32, round to T, · weight in f32, round). One warp a
+//   (row, segment), blockIdx.y the segment; the segment is read twice, the second time from L1/L2.
+template <typename T>
+__device__ __forceinline__ void rms_segments(const T* __restrict__ x, const T* __restrict__ w0,
+                                             const T* __restrict__ w1, const T* __restrict__ w2,
+                                             T* __restrict__ out, long long rows, int S, int C, float eps) {
+    constexpr int V = 16 / sizeof(T);
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int seg = blockIdx.y;
+    const T* w = seg == 0 ? w0 : seg == 1 ? w1 : w2;
+    const long long off = row * S * C + (long long)seg * C;
+    const T* xr = x + off;
+    T* yr = out + off;
+    const int nv = C / V;
+    float v[V];
+    if (!w) {
+        for (int vi = lane; vi < nv; vi += 32) {
+            Vec<T, V>::load(xr + vi * V, v);
+            Vec<T, V>::store(yr + vi * V, v);
+        }
+        return;
+    }
+    float ss = 0.f;
+    for (int vi = lane; vi < nv; vi += 32) {
+        Vec<T, V>::load(xr + vi * V, v);
+#pragma unroll
+        for (int e = 0; e < V; e++) ss = fmaf(v[e], v[e], ss);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    const float r = rsqrtf(ss / C + eps);
+    for (int vi = lane; vi < nv; vi += 32) {
+        float wv[V];
+        Vec<T, V>::load(xr + vi * V, v);
+        Vec<T, V>::load(w + vi * V, wv);
+#pragma unroll
+        for (int e = 0; e < V; e++) v[e] = to_f32(from_f32<T>(v[e] * r)) * wv[e];
+        Vec<T, V>::store(yr + vi * V, v);
+    }
+}
+extern "C" __global__ void rms_segments_bf16(const bf16_t* x, const bf16_t* w0, const bf16_t* w1, const bf16_t* w2,
+                                             bf16_t* out, long long rows, int S, int C, float eps) {
+    rms_segments<bf16_t>(x, w0, w1, w2, out, rows, S, C, eps);
+}
+extern "C" __global__ void rms_segments_f32(const float* x, const float* w0, const float* w1, const float* w2,
+                                            float* out, long long rows, int S, int C, float eps) {
+    rms_segments<float>(x, w0, w1, w2, out, rows, S, C, eps);
+}
+
 // Nearest ×2 upsample, channels-last: out (B, 2H, 2W, C)[b, y, x] = in (B, H, W, C)[b, y/2, x/2]; V channels
 // a thread (C % V == 0).
 template <typename T, int V>

@@ -16,7 +16,7 @@ use super::TransformerConfig;
 pub use crate::ops::layer_norm_no_affine;
 use crate::ops::{
     cross_attention, gated_residual, glu_depthwise, layer_norm_modulate, linear, modulation_row,
-    relu_linear_attention_tokens, split_heads_as, DepthwiseWeight,
+    relu_linear_attention_tokens, rms_norm_segments, split_heads_as, DepthwiseWeight,
 };
 
 /// `Attention(eps=1e-5)` default, used by the `rms_norm_across_heads` q/k norms.
@@ -31,7 +31,7 @@ pub fn modulate(h: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
 
 /// diffusers `RMSNorm(dim, eps, elementwise_affine=True)`: f32 statistics, weight applied in the model dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps)
+    rms_norm_segments(x, &[Some(weight)], eps)
 }
 
 /// Loads a `(out, in, 1, 1)` convolution as a per-token linear (squeeze keeps the storage, no copy).
@@ -129,31 +129,34 @@ impl LinearSelfAttention {
         let dtype = h.dtype();
         let (b, n, dim) = h.dims3()?;
         let (heads, d) = (self.heads, dim / self.heads);
-        // (B, N, heads, d) views of q, k, v; the op applies ReLU, works in f32 and returns (B, N, D).
-        let (mut q, mut k, mut v) = match &self.qkv {
-            QkvProjection::Split { q, k, v } => (
-                token_heads(&linear(q, h, None)?, heads)?,
-                token_heads(&linear(k, h, None)?, heads)?,
-                token_heads(&linear(v, h, None)?, heads)?,
-            ),
+        // (B, N, heads, d) views of q, k, v with one layout; the op applies ReLU, works in f32 and
+        // returns (B, N, D). Sprint normalises q and k first (`rms_norm_across_heads`).
+        let (q, k, v) = match &self.qkv {
+            QkvProjection::Split { q, k, v } => {
+                let (mut q, mut k) = (linear(q, h, None)?, linear(k, h, None)?);
+                if let Some(nrm) = &self.qk_norm {
+                    q = rms_norm(&q, &nrm.q, QK_NORM_EPS)?;
+                    k = rms_norm(&k, &nrm.k, QK_NORM_EPS)?;
+                }
+                (
+                    token_heads(&q, heads)?,
+                    token_heads(&k, heads)?,
+                    token_heads(&linear(v, h, None)?, heads)?,
+                )
+            }
             QkvProjection::Fused(qkv) => {
-                let y = linear(qkv, h, None)?.reshape((b, n, 3, heads, d))?;
+                let mut y = linear(qkv, h, None)?;
+                if let Some(nrm) = &self.qk_norm {
+                    // Both norms in one pass over the projection, v copied alongside: q, k and v stay
+                    // strided views of one tensor (no copy out of the q|k|v rows).
+                    let w = [Some(&nrm.q), Some(&nrm.k), None];
+                    y = rms_norm_segments(&y, &w, QK_NORM_EPS)?;
+                }
+                let y = y.reshape((b, n, 3, heads, d))?;
                 let part = |i: usize| y.narrow(2, i, 1)?.squeeze(2);
                 (part(0)?, part(1)?, part(2)?)
             }
         };
-        if let Some(nrm) = &self.qk_norm {
-            q = token_heads(
-                &rms_norm(&q.reshape((b, n, dim))?, &nrm.q, QK_NORM_EPS)?,
-                heads,
-            )?;
-            k = token_heads(
-                &rms_norm(&k.reshape((b, n, dim))?, &nrm.k, QK_NORM_EPS)?,
-                heads,
-            )?;
-            // The fused op needs one layout for q, k and v: v contiguous like the normalised q and k.
-            v = v.contiguous()?;
-        }
         let o = relu_linear_attention_tokens(&q, &k, &v, LINEAR_ATTN_EPS)?;
         linear(&self.to_out, &o.to_dtype(dtype)?, None)
     }
