@@ -1,6 +1,6 @@
 #!/bin/bash
 # One GPU-machine call for the speed work (bench/README.md): run from the repository root there.
-# Carry: .gpu (sana-bench.gz, gpu-check.gz: stripped, gzipped release binaries; whl/ diffusers 0.42.1).
+# Carry: .gpu (sana-bench.xz, gpu-check.xz: stripped, xz-compressed release binaries (.gz also read); whl/ diffusers 0.42.1).
 # STEPS (default "harness check profile bench"), any of:
 #   harness   bench/kernel_harness.py: each .cu kernel against torch at real shapes (CuPy, no Rust build)
 #   check     gpu-check: fused ops vs portable path, real-size forward/decode fused vs portable, tiny e2e
@@ -22,6 +22,8 @@ SP=$(python3 -c "import nvidia,os;print(os.path.dirname(nvidia.__path__[0]))")
 export LD_LIBRARY_PATH=$(ls -d $SP/nvidia/*/lib | tr '\n' ':')$LD_LIBRARY_PATH
 export PYTHONUNBUFFERED=1
 for b in sana-bench gpu-check; do
+  # xz: the working tree and .gpu travel in 64 MiB; two gzipped binaries (16 MB each) no longer fit beside it.
+  [ -f .gpu/$b.xz ] && xz -dc .gpu/$b.xz > /tmp/$b && chmod +x /tmp/$b
   [ -f .gpu/$b.gz ] && gunzip -c .gpu/$b.gz > /tmp/$b && chmod +x /tmp/$b
 done
 S=$(mktemp -d); pip install -q --no-index --no-deps --target "$S" .gpu/whl/*.whl && export PYTHONPATH=$S
