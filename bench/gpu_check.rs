@@ -615,51 +615,40 @@ fn real_size_fused_vs_portable(
     use sana_pipelines::dcae::{DcAeConfig, DcAeDecoder};
     use sana_pipelines::loader::{self, ModelRepo, ModelSource};
     use sana_pipelines::transformer::SanaTransformer2DModel;
-    let mut repo = ModelRepo::open(&ModelSource::new(base_dir.display().to_string()))?;
-    let tr = SanaTransformer2DModel::load_component(
-        &repo.component_for("transformer", DType::BF16)?,
-        DType::BF16,
-        device,
-    )?;
     let x = Tensor::randn(0f32, 1f32, (2, 32, 32, 32), device)?.to_dtype(DType::BF16)?;
     let emb = Tensor::randn(0f32, 1f32, (2, 300, 2304), device)?.to_dtype(DType::BF16)?;
     let mask_row: Vec<u32> = (0..300).map(|i| u32::from(i < 40)).collect();
     let mask = Tensor::from_vec(mask_row, (1, 300), device)?.repeat((2, 1))?;
     let ts = Tensor::new(&[999f32, 500f32], device)?;
-    let (a, b) = fused_vs_portable(&|| {
-        let ctx = tr.prepare_text(&emb, &mask)?;
-        tr.forward(&x, &ts, None, &ctx)
-    })?;
-    let r = rel_l2(&a, &b)?;
-    row(
-        rows,
-        "real-size transformer fwd B=2 1024² bf16 fused vs portable",
-        format!("rel L2 {r:.2e} (bound 3e-2)"),
-        Some(r <= 3e-2),
+    // A Sprint step's inputs: SCM timestep, guidance 4.5 per row.
+    let (tau, guidance) = (
+        Tensor::new(&[1.3f32], device)?,
+        Tensor::new(&[4.5f32, 4.5], device)?,
     );
-    drop(tr);
-    if let Some(dir) = sprint_dir {
-        let mut sprint = ModelRepo::open(&ModelSource::new(dir.display().to_string()))?;
+    let forwards = [
+        Some((base_dir, "transformer", &ts, None)),
+        sprint_dir.map(|dir| (dir, "Sprint transformer", &tau, Some(&guidance))),
+    ];
+    for (dir, name, t, g) in forwards.into_iter().flatten() {
         let tr = SanaTransformer2DModel::load_component(
-            &sprint.component_for("transformer", DType::BF16)?,
+            &ModelRepo::open(&ModelSource::new(dir.display().to_string()))?
+                .component_for("transformer", DType::BF16)?,
             DType::BF16,
             device,
         )?;
-        // A Sprint step's inputs: SCM timestep, guidance 4.5 per row.
-        let tau = Tensor::new(&[1.3f32], device)?;
-        let guidance = Tensor::new(&[4.5f32, 4.5], device)?;
         let (a, b) = fused_vs_portable(&|| {
             let ctx = tr.prepare_text(&emb, &mask)?;
-            tr.forward(&x, &tau, Some(&guidance), &ctx)
+            tr.forward(&x, t, g, &ctx)
         })?;
         let r = rel_l2(&a, &b)?;
         row(
             rows,
-            "real-size Sprint transformer fwd B=2 1024² bf16 fused vs portable",
+            format!("real-size {name} fwd B=2 1024² bf16 fused vs portable"),
             format!("rel L2 {r:.2e} (bound 3e-2)"),
             Some(r <= 3e-2),
         );
     }
+    let mut repo = ModelRepo::open(&ModelSource::new(base_dir.display().to_string()))?;
     let v_files = repo.component_for("vae", DType::BF16)?;
     let vae_cfg = DcAeConfig::from_json_file(&v_files.config)?;
     let vae = DcAeDecoder::load(
