@@ -23,9 +23,9 @@ if not os.path.isdir(KDIR):
     KDIR = os.path.join(ROOT, "pipelines", "src", "kernels")
 
 
-def module(name):
+def module(name, defines=()):
     src = open(os.path.join(KDIR, "common.cuh")).read() + "\n" + open(os.path.join(KDIR, name)).read()
-    return cupy.RawModule(code=src, options=("--std=c++17",))
+    return cupy.RawModule(code=src, options=("--std=c++17",) + tuple(f"-D{d}" for d in defines))
 
 
 def ptr(t):
@@ -448,9 +448,11 @@ def layout_cases(nm):
         report(f"up shortcut add nhwc ({B},{H},{W},{Ci}->{Co}) [up_shortcut_add_nhwc_bf16_v8]", out.float(), ref, 1e-2, bench(run, graph=True), bench(eager))
 
 
-def xattn_case(mod, name, B, N, H, T, masked_from=None, d=32):
+def xattn_case(mod, name, B, N, H, T, masked_from=None, d=32, live=None, whole=None):
     """Flash cross-attention (attention.cu) against torch in f32 from the same bf16 inputs; the comparison
-    column is the path it replaces (f32 scores GEMM, masked softmax, bf16 PV GEMM) in torch eager."""
+    column is the path it replaces (f32 scores GEMM, masked softmax, bf16 PV GEMM) in torch eager.
+    `live`: per batch row, the number of leading keys with mask 0 (the rest -10000, Sana's caption padding).
+    `whole`: the module built with XA_SKIP_DEAD=0; the name then says whether skipping kept every bit."""
     dev = "cuda"
     q = torch.randn(B, N, H * d, device=dev).to(torch.bfloat16)
     k = torch.randn(B, H, T, d, device=dev).to(torch.bfloat16)
@@ -460,12 +462,25 @@ def xattn_case(mod, name, B, N, H, T, masked_from=None, d=32):
         mask[B - 1, masked_from:] = -10000.0
         if B > 1:
             mask[0, T - 3:] = float("-inf")
+    for i, n in enumerate(live or []):
+        mask[i, n:] = -10000.0
     out = torch.full((B, N, H * d), float("nan"), device=dev, dtype=torch.bfloat16)
     fn = mod.get_function(f"xattn_bf16_d{d}")
     scale = d ** -0.5
-    run = lambda: launch(fn, ((N + 63) // 64, H, B), (128,), (ptr(q), ptr(k), ptr(v), ptr(mask), ptr(out), i32(N), i32(H), i32(T), np.float32(scale * 1.4426950408889634)))
+    args = lambda o: (ptr(q), ptr(k), ptr(v), ptr(mask), ptr(o), i32(N), i32(H), i32(T), np.float32(scale * 1.4426950408889634))
+    run = lambda: launch(fn, ((N + 63) // 64, H, B), (128,), args(out))
     run()
     torch.cuda.synchronize()
+    if whole is not None:
+        out_whole = torch.full_like(out, float("nan"))
+        fw = whole.get_function(f"xattn_bf16_d{d}")
+        run_whole = lambda: launch(fw, ((N + 63) // 64, H, B), (128,), args(out_whole))
+        run_whole()
+        torch.cuda.synchronize()
+        same = bool(torch.equal(out.view(torch.int16), out_whole.view(torch.int16)))
+        name = f"{name}; bits equal to every chunk run: {same}, which takes {bench(run_whole, graph=True):.1f} µs"
+        if not same:
+            FAILED.append(name)
     qh = q.float().view(B, N, H, d).transpose(1, 2)
     att = torch.softmax(qh @ k.float().transpose(2, 3) * scale + mask[:, None, None, :], dim=-1)
     ref = (att @ v.float()).transpose(1, 2).reshape(B, N, H * d)
@@ -598,6 +613,13 @@ def main():
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "cupy", cupy.__version__)
     at = module("attention.cu")
+    at_whole = module("attention.cu", ("XA_SKIP_DEAD=0",))
+    # As served: base's CFG pair (the negative "" keeps one live key, <bos>; a prompt of 23 tokens after
+    # <bos>), Sprint's one prompt, and a row with no live key at all (that row runs every chunk).
+    xattn_case(at, "cross-attn Sana (2,1024,20·112) T=300, 1 and 24 live keys", 2, 1024, 20, 300, d=112, live=[1, 24], whole=at_whole)
+    xattn_case(at, "cross-attn Sprint (1,1024,20·112) T=300, 24 live keys", 1, 1024, 20, 300, d=112, live=[24], whole=at_whole)
+    xattn_case(at, "cross-attn (2,1024,20·112) T=300, 0 and 130 live keys", 2, 1024, 20, 300, d=112, live=[0, 130], whole=at_whole)
+    xattn_case(at, "cross-attn (2,1024,20·112) T=300, padded keys", 2, 1024, 20, 300, masked_from=120, d=112, whole=at_whole)
     xattn_case(at, "cross-attn Sana (2,1024,20·112) T=300, padded keys", 2, 1024, 20, 300, masked_from=120, d=112)
     xattn_case(at, "cross-attn Sana (2,1024,20·112) T=459", 2, 1024, 20, 459, d=112)
     xattn_case(at, "cross-attn ragged (1,77,3·112) T=13", 1, 77, 3, 13, masked_from=5, d=112)

@@ -18,6 +18,17 @@
 //! merge with the prompt's first characters; a prompt whose tokens do not start with the cached ones
 //! (checked per prompt) goes through the whole sequence as before.
 //!
+//! Padding is trimmed too. Tokens are right-padded, so a prompt's real tokens come first and, Gemma-2 being
+//! causal, what it computes for them does not depend on the padding after them. [`TextEncoder::encode_prompts`]
+//! runs each prompt only up to its last real token, rounded up to [`TRIM_BUCKET`] positions, and returns
+//! zeros in the kept rows after that. Those rows are padding (mask 0): the transformer gives them the weight
+//! `exp(−10000 + …)`, exactly 0 in f32, so it computes the same with zeros there as with Gemma-2's values
+//! (`transformer::tests::masked_caption_tokens_do_not_influence_output`). A typical prompt of a few dozen
+//! tokens runs 64 positions after the instruction instead of 299, and the empty negative prompt 64 of 300.
+//! Prompts with the same start and run length share one Gemma-2 call, so a prompt runs at the same shapes
+//! in a batch as alone (batch invariance, `sana::batch`). `encode_with(.., trim = false)` is diffusers'
+//! whole computation, every padding row included.
+//!
 //! [`TextEncoder`] is immutable after construction (`Send + Sync`), so one instance can be shared by
 //! both pipelines behind an `Arc`.
 
@@ -31,6 +42,10 @@ use super::PipelineError;
 
 /// Caption length seen by the transformer (`max_sequence_length` in diffusers).
 pub const MAX_SEQUENCE_LENGTH: usize = 300;
+
+/// With trimming (module docs), the positions a prompt runs through Gemma-2 are rounded up to a multiple
+/// of this, so prompts of similar length share one call and one set of GEMM shapes.
+pub const TRIM_BUCKET: usize = 64;
 
 /// diffusers' default `complex_human_instruction` (SanaPipeline and SanaSprintPipeline `__call__`).
 pub const COMPLEX_HUMAN_INSTRUCTION: [&str; 8] = [
@@ -222,22 +237,25 @@ impl TextEncoder {
 
     /// Prompt embeddings `(B, 300, hidden)` in the encoder dtype and mask `(B, 300)` u32, on the
     /// encoder's device. `use_chi = true` for prompts, `false` for negative prompts. Prompts whose tokens
-    /// start with the cached instruction prefix run only the positions after it (module docs).
+    /// start with the cached instruction prefix run only the positions after it, and only up to their
+    /// last real token (rounded up to [`TRIM_BUCKET`]); the padding rows after that are zero (module docs).
     pub fn encode_prompts(
         &self,
         prompts: &[String],
         use_chi: bool,
     ) -> Result<(Tensor, Tensor), PipelineError> {
         let prefix = if use_chi { self.prefix.as_ref() } else { None };
-        self.encode_with(prompts, use_chi, prefix)
+        self.encode_with(prompts, use_chi, prefix, true)
     }
 
-    /// [`Self::encode_prompts`] with the given prefix cache (none: every position of every prompt).
+    /// [`Self::encode_prompts`] with the given prefix cache (none: every position from the first) and
+    /// `trim` (false: every padding position too, diffusers' whole computation).
     pub fn encode_with(
         &self,
         prompts: &[String],
         use_chi: bool,
         prefix: Option<&PrefixCache>,
+        trim: bool,
     ) -> Result<(Tensor, Tensor), PipelineError> {
         if prompts.is_empty() {
             return Err(PipelineError::InvalidRequest("no prompts to encode".into()));
@@ -250,7 +268,7 @@ impl TextEncoder {
             .iter()
             .map(|ids| prefix.is_some_and(|p| ids.starts_with(p.ids())))
             .collect();
-        let embeds = self.embed_rows(&tok, l, prefix, &hits)?;
+        let embeds = self.embed_rows(&tok, l, prefix, &hits, trim)?;
         let first = l - (MAX_SEQUENCE_LENGTH - 1);
         let dev = self.encoder.device();
         let mask: Vec<u32> = tok
@@ -265,63 +283,94 @@ impl TextEncoder {
 
     /// The kept rows (`[0] + [L−299, L)`) of Gemma-2 on the tokenized prompts `tok` (`L` tokens each):
     /// prompt `i` with `hits[i]` runs after `prefix` (its tokens must start with the prefix's), the others
-    /// run whole. Returns `(B, 300, hidden)` in the prompts' order.
+    /// from position 0; with `trim`, each runs only up to its last real token rounded up to
+    /// [`TRIM_BUCKET`] positions, and its kept rows after that are zero. Prompts with the same start and
+    /// run length go through Gemma-2 in one call, so a prompt runs at the same shapes in a batch as alone.
+    /// Returns `(B, 300, hidden)` in the prompts' order.
     fn embed_rows(
         &self,
         tok: &Tokenized,
         l: usize,
         prefix: Option<&PrefixCache>,
         hits: &[bool],
+        trim: bool,
     ) -> Result<Tensor, PipelineError> {
         let first = l - (MAX_SEQUENCE_LENGTH - 1);
         let dev = self.encoder.device();
-        let (cached, whole): (Vec<usize>, Vec<usize>) = (0..tok.ids.len()).partition(|&i| hits[i]);
-        let rows = |idx: &[usize], from: usize| -> Result<(Tensor, Tensor), PipelineError> {
-            let ids: Vec<u32> = idx
-                .iter()
-                .flat_map(|&i| tok.ids[i][from..].to_vec())
-                .collect();
-            let mask: Vec<u32> = idx
-                .iter()
-                .flat_map(|&i| tok.mask[i][from..].to_vec())
-                .collect();
-            let shape = (idx.len(), l - from);
-            Ok((
-                Tensor::from_vec(ids, shape, dev)?,
-                Tensor::from_vec(mask, shape, dev)?,
-            ))
-        };
-        let mut parts = Vec::with_capacity(2);
-        if !cached.is_empty() {
-            let p = prefix.ok_or_else(|| {
-                PipelineError::Candle(candle_core::Error::Msg(
-                    "text: prompts marked for a missing prefix".into(),
-                ))
-            })?;
-            if p.len() > first || cached.iter().any(|&i| !tok.ids[i].starts_with(p.ids())) {
-                return Err(PipelineError::Candle(candle_core::Error::Msg(
-                    "text: a prompt does not start with the cached prefix".into(),
-                )));
+        let msg = |m: &str| PipelineError::Candle(candle_core::Error::Msg(format!("text: {m}")));
+        let start = |i: usize| -> Result<usize, PipelineError> {
+            if !hits[i] {
+                return Ok(0);
             }
-            let (ids, mask) = rows(&cached, p.len())?;
-            let after = self.encoder.forward_after(p, &ids, &mask)?; // positions P..L
-            let bos = p.hidden().narrow(1, 0, 1)?;
-            let bos = bos.broadcast_as((cached.len(), 1, bos.dim(2)?))?;
-            let kept = after.narrow(1, first - p.len(), MAX_SEQUENCE_LENGTH - 1)?;
-            parts.push(Tensor::cat(&[&bos.contiguous()?, &kept.contiguous()?], 1)?);
+            let p = prefix.ok_or_else(|| msg("prompts marked for a missing prefix"))?;
+            if p.len() > first || !tok.ids[i].starts_with(p.ids()) {
+                return Err(msg("a prompt does not start with the cached prefix"));
+            }
+            Ok(p.len())
+        };
+        // (start, positions run) → prompts, in the order first seen.
+        let mut groups: Vec<((usize, usize), Vec<usize>)> = Vec::new();
+        for i in 0..tok.ids.len() {
+            let from = start(i)?;
+            let run = if trim {
+                let end = tok.mask[i]
+                    .iter()
+                    .rposition(|&m| m != 0)
+                    .map_or(0, |j| j + 1)
+                    .max(from + 1);
+                (end - from).next_multiple_of(TRIM_BUCKET).min(l - from)
+            } else {
+                l - from
+            };
+            match groups.iter_mut().find(|(key, _)| *key == (from, run)) {
+                Some((_, idx)) => idx.push(i),
+                None => groups.push(((from, run), vec![i])),
+            }
         }
-        if !whole.is_empty() {
-            let (ids, mask) = rows(&whole, 0)?;
-            let hidden = self.encoder.forward(&ids, &mask)?; // (B, L, hidden)
-            let bos = hidden.narrow(1, 0, 1)?;
-            let kept = hidden.narrow(1, first, MAX_SEQUENCE_LENGTH - 1)?;
-            parts.push(Tensor::cat(&[&bos.contiguous()?, &kept.contiguous()?], 1)?);
+        let mut parts = Vec::with_capacity(groups.len());
+        for ((from, run), idx) in &groups {
+            let (from, run, n) = (*from, *run, idx.len());
+            let take = |rows: &[Vec<u32>]| -> Vec<u32> {
+                idx.iter()
+                    .flat_map(|&i| rows[i][from..from + run].iter().copied())
+                    .collect()
+            };
+            let ids = Tensor::from_vec(take(&tok.ids), (n, run), dev)?;
+            let mask = Tensor::from_vec(take(&tok.mask), (n, run), dev)?;
+            let (hidden, bos) = match prefix.filter(|_| from > 0) {
+                Some(p) => {
+                    let after = self.encoder.forward_after(p, &ids, &mask)?; // positions P..P + run
+                    let bos = p.hidden().narrow(1, 0, 1)?;
+                    let bos = bos.broadcast_as((n, 1, bos.dim(2)?))?.contiguous()?;
+                    (after, bos)
+                }
+                None => {
+                    let hidden = self.encoder.forward(&ids, &mask)?; // positions 0..run
+                    let bos = hidden.narrow(1, 0, 1)?.contiguous()?;
+                    (hidden, bos)
+                }
+            };
+            // Kept rows [first, L): [first, from + run) were computed, the rest is padding left out.
+            let computed = (from + run).saturating_sub(first);
+            let mut rows = vec![bos];
+            if computed > 0 {
+                rows.push(hidden.narrow(1, first - from, computed)?.contiguous()?);
+            }
+            if computed < MAX_SEQUENCE_LENGTH - 1 {
+                let hd = hidden.dim(2)?;
+                let zeros = (n, MAX_SEQUENCE_LENGTH - 1 - computed, hd);
+                rows.push(Tensor::zeros(zeros, hidden.dtype(), dev)?);
+            }
+            parts.push(Tensor::cat(&rows, 1)?);
         }
         Ok(match parts.as_slice() {
             [one] => one.clone(),
             _ => {
-                // Back to the prompts' order: row r of `cached ++ whole` is prompt `order[r]`.
-                let order: Vec<usize> = cached.iter().chain(&whole).copied().collect();
+                // Back to the prompts' order: row r of the groups' rows in turn is prompt `order[r]`.
+                let order: Vec<usize> = groups
+                    .iter()
+                    .flat_map(|(_, idx)| idx.iter().copied())
+                    .collect();
                 let mut at = vec![0u32; order.len()];
                 for (row, &prompt) in order.iter().enumerate() {
                     at[prompt] = row as u32;
@@ -430,30 +479,87 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn prompt_embeddings_match_reference() -> Result<()> {
+    /// `emb` rows where `mask` is 1 (the rows the transformer attends to), zero elsewhere.
+    fn live_rows(emb: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        emb.broadcast_mul(&mask.to_dtype(emb.dtype())?.unsqueeze(2)?)
+    }
+
+    /// What `encode_prompts` serves (prefix cache, trimmed padding) and diffusers' whole computation
+    /// (`encode_with(.., None, false)`) against the diffusers reference: the live rows of the first, every
+    /// row of the second.
+    fn check_against_reference(
+        use_chi: bool,
+        key: &str,
+        embeds: &str,
+        mask_key: &str,
+    ) -> Result<()> {
         let te = tiny_text_encoder(AttnImplementation::Eager)?;
         let reference = text_reference()?;
+        let prompts = reference_strings(key);
         let (emb, mask) = te
-            .encode_prompts(&reference_strings("prompts"), true)
+            .encode_prompts(&prompts, use_chi)
             .map_err(candle_core::Error::wrap)?;
-        assert_eq!(emb.dims(), &[3, 300, 64]);
-        assert_eq!(rows(&mask)?, rows(&reference["prompt_embeds_mask"])?);
-        let err = rel_l2(&emb, &reference["prompt_embeds"])?;
-        assert!(err <= 1e-4, "prompt embeds relative L2 {err}"); // tolerance: rel L2 ≤ 1e-4 (f32)
+        assert_eq!(emb.dims(), &[prompts.len(), 300, 64]);
+        assert_eq!(rows(&mask)?, rows(&reference[mask_key])?);
+        let want = &reference[embeds];
+        let err = rel_l2(&live_rows(&emb, &mask)?, &live_rows(want, &mask)?)?;
+        assert!(err <= 1e-4, "{key}: live rows relative L2 {err}"); // tolerance: rel L2 ≤ 1e-4 (f32)
+        let (whole, _) = te
+            .encode_with(&prompts, use_chi, None, false)
+            .map_err(candle_core::Error::wrap)?;
+        let err = rel_l2(&whole, want)?;
+        assert!(err <= 1e-4, "{key}: every row relative L2 {err}"); // tolerance: rel L2 ≤ 1e-4 (f32)
         Ok(())
     }
 
     #[test]
+    fn prompt_embeddings_match_reference() -> Result<()> {
+        check_against_reference(true, "prompts", "prompt_embeds", "prompt_embeds_mask")
+    }
+
+    #[test]
     fn negative_embeddings_match_reference() -> Result<()> {
+        check_against_reference(false, "negative_prompts", "neg_embeds", "neg_mask")
+    }
+
+    #[test]
+    fn trimmed_padding_rows_are_zero_and_the_rest_is_unchanged() -> Result<()> {
         let te = tiny_text_encoder(AttnImplementation::Eager)?;
-        let reference = text_reference()?;
-        let (emb, mask) = te
-            .encode_prompts(&reference_strings("negative_prompts"), false)
-            .map_err(candle_core::Error::wrap)?;
-        assert_eq!(rows(&mask)?, rows(&reference["neg_mask"])?);
-        let err = rel_l2(&emb, &reference["neg_embeds"])?;
-        assert!(err <= 1e-4, "negative embeds relative L2 {err}"); // tolerance: rel L2 ≤ 1e-4 (f32)
+        for (use_chi, key) in [(true, "prompts"), (false, "negative_prompts")] {
+            let prompts = reference_strings(key);
+            let tok = te
+                .tokenize(&prompts, use_chi)
+                .map_err(candle_core::Error::wrap)?;
+            let (trimmed, mask) = te
+                .encode_with(&prompts, use_chi, None, true)
+                .map_err(candle_core::Error::wrap)?;
+            let (whole, mask_w) = te
+                .encode_with(&prompts, use_chi, None, false)
+                .map_err(candle_core::Error::wrap)?;
+            assert_eq!(rows(&mask)?, rows(&mask_w)?);
+            let l = te.max_length(use_chi);
+            let first = l - (MAX_SEQUENCE_LENGTH - 1);
+            let mut zero_rows = 0;
+            for (i, m) in tok.mask.iter().enumerate() {
+                let end = m.iter().rposition(|&x| x != 0).unwrap() + 1;
+                let run = end.next_multiple_of(TRIM_BUCKET).min(l); // from position 0
+                                                                    // Kept row r ≥ 1 is position first + r − 1: computed up to `run`.
+                let kept = 1 + run.saturating_sub(first);
+                let (t, w) = (trimmed.get(i)?, whole.get(i)?);
+                let err = rel_l2(&t.narrow(0, 0, kept)?, &w.narrow(0, 0, kept)?)?;
+                // tolerance: f32, only the GEMM row count differs
+                assert!(err <= 1e-5, "{key} {i}: computed rows relative L2 {err}");
+                if kept < 300 {
+                    let rest = t.narrow(0, kept, 300 - kept)?;
+                    assert_eq!(rest.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{key} {i}");
+                }
+                // Every zero row is padding: the transformer masks it out.
+                let mrow = rows(&mask)?[i].clone();
+                assert!(mrow[kept..].iter().all(|&x| x == 0), "{key} {i}");
+                zero_rows += 300 - kept;
+            }
+            assert!(zero_rows > 0, "{key}: nothing was trimmed");
+        }
         Ok(())
     }
 
@@ -464,14 +570,14 @@ mod tests {
         let want = &reference["prompt0_embeds_sdpa"]; // transformers 5.17-style sdpa: softcap dropped
         let sdpa = tiny_text_encoder(AttnImplementation::Sdpa)?;
         let (emb, _) = sdpa
-            .encode_prompts(&prompt, true)
+            .encode_with(&prompt, true, sdpa.prefix(), false)
             .map_err(candle_core::Error::wrap)?;
         let err = rel_l2(&emb, want)?;
         assert!(err <= 1e-4, "sdpa embeds relative L2 {err}"); // tolerance: rel L2 ≤ 1e-4 (f32)
                                                                // The variants must be distinguishable, otherwise this test proves nothing.
         let eager = tiny_text_encoder(AttnImplementation::Eager)?;
         let (emb_eager, _) = eager
-            .encode_prompts(&prompt, true)
+            .encode_with(&prompt, true, eager.prefix(), false)
             .map_err(candle_core::Error::wrap)?;
         let gap = rel_l2(&emb_eager, want)?;
         assert!(
@@ -495,10 +601,10 @@ mod tests {
             "every reference prompt starts with the cached tokens"
         );
         let (cached, mask_c) = te
-            .encode_prompts(&prompts, true)
+            .encode_with(&prompts, true, Some(prefix), false)
             .map_err(candle_core::Error::wrap)?;
         let (whole, mask_w) = te
-            .encode_with(&prompts, true, None)
+            .encode_with(&prompts, true, None, false)
             .map_err(candle_core::Error::wrap)?;
         assert_eq!(rows(&mask_c)?, rows(&mask_w)?);
         let err = rel_l2(&cached, &whole)?;
@@ -507,11 +613,24 @@ mod tests {
         // Prompts 0 and 2 after the prefix, prompt 1 whole: each row back in the prompts' order.
         let l = te.max_length(true);
         let mixed = te
-            .embed_rows(&tok, l, Some(prefix), &[true, false, true])
+            .embed_rows(&tok, l, Some(prefix), &[true, false, true], false)
             .map_err(candle_core::Error::wrap)?;
         for i in 0..3 {
             let err = rel_l2(&mixed.get(i)?, &whole.get(i)?)?;
             assert!(err <= 1e-5, "mixed row {i}: relative L2 {err}");
+        }
+        // What is served (cached and trimmed), also with prompt 1 in a group of its own: the rows the
+        // transformer reads are those of the whole computation.
+        let (served, _) = te
+            .encode_prompts(&prompts, true)
+            .map_err(candle_core::Error::wrap)?;
+        let mixed = te
+            .embed_rows(&tok, l, Some(prefix), &[true, false, true], true)
+            .map_err(candle_core::Error::wrap)?;
+        let live_whole = live_rows(&whole, &mask_w)?;
+        for (name, t) in [("served", &served), ("mixed trimmed", &mixed)] {
+            let err = rel_l2(&live_rows(t, &mask_w)?, &live_whole)?;
+            assert!(err <= 1e-5, "{name}: live rows relative L2 {err}");
         }
         assert!(
             rel_l2(&whole.get(0)?, &whole.get(1)?)? > 1e-2,
@@ -520,7 +639,7 @@ mod tests {
         // A cache no prompt starts with: every prompt runs whole, as without a cache.
         let other = te.encoder().prefill(&[prefix.ids()[0]; 4])?;
         let (none_hit, _) = te
-            .encode_with(&prompts, true, Some(&other))
+            .encode_with(&prompts, true, Some(&other), false)
             .map_err(candle_core::Error::wrap)?;
         assert_eq!(
             none_hit.flatten_all()?.to_vec1::<f32>()?,
