@@ -41,6 +41,9 @@ struct ChromeDriver {
 }
 
 impl ChromeDriver {
+    /// Starts chromedriver and reads the port it listens on. A start that exits before saying its port
+    /// (seen once in CI, cause not shown: stderr was discarded) is retried twice, and the panic quotes
+    /// what the last attempt wrote to stderr.
     async fn start() -> Self {
         let path = env_or("FLEET_TEST_CHROMEDRIVER", "/usr/bin/chromedriver");
         assert!(
@@ -49,31 +52,64 @@ impl ChromeDriver {
              `apt-get install -y chromium chromium-driver` (.ci/run does), or point FLEET_TEST_CHROMEDRIVER \
              at a chromedriver"
         );
-        let mut child = Command::new(&path)
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start(&path).await {
+                Ok(driver) => return driver,
+                Err(why) => failures.push(why),
+            }
+        }
+        panic!("chromedriver did not start in 3 attempts: {failures:#?}")
+    }
+
+    async fn try_start(path: &str) -> Result<Self, String> {
+        let mut child = Command::new(path)
             .arg("--port=0")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("start {path}: {e}"));
+        let pid = child.id().expect("a running child has a pid");
         let mut lines = BufReader::new(child.stdout.take().expect("stdout piped")).lines();
+        let mut stderr = child.stderr.take().expect("stderr piped");
+        // Drained as it comes, so that a chatty chromedriver never blocks on a full pipe.
+        let stderr_text = tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
+            text
+        });
         // "ChromeDriver was started successfully on port 46649."
         let port = tokio::time::timeout(UI_WAIT, async {
-            while let Some(line) = lines.next_line().await.expect("read chromedriver stdout") {
+            while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(rest) = line.split("started successfully on port ").nth(1) {
-                    return rest.trim_end_matches('.').parse::<u16>().expect("a port");
+                    return rest.trim_end_matches('.').parse::<u16>().ok();
                 }
             }
-            panic!("chromedriver exited before it was ready")
+            None
         })
         .await
         .expect("chromedriver ready in time");
+        let Some(port) = port else {
+            let status = child.wait().await;
+            // Whatever of its group is left (the group id is its pid, reaped or not).
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+            let err = tokio::time::timeout(Duration::from_secs(5), stderr_text)
+                .await
+                .map(|r| r.unwrap_or_default())
+                .unwrap_or_else(|_| "(stderr still open)".into());
+            return Err(format!(
+                "exited ({status:?}) before saying its port; stderr: {err}"
+            ));
+        };
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        ChromeDriver {
+        Ok(ChromeDriver {
             child,
             url: format!("http://127.0.0.1:{port}"),
-        }
+        })
     }
 
     /// A headless Chromium session with a fixed window (the screenshot's size).
