@@ -28,7 +28,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Activation, Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
-use crate::ops::{linear, merge_heads};
+use crate::ops::{linear_fastest as linear, merge_heads};
 
 /// Which transformers attention implementation to reproduce (only softcapping differs).
 ///

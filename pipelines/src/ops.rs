@@ -365,7 +365,30 @@ impl Conv2dLayer {
 /// rows for a 2-D input), so a batch row computes alike in a batch of any size. Other CUDA dtypes:
 /// candle's GEMM and one vectorised bias (and residual) pass instead of candle's strided broadcast add.
 pub fn linear(lin: &candle_nn::Linear, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    linear_pinned(lin, x, residual, batch_invariant())
+}
+
+/// [`linear`] with the heuristic's fastest algorithm for the call's own row count, whatever the batch
+/// invariance setting (split-K allowed). For callers that keep batch invariance by running each batch row
+/// in a call of its own shape: the text encoder (`text::TextEncoder`), whose trimmed prompts have few
+/// rows, where the algorithms without split-K leave most of the GPU idle.
+pub fn linear_fastest(
+    lin: &candle_nn::Linear,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    linear_pinned(lin, x, residual, false)
+}
+
+fn linear_pinned(
+    lin: &candle_nn::Linear,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    pin: bool,
+) -> Result<Tensor> {
     use candle_nn::Module;
+    #[cfg(not(feature = "cuda"))]
+    let _ = pin; // the CPU GEMM sums each row alike at any row count
     #[cfg(feature = "cuda")]
     if fused(x) {
         let w = lin.weight();
@@ -384,7 +407,7 @@ pub fn linear(lin: &candle_nn::Linear, x: &Tensor, residual: Option<&Tensor>) ->
                 0..=2 => 16,
                 _ => x.elem_count() / (x.dim(0)? * x.dim(D::Minus1)?).max(1),
             };
-            let algo_rows = batch_invariant().then_some(algo_rows);
+            let algo_rows = pin.then_some(algo_rows);
             return super::kernels::linear_bf16(x, w, b.as_ref(), residual, algo_rows);
         }
         if let Some(b) = lin.bias() {

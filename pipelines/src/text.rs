@@ -25,9 +25,10 @@
 //! `exp(−10000 + …)`, exactly 0 in f32, so it computes the same with zeros there as with Gemma-2's values
 //! (`transformer::tests::masked_caption_tokens_do_not_influence_output`). A typical prompt of a few dozen
 //! tokens runs 64 positions after the instruction instead of 299, and the empty negative prompt 64 of 300.
-//! Prompts with the same start and run length share one Gemma-2 call, so a prompt runs at the same shapes
-//! in a batch as alone (batch invariance, `sana::batch`). `encode_with(.., trim = false)` is diffusers'
-//! whole computation, every padding row included.
+//! With batch invariance on (the default, `sana::batch`) every prompt runs through Gemma-2 in a call of its
+//! own, exactly as alone, and Gemma-2's linears take the fastest algorithm for the call's few rows
+//! (`ops::linear_fastest`: split-K allowed); off, prompts with the same start and run length share one call.
+//! `encode_with(.., trim = false)` is diffusers' whole computation, every padding row included.
 //!
 //! [`TextEncoder`] is immutable after construction (`Send + Sync`), so one instance can be shared by
 //! both pipelines behind an `Arc`.
@@ -284,9 +285,10 @@ impl TextEncoder {
     /// The kept rows (`[0] + [L−299, L)`) of Gemma-2 on the tokenized prompts `tok` (`L` tokens each):
     /// prompt `i` with `hits[i]` runs after `prefix` (its tokens must start with the prefix's), the others
     /// from position 0; with `trim`, each runs only up to its last real token rounded up to
-    /// [`TRIM_BUCKET`] positions, and its kept rows after that are zero. Prompts with the same start and
-    /// run length go through Gemma-2 in one call, so a prompt runs at the same shapes in a batch as alone.
-    /// Returns `(B, 300, hidden)` in the prompts' order.
+    /// [`TRIM_BUCKET`] positions, and its kept rows after that are zero. With batch invariance on
+    /// (`ops::set_batch_invariant`, the default) each prompt goes through Gemma-2 in a call of its own, as
+    /// alone; off, prompts with the same start and run length share one call. Returns `(B, 300, hidden)` in
+    /// the prompts' order.
     fn embed_rows(
         &self,
         tok: &Tokenized,
@@ -308,7 +310,10 @@ impl TextEncoder {
             }
             Ok(p.len())
         };
-        // (start, positions run) → prompts, in the order first seen.
+        // (start, positions run) → prompts, in the order first seen. With batch invariance on, every prompt
+        // runs in a call of its own: Gemma-2's linears take the fastest algorithm for the call's rows
+        // (`ops::linear_fastest`), so a prompt computes exactly what it computes alone only at its solo shape.
+        let alone = crate::ops::batch_invariant();
         let mut groups: Vec<((usize, usize), Vec<usize>)> = Vec::new();
         for i in 0..tok.ids.len() {
             let from = start(i)?;
@@ -322,7 +327,10 @@ impl TextEncoder {
             } else {
                 l - from
             };
-            match groups.iter_mut().find(|(key, _)| *key == (from, run)) {
+            match groups
+                .iter_mut()
+                .find(|(key, _)| !alone && *key == (from, run))
+            {
                 Some((_, idx)) => idx.push(i),
                 None => groups.push(((from, run), vec![i])),
             }

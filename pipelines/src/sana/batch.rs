@@ -6,16 +6,18 @@
 //! Per request, exactly as solo: its own [`NoiseSource`] draws its initial latents (and Sprint's per-step
 //! noise) in diffusers' order; its own sampler state; its own guidance scale (base: CFG over its own
 //! `[negative × n; positive × n]` rows; Sprint: its own guidance embedding per row); its own decode, image
-//! by image, resized to its own requested size. Shared: one Gemma-2 call for all prompts (and one for all
-//! negative prompts), one caption projection/K-V pass, and one transformer forward per step over the
-//! concatenated rows `[request 0 rows; request 1 rows; …]`.
+//! by image, resized to its own requested size. Shared: one text-encoder call for all prompts (and one for
+//! all negative prompts; with batch invariance on it runs Gemma-2 prompt by prompt, see `text`), one
+//! caption projection/K-V pass, and one transformer forward per step over the concatenated rows
+//! `[request 0 rows; request 1 rows; …]`.
 //!
 //! Exactness: every operation of the transformer and text encoder is row-independent, so a request's
 //! result could differ from its solo run only where a kernel's summation order depends on the batch size.
 //! On the CPU (f32, gemm) none does: the tiny-checkpoint test `pipeline_e2e::batched_equals_solo_*` finds
 //! batched runs bit-exact. On CUDA three did: the linear attention's chunking, cuBLASLt's algorithm choice by
 //! row count, and cuBLAS's batched attention GEMMs in Gemma-2. With `ops::set_batch_invariant` on (the
-//! default), each takes an order fixed by one batch row's shape. Measured on an H100 at 1024²
+//! default), each takes an order fixed by one batch row's shape, and the text encoder runs each prompt in a
+//! call of its own (its trimmed prompts are too short for the pinned algorithms to be fast). Measured on an H100 at 1024²
 //! (`bench/results/2026-12-07-h100-batch-invariant.md`): batched Sprint and base images bit-exact to
 //! their solo runs in bursts of 2, 4 and 8. Off: 49.7 dB (Sprint) and 50.7 dB (base).
 //!
