@@ -926,7 +926,7 @@ fn batch_invariance_cases(real: &Path, device: &Device, rows: &mut Vec<Row>) -> 
         }
         row(
             rows,
-            &format!(
+            format!(
                 "batch invariance {tag}: Gemma-2 encoder B=4 x 300 tokens in one call (reported)"
             ),
             format!("max |batch row - alone| {worst:.3e}"),
