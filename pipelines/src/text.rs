@@ -45,7 +45,8 @@ use super::PipelineError;
 pub const MAX_SEQUENCE_LENGTH: usize = 300;
 
 /// With trimming (module docs), the positions a prompt runs through Gemma-2 are rounded up to a multiple
-/// of this, so prompts of similar length share one call and one set of GEMM shapes.
+/// of this: prompts of similar length run at the same GEMM shapes (and, with batch invariance off, share
+/// one call).
 pub const TRIM_BUCKET: usize = 64;
 
 /// diffusers' default `complex_human_instruction` (SanaPipeline and SanaSprintPipeline `__call__`).
