@@ -957,6 +957,19 @@ fn batch_invariance_cases(real: &Path, device: &Device, rows: &mut Vec<Row>) -> 
             format!("max |batch row - alone| {worst:.3e}"),
             invariant.then_some(worst == 0.0),
         );
+        // The empty negative prompt is served from a cache made at load: it must be what a call computes.
+        let empty = [String::new()];
+        let (cached, _) = text.encode_prompts(&empty, false)?;
+        let (computed, _) = text.encode_computed(&empty, false, None, true)?;
+        let diff = max_abs_diff(&cached, &computed)?;
+        row(
+            rows,
+            format!(
+                "batch invariance {tag}: text encoder, cached empty negative prompt vs computed"
+            ),
+            format!("max |cached - computed| {diff:.3e}"),
+            Some(diff == 0.0),
+        );
     }
     ops::set_batch_invariant(true);
     row(

@@ -341,11 +341,21 @@ fn main() -> anyhow::Result<()> {
     });
     let prompt = [PROMPT.to_string()];
     let empty = [String::new()];
+    // The empty negative prompt comes from the text encoder's cache; the second case computes it.
     bench.case("ours: text encode, tokenizer + pos + neg", None, || {
         text.encode_prompts(&prompt, true)?;
         text.encode_prompts(&empty, false)?;
         Ok(())
     });
+    bench.case(
+        "ours: text encode, tokenizer + pos + neg computed",
+        None,
+        || {
+            text.encode_prompts(&prompt, true)?;
+            text.encode_computed(&empty, false, None, true)?;
+            Ok(())
+        },
+    );
     bench.case("ours: text encode, tokenizer + pos", None, || {
         text.encode_prompts(&prompt, true)?;
         Ok(())

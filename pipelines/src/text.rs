@@ -30,10 +30,16 @@
 //! (`ops::linear_fastest`: split-K allowed); off, prompts with the same start and run length share one call.
 //! `encode_with(.., trim = false)` is diffusers' whole computation, every padding row included.
 //!
+//! The empty negative prompt (diffusers' default, and what most base requests send) is encoded once at
+//! construction; a negative prompt whose tokens are its tokens takes those rows without running Gemma-2.
+//! The cached rows are the trimmed computation of that prompt alone, which is what a call with it computes
+//! (one prompt per call: the same shapes, the same algorithms), so a request gets the same bits either way.
+//!
 //! [`TextEncoder`] is immutable after construction (`Send + Sync`), so one instance can be shared by
 //! both pipelines behind an `Arc`.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Tensor};
 use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationDirection};
@@ -100,6 +106,18 @@ pub struct TextEncoder {
     /// Gemma-2 run once on the instruction's first `n_chi − 1` tokens (see the module docs); none when the
     /// instruction is a single token.
     prefix: Option<PrefixCache>,
+    /// The empty negative prompt (diffusers' default, sent by most base requests) encoded once at
+    /// construction: the trimmed result, exactly what a call with that prompt alone computes.
+    empty_negative: Option<CachedPrompt>,
+    /// Gemma-2 forward calls made by `encode_*` (not the two at construction); tests read it.
+    encoder_calls: AtomicUsize,
+}
+
+/// One prompt's token ids and its `(1, 300, hidden)` embeddings and `(1, 300)` mask.
+struct CachedPrompt {
+    ids: Vec<u32>,
+    embeds: Tensor,
+    mask: Tensor,
 }
 
 impl TextEncoder {
@@ -130,7 +148,7 @@ impl TextEncoder {
             })?),
             _ => None,
         };
-        Ok(Self {
+        let mut te = Self {
             tokenizer,
             encoder,
             pad_id,
@@ -138,7 +156,25 @@ impl TextEncoder {
             n_chi,
             n_special,
             prefix,
-        })
+            empty_negative: None,
+            encoder_calls: AtomicUsize::new(0),
+        };
+        let empty = te.tokenize(&[String::new()], false)?;
+        let (embeds, mask) = te
+            .encode_tokens(&empty, false, None, true)
+            .map_err(|e| PipelineError::Load(format!("gemma2: the empty negative prompt: {e}")))?;
+        te.empty_negative = Some(CachedPrompt {
+            ids: empty.ids[0].clone(),
+            embeds,
+            mask,
+        });
+        te.encoder_calls.store(0, Ordering::Relaxed);
+        Ok(te)
+    }
+
+    /// Gemma-2 forward calls made by [`Self::encode_prompts`] / [`Self::encode_with`] so far.
+    pub fn encoder_calls(&self) -> usize {
+        self.encoder_calls.load(Ordering::Relaxed)
     }
 
     /// The cached instruction prefix, if any (see the module docs).
@@ -263,6 +299,63 @@ impl TextEncoder {
             return Err(PipelineError::InvalidRequest("no prompts to encode".into()));
         }
         let tok = self.tokenize(prompts, use_chi)?;
+        // Negative prompts whose tokens are the empty prompt's take the cached rows (trimmed computation
+        // only: that is what the cache holds); the others run.
+        let cached = self
+            .empty_negative
+            .as_ref()
+            .filter(|_| trim && !use_chi && prefix.is_none());
+        let Some(cached) = cached.filter(|c| tok.ids.contains(&c.ids)) else {
+            return self.encode_tokens(&tok, use_chi, prefix, trim);
+        };
+        let n = prompts.len();
+        let miss: Vec<usize> = (0..n).filter(|&i| tok.ids[i] != cached.ids).collect();
+        if miss.is_empty() {
+            return Ok((
+                cached.embeds.repeat((n, 1, 1))?,
+                cached.mask.repeat((n, 1))?,
+            ));
+        }
+        let pick = |rows: &[Vec<u32>]| -> Vec<Vec<u32>> {
+            miss.iter().map(|&i| rows[i].clone()).collect()
+        };
+        let run = Tokenized {
+            ids: pick(&tok.ids),
+            mask: pick(&tok.mask),
+        };
+        let (embeds, mask) = self.encode_tokens(&run, use_chi, prefix, trim)?;
+        // Rows 0..miss.len() are the prompts that ran, row miss.len() the cached one.
+        let mut at = vec![miss.len() as u32; n];
+        for (row, &i) in miss.iter().enumerate() {
+            at[i] = row as u32;
+        }
+        let at = Tensor::from_vec(at, n, self.encoder.device())?;
+        Ok((
+            Tensor::cat(&[&embeds, &cached.embeds], 0)?.index_select(&at, 0)?,
+            Tensor::cat(&[&mask, &cached.mask], 0)?.index_select(&at, 0)?,
+        ))
+    }
+
+    /// [`Self::encode_with`] without the empty-negative-prompt cache: every prompt through Gemma-2.
+    pub fn encode_computed(
+        &self,
+        prompts: &[String],
+        use_chi: bool,
+        prefix: Option<&PrefixCache>,
+        trim: bool,
+    ) -> Result<(Tensor, Tensor), PipelineError> {
+        let tok = self.tokenize(prompts, use_chi)?;
+        self.encode_tokens(&tok, use_chi, prefix, trim)
+    }
+
+    /// [`Self::encode_with`] on tokenized prompts, every one through Gemma-2.
+    fn encode_tokens(
+        &self,
+        tok: &Tokenized,
+        use_chi: bool,
+        prefix: Option<&PrefixCache>,
+        trim: bool,
+    ) -> Result<(Tensor, Tensor), PipelineError> {
         let l = self.max_length(use_chi);
         let prefix = prefix.filter(|p| p.len() <= l - (MAX_SEQUENCE_LENGTH - 1));
         let hits: Vec<bool> = tok
@@ -270,7 +363,7 @@ impl TextEncoder {
             .iter()
             .map(|ids| prefix.is_some_and(|p| ids.starts_with(p.ids())))
             .collect();
-        let embeds = self.embed_rows(&tok, l, prefix, &hits, trim)?;
+        let embeds = self.embed_rows(tok, l, prefix, &hits, trim)?;
         let first = l - (MAX_SEQUENCE_LENGTH - 1);
         let dev = self.encoder.device();
         let mask: Vec<u32> = tok
@@ -346,6 +439,7 @@ impl TextEncoder {
             };
             let ids = Tensor::from_vec(take(&tok.ids), (n, run), dev)?;
             let mask = Tensor::from_vec(take(&tok.mask), (n, run), dev)?;
+            self.encoder_calls.fetch_add(1, Ordering::Relaxed);
             let (hidden, bos) = match prefix.filter(|_| from > 0) {
                 Some(p) => {
                     let after = self.encoder.forward_after(p, &ids, &mask)?; // positions P..P + run
@@ -654,6 +748,54 @@ mod tests {
             none_hit.flatten_all()?.to_vec1::<f32>()?,
             whole.flatten_all()?.to_vec1::<f32>()?
         );
+        Ok(())
+    }
+
+    #[test]
+    fn empty_negative_prompt_comes_from_the_cache_with_the_computed_bits() -> Result<()> {
+        let te = tiny_text_encoder(AttnImplementation::Eager)?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect())
+        };
+        let computed = |p: &[&str]| -> Result<(Tensor, Tensor)> {
+            let p: Vec<String> = p.iter().map(|s| s.to_string()).collect();
+            te.encode_computed(&p, false, None, true)
+                .map_err(candle_core::Error::wrap)
+        };
+        let neg = |p: &[&str]| -> Result<(Tensor, Tensor)> {
+            let p: Vec<String> = p.iter().map(|s| s.to_string()).collect();
+            te.encode_prompts(&p, false)
+                .map_err(candle_core::Error::wrap)
+        };
+        let calls = te.encoder_calls();
+        // "" and whitespace (stripped to "") run no Gemma-2 call and equal the computation bit for bit.
+        let (e, m) = neg(&["", "  "])?;
+        assert_eq!(te.encoder_calls(), calls, "the empty prompt ran Gemma-2");
+        let (want_e, want_m) = computed(&["", ""])?;
+        assert_eq!(bits(&e)?, bits(&want_e)?);
+        assert_eq!(rows(&m)?, rows(&want_m)?);
+        // Mixed: only the real prompt runs, and every row lands in its prompt's place.
+        let calls = te.encoder_calls();
+        let (e, m) = neg(&["", "blurry, low quality", ""])?;
+        assert_eq!(te.encoder_calls(), calls + 1);
+        let (want_e, want_m) = computed(&["", "blurry, low quality", ""])?;
+        assert_eq!(bits(&e)?, bits(&want_e)?);
+        assert_eq!(rows(&m)?, rows(&want_m)?);
+        assert!(
+            rel_l2(&e.get(0)?, &e.get(1)?)? > 1e-2,
+            "the real prompt's rows must differ from the empty one's"
+        );
+        // Positive prompts and diffusers' untrimmed computation never read the cache.
+        let c = te.encoder_calls();
+        te.encode_prompts(&[String::new()], true)
+            .map_err(candle_core::Error::wrap)?;
+        te.encode_with(&[String::new()], false, None, false)
+            .map_err(candle_core::Error::wrap)?;
+        assert_eq!(te.encoder_calls(), c + 2);
         Ok(())
     }
 
