@@ -295,9 +295,6 @@ impl TextEncoder {
         prefix: Option<&PrefixCache>,
         trim: bool,
     ) -> Result<(Tensor, Tensor), PipelineError> {
-        if prompts.is_empty() {
-            return Err(PipelineError::InvalidRequest("no prompts to encode".into()));
-        }
         let tok = self.tokenize(prompts, use_chi)?;
         // Negative prompts whose tokens are the empty prompt's take the cached rows (trimmed computation
         // only: that is what the cache holds); the others run.
@@ -356,6 +353,9 @@ impl TextEncoder {
         prefix: Option<&PrefixCache>,
         trim: bool,
     ) -> Result<(Tensor, Tensor), PipelineError> {
+        if tok.ids.is_empty() {
+            return Err(PipelineError::InvalidRequest("no prompts to encode".into()));
+        }
         let l = self.max_length(use_chi);
         let prefix = prefix.filter(|p| p.len() <= l - (MAX_SEQUENCE_LENGTH - 1));
         let hits: Vec<bool> = tok
